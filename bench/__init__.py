@@ -1,0 +1,1 @@
+"""simu_fast benchmarks: one module per op (bench/optim.py, ...), run all with `python -m bench`."""

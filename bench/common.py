@@ -1,0 +1,371 @@
+"""Shared timing and reporting for every bench module.
+
+- time_fn(): median of repeated runs after warm-up; torch.cuda.synchronize() around each run on a GPU,
+  plain time.perf_counter() on the CPU.
+- copy_bandwidth(): the device's measured copy bandwidth (a large tensor copy; bytes read + written).
+- metadata(): host, device, CPU, torch / triton / python versions, git commit, simu_fast.backends().
+- write_results(): merges one op's rows into bench/results/<host>.json (other ops' entries are kept),
+  written atomically (temp file + os.replace), and regenerates bench/results/<host>.md from it.
+
+One row schema for all ops (ROW_FIELDS): a row is one (size, case, method) measurement.
+<host> is the GPU's name slugified (e.g. nvidia-h100-80gb-hbm3) on a GPU, else "cpu-<nproc>core".
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from importlib import metadata as importlib_metadata
+from typing import Callable, Iterable, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every op writes rows with these fields (extra fields are allowed and kept in the JSON).
+ROW_FIELDS = (
+    "op",            # bench module, e.g. "optim"
+    "size",          # problem size label, e.g. "150M"
+    "case",          # what is computed, e.g. "dense", "simu-5%", "mlp-1%"
+    "method",        # eager_loop, eager_mask, compile, cpu, cuda, triton, ...
+    "dtype",         # parameter / input dtype
+    "median_ms",     # median wall time of one call (None when skipped)
+    "min_ms",
+    "reps",          # timed repetitions behind the median
+    "speedup",       # baseline median / this median (baseline named in "baseline")
+    "baseline",
+    "bytes",         # bytes an ideal implementation must move for this case
+    "gbps",          # bytes / median time
+    "frac_copy_bw",  # gbps / measured device copy bandwidth
+    "note",
+)
+MD_COLUMNS = (("size", "size"), ("case", "case"), ("method", "method"), ("dtype", "dtype"),
+              ("median_ms", "median ms"), ("min_ms", "min ms"), ("speedup", "speedup"), ("gbps", "GB/s"),
+              ("frac_copy_bw", "% copy BW"), ("note", "note"))
+
+
+# ----------------------------------------------------------------------------------------------
+# devices and hosts
+# ----------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def nproc() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def host_name(device: Optional[torch.device] = None) -> str:
+    """Short machine name for the results files: the GPU's name on a GPU, else cpu-<nproc>core."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return slugify(torch.cuda.get_device_name(device))
+    return f"cpu-{nproc()}core"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, min_reps: int = 3,
+            max_reps: int = 30, budget_s: float = 1.0) -> dict:
+    """Median wall time of fn() in ms after `warmup` calls.
+
+    The number of timed calls adapts to the cost of one call: as many as fit in budget_s, at least
+    min_reps and at most max_reps. Each call is timed on its own (synchronising a GPU before and after).
+    """
+    device = torch.device(device)
+    first = None
+    for _ in range(max(1, warmup)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        first = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "reps": reps}
+
+
+def time_interleaved(fns: dict, device: torch.device, *, warmup: int = 1, min_reps: int = 3, max_reps: int = 30,
+                     budget_s: float = 1.0) -> dict:
+    """time_fn for several functions at once, in rounds (one call of each per round).
+
+    Compares methods on a shared or noisy machine fairly: a burst of load from elsewhere hits every
+    method of a round, not one method's whole series. budget_s is the time for all functions together.
+    Returns {name: {"median_ms", "min_ms", "reps"}} in fns' order.
+    """
+    device = torch.device(device)
+    names = list(fns)
+    last = {}
+    for _ in range(max(1, warmup)):
+        for name in names:
+            synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            last[name] = time.perf_counter() - t0
+    per_round = max(sum(last.values()), 1e-6)
+    reps = int(min(max_reps, max(min_reps, budget_s / per_round)))
+    times = {name: [] for name in names}
+    for _ in range(reps):
+        for name in names:
+            synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "reps": reps}
+            for name, ts in times.items()}
+
+
+@functools.lru_cache(None)
+def copy_bandwidth(device_str: str, nbytes: Optional[int] = None) -> float:
+    """Measured copy bandwidth of the device in GB/s (bytes read + bytes written per second)."""
+    device = torch.device(device_str)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=2, min_reps=5, max_reps=20, budget_s=0.5)
+    del src, dst
+    return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> Optional[list]:
+    """1, 5 and 15 minute load averages (other work on the machine skews CPU timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def metadata(device: Optional[torch.device] = None) -> dict:
+    device = torch.device(device) if device is not None else default_device()
+    try:
+        import simu_fast
+
+        backends = simu_fast.backends()
+    except Exception as exc:  # the bench still records what it can
+        backends = {"error": repr(exc)}
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain")
+    meta = {
+        "host": host_name(device),
+        "hostname": platform.node(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu": _cpu_model(),
+        "nproc": nproc(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "simu_fast": _version("simu_fast"),
+        "commit": commit,
+        "dirty": None if dirty is None else bool(dirty),
+        "backends": backends,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_gbps": round(copy_bandwidth(str(device)), 2),
+        "loadavg": loadavg(),
+    }
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# results files
+# ----------------------------------------------------------------------------------------------
+
+
+def results_paths(host: str, results_dir: str = RESULTS_DIR) -> tuple[str, str]:
+    return os.path.join(results_dir, f"{host}.json"), os.path.join(results_dir, f"{host}.md")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_results(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("ops"), dict):
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"ops": {}}
+
+
+def write_results(op: str, rows: list[dict], meta: dict, *, results_dir: str = RESULTS_DIR,
+                  extra: Optional[dict] = None) -> tuple[str, str]:
+    """Replace `op`'s entry in <host>.json with these rows (other ops kept); regenerate <host>.md."""
+    host = meta["host"]
+    json_path, md_path = results_paths(host, results_dir)
+    data = load_results(json_path)
+    data["host"] = host
+    data["updated"] = meta.get("date")
+    entry = {"meta": meta, "rows": [normalize_row(op, r) for r in rows]}
+    if extra:
+        entry.update(extra)
+    data["ops"][op] = entry
+    _atomic_write(json_path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+    _atomic_write(md_path, markdown_report(data))
+    return json_path, md_path
+
+
+def normalize_row(op: str, row: dict) -> dict:
+    out = {k: row.get(k) for k in ROW_FIELDS}
+    out["op"] = op
+    for k, v in row.items():
+        if k not in out:
+            out[k] = v
+    for k in ("median_ms", "min_ms", "speedup", "gbps", "frac_copy_bw"):
+        if isinstance(out.get(k), float):
+            out[k] = round(out[k], 4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "median_ms" or key == "min_ms":
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if key == "speedup":
+        return f"{value:.2f}x"
+    if key == "gbps":
+        return f"{value:.1f}"
+    if key == "frac_copy_bw":
+        return f"{100 * value:.0f}%"
+    if key == "bytes":
+        return human_bytes(value)
+    return str(value)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def text_table(rows: Iterable[dict], columns=MD_COLUMNS) -> str:
+    rows = list(rows)
+    header = [title for _, title in columns]
+    body = [[fmt(key, r.get(key)) for key, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    prev_group = None
+    for r, b in zip(rows, body):
+        group = (r.get("size"), r.get("case"))
+        if prev_group is not None and group != prev_group and group[0] != prev_group[0]:
+            lines.append("")
+        prev_group = group
+        lines.append("  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Iterable[dict], columns=MD_COLUMNS) -> str:
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(key, r.get(key)).replace("|", "\\|") for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(data: dict) -> str:
+    out = [f"# Benchmarks on {data.get('host', '?')}", ""]
+    out.append("Generated by `python -m bench` (bench/common.py) from the JSON file beside this one; "
+               "speedup = baseline median / median; GB/s counts the bytes an ideal kernel must move; "
+               "% copy BW = GB/s over the device's measured copy bandwidth.")
+    out.append("")
+    for op, entry in sorted(data.get("ops", {}).items()):
+        meta = entry.get("meta", {})
+        out.append(f"## {op}")
+        out.append("")
+        keys = ("device", "cpu", "nproc", "torch", "triton", "commit", "dirty", "date", "copy_bandwidth_gbps",
+                "loadavg")
+        out.append("- " + ", ".join(f"{k}: {meta.get(k)}" for k in keys))
+        for line in entry.get("notes", []):
+            out.append(f"- {line}")
+        out.append("")
+        out.append(markdown_table(entry.get("rows", [])))
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,30 @@
+// simu_fast._C: one module, one function per op and device.
+#include <torch/extension.h>
+
+#include "ig_accumulate.h"
+#include "sophia_step.h"
+
+namespace {
+bool with_cuda() {
+#ifdef SIMU_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "simu_fast compiled kernels (C++ OpenMP; CUDA when built with it)";
+  m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("sophia_step_cpu", &simu_fast::sophia_step_cpu);
+  m.def("hessian_ema_cpu", &simu_fast::hessian_ema_cpu);
+  m.def("count_nonfinite_cpu", &simu_fast::count_nonfinite_cpu);
+  m.def("ig_accumulate_cpu", &simu_fast::ig_accumulate_cpu);
+#ifdef SIMU_FAST_WITH_CUDA
+  m.def("sophia_step_cuda", &simu_fast::sophia_step_cuda);
+  m.def("hessian_ema_cuda", &simu_fast::hessian_ema_cuda);
+  m.def("count_nonfinite_cuda", &simu_fast::count_nonfinite_cuda);
+  m.def("ig_accumulate_cuda", &simu_fast::ig_accumulate_cuda);
+#endif
+}

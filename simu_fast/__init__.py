@@ -1,0 +1,6 @@
+"""simu_fast: fused kernels and recipes for selective unlearning of causal language models."""
+from ._extension import backends
+from .optim import AdamW, SophiaG
+
+__version__ = "0.1.0"
+__all__ = ["backends", "SophiaG", "AdamW", "__version__"]

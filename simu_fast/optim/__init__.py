@@ -1,0 +1,7 @@
+"""Optimizers with neuron masks: SophiaG (fused multi-tensor step) and AdamW."""
+from .adamw import AdamW
+from .gnb_hessian import GNBHessianSchedule, gnb_hessian_update
+from .masked_optimizer import MaskedOptimizer, NonFiniteGradientError
+from .sophia import SophiaG
+
+__all__ = ["SophiaG", "AdamW", "MaskedOptimizer", "NonFiniteGradientError", "gnb_hessian_update", "GNBHessianSchedule"]

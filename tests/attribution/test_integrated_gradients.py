@@ -1,0 +1,245 @@
+"""NeuronAttributor against the plain layer-by-step loop, a closed form, completeness and chunking."""
+import math
+
+import pytest
+import torch
+
+import simu_fast
+from simu_fast.attribution import NeuronAttributor, NeuronScores, reference_neuron_attribution
+from simu_fast.attribution.quadrature import quadrature
+
+VOCAB = 53
+
+
+def tiny(model_type: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4)
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(hidden_size=32, intermediate_size=40, num_key_value_heads=2)),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(hidden_size=32, intermediate_size=40, num_key_value_heads=2)),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(hidden_size=32, intermediate_size=40, num_key_value_heads=2)),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(hidden_size=32, intermediate_size=40, num_key_value_heads=2, head_dim=8)),
+        "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, dict(hidden_size=32, intermediate_size=40)),
+        "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, dict(hidden_size=32, intermediate_size=40)),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(hidden_size=32, intermediate_size=40, num_key_value_heads=2, head_dim=8)),
+        "phi": (tf.PhiConfig, tf.PhiForCausalLM, dict(hidden_size=32, intermediate_size=40)),
+        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(hidden_size=32, intermediate_size=40)),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=32, n_inner=40, n_layer=2, n_head=4)),
+    }
+    config_cls, model_cls, extra = configs[model_type]
+    kwargs = dict(common, **extra)
+    if model_type == "gpt2":
+        kwargs = dict(vocab_size=VOCAB, **extra)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs))
+    with torch.no_grad():  # random weights large enough that every neuron matters
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def make_batches(seed=0, n_batches=2, batch=3, seq=9):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        labels = ids.clone()
+        labels[:, :4] = -100  # prompt
+        attn = torch.ones_like(ids)
+        attn[-1, seq - 2:] = 0  # padding on the last row
+        out.append(dict(input_ids=ids, attention_mask=attn, labels=labels))
+    return out
+
+
+def backends_here():
+    names = ["reference"]
+    if simu_fast.backends()["cpu"]:
+        names.append("cpu")
+    return names
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "phi", "gpt_neox", "gpt2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_layer_by_step_loop_on_every_architecture(arch):
+    model = tiny(arch)
+    batches = make_batches()
+    ref = reference_neuron_attribution(model, batches, steps=3)
+    got = NeuronAttributor(model, steps=3).attribute(batches, progress=False)
+    assert got.scores.shape == (2, 40)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got.scores, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("rule", ["riemann_right", "riemann_trapezoid", "gausslegendre"])
+@pytest.mark.parametrize("target", ["loss", "logprob", "prob"])
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_every_rule_target_positions(backend, rule, target, positions):
+    model = tiny("llama")
+    batches = make_batches(seed=1, n_batches=1)
+    ref = reference_neuron_attribution(model, batches, steps=3, rule=rule, target=target, positions=positions)
+    got = NeuronAttributor(model, steps=3, rule=rule, target=target, positions=positions,
+                           backend=backend).attribute(batches, progress=False)
+    torch.testing.assert_close(got.scores, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_gpt2_also_with_gradxact():
+    model = tiny("gpt2")
+    batches = make_batches(seed=2, n_batches=1)
+    ref = reference_neuron_attribution(model, batches, method="gradxact")
+    got = NeuronAttributor(model, method="gradxact").attribute(batches, progress=False)
+    torch.testing.assert_close(got.scores, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert got.metadata["method"] == "gradxact" and got.metadata["steps"] == 1
+
+
+@pytest.mark.parametrize("max_rows", [1, 4, 7, 100])
+def test_chunking_invariance(max_rows):
+    model = tiny("llama")
+    batches = make_batches(seed=3)
+    full = NeuronAttributor(model, steps=4, rule="gausslegendre").attribute(batches, progress=False)
+    chunked = NeuronAttributor(model, steps=4, rule="gausslegendre", max_rows=max_rows).attribute(batches, progress=False)
+    torch.testing.assert_close(chunked.scores, full.scores, rtol=1e-5, atol=1e-6 * full.scores.abs().max().item())
+
+
+def test_completeness_sum_over_layer_equals_f1_minus_f0():
+    model = tiny("llama").double()
+    batch = make_batches(seed=4, n_batches=1)[0]
+    scores = NeuronAttributor(model, steps=24, rule="gausslegendre", positions="all", layers=[1]).attribute(
+        [batch], progress=False).scores
+    down = model.model.layers[1].mlp.down_proj
+
+    def f(alpha):
+        handle = down.register_forward_pre_hook(lambda m, args: (args[0] * alpha,))
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            handle.remove()
+        from simu_fast.attribution.targets import target_per_row
+        labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+        return target_per_row(logits, labels, "loss").sum().item()
+
+    # positions="all" covers every position where the activation is scaled: completeness holds exactly
+    assert scores.sum().item() == pytest.approx(f(1.0) - f(0.0), rel=1e-6)
+
+
+class TwoTokenModel(torch.nn.Module):
+    """embed -> up -> gelu -> down (F -> 2 logits): IG has a closed form per neuron."""
+
+    def __init__(self, hidden=6, width=5):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = torch.nn.Embedding(2, hidden)
+        self.up = torch.nn.Linear(hidden, width)
+        self.down = torch.nn.Linear(width, 2)
+        self.double()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.down(torch.nn.functional.gelu(self.up(self.embed(input_ids))))
+
+
+def test_closed_form_two_token_model():
+    model = TwoTokenModel()
+    ids = torch.tensor([[0, 1, 1, 0]])
+    labels = torch.tensor([[-100, 1, 0, 0]])
+    got = NeuronAttributor(model, steps=40, rule="gausslegendre", target="logprob",
+                           mlp_modules=lambda m: [m.down]).attribute(
+        [dict(input_ids=ids, labels=labels)], progress=False).scores[0]
+    # logprob of y = -softplus(u), u = alpha * s + d, s = (w_o - w_y) . a, d = b_o - b_y:
+    # IG_k = -a_k (w_o - w_y)_k * (softplus(s + d) - softplus(d)) / s
+    expected = torch.zeros(5, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(3):  # position t predicts labels[t + 1]
+            y = int(labels[0, t + 1])
+            a = torch.nn.functional.gelu(model.up(model.embed(ids[0, t])))
+            dw = model.down.weight[1 - y] - model.down.weight[y]
+            s, d = float(dw @ a), float(model.down.bias[1 - y] - model.down.bias[y])
+            sp = torch.nn.functional.softplus
+            integral = (sp(torch.tensor(s + d)) - sp(torch.tensor(d))) / s
+            expected += -a * dw * integral
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_restores_model_state_and_computes_no_weight_grads():
+    model = tiny("llama")
+    model.train()
+    model.lm_head.weight.requires_grad_(False)
+    handles_before = len(model.model.layers[0].mlp.down_proj._forward_pre_hooks)
+    NeuronAttributor(model, steps=2).attribute(make_batches(n_batches=1), progress=False)
+    assert model.training
+    assert not model.lm_head.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "lm_head.weight")
+    assert all(p.grad is None for p in model.parameters())
+    assert len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == handles_before
+
+    def broken_target(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    import simu_fast.attribution.integrated_gradients as ig
+    original = ig.target_per_row
+    ig.target_per_row = broken_target
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            NeuronAttributor(model, steps=2).attribute(make_batches(n_batches=1), progress=False)
+    finally:
+        ig.target_per_row = original
+    assert model.training and len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == handles_before
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "lm_head.weight")
+
+
+def test_padding_never_contributes():
+    model = tiny("llama")
+    batch = make_batches(seed=6, n_batches=1)[0]
+    base = NeuronAttributor(model, steps=2).attribute([batch], progress=False).scores
+    noisy = dict(batch)
+    noisy["labels"] = batch["labels"].clone()
+    noisy["labels"][-1, -2:] = 7  # labels on padded positions must be ignored
+    other = NeuronAttributor(model, steps=2).attribute([noisy], progress=False).scores
+    torch.testing.assert_close(other, base)
+
+
+def test_scores_save_load_round_trip(tmp_path):
+    model = tiny("qwen2")
+    scores = NeuronAttributor(model, steps=2, layers=[1]).attribute(make_batches(n_batches=1), progress=False)
+    path = tmp_path / "scores.safetensors"
+    scores.save(str(path))
+    loaded = NeuronScores.load(str(path))
+    assert torch.equal(loaded.scores, scores.scores) and loaded.layers == [1]
+    assert loaded.metadata == scores.metadata and loaded.num_examples == 3
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError):
+        NeuronScores.load(str(tmp_path / "missing.safetensors"))
+
+
+def test_errors_are_clear():
+    class Unknown(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    with pytest.raises(ValueError, match="mlp_modules=fn"):
+        NeuronAttributor(Unknown())
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        NeuronAttributor(model, layers=[5])
+    with pytest.raises(ValueError, match="unknown rule"):
+        NeuronAttributor(model, rule="simpson")
+    with pytest.raises(ValueError, match="labels"):
+        NeuronAttributor(model).attribute([dict(input_ids=torch.zeros(1, 4, dtype=torch.long))], progress=False)
+    with pytest.raises(TypeError, match="dict"):
+        NeuronAttributor(model).attribute([torch.zeros(1, 4, dtype=torch.long)], progress=False)
+
+
+def test_quadrature_rules():
+    a, w = quadrature("riemann_right", 4)
+    assert a == [0.25, 0.5, 0.75, 1.0] and w == [0.25] * 4
+    a, w = quadrature("riemann_trapezoid", 5)
+    assert a[0] == 0.0 and a[-1] == 1.0 and w[0] == w[-1] == 0.1 and w[1] == 0.2
+    a, w = quadrature("gausslegendre", 6)
+    assert sum(w) == pytest.approx(1.0) and all(0 < x < 1 for x in a)
+    # exact for x^5 on [0, 1]
+    assert sum(wi * ai ** 5 for ai, wi in zip(a, w)) == pytest.approx(1 / 6)
+    assert math.isclose(sum(quadrature("riemann_right", 3)[1]), 1.0)
