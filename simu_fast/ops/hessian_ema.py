@@ -25,6 +25,9 @@ def reference_hessian_ema(hessians, grads, masks, *, beta2) -> None:
 def hessian_ema(hessians: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], masks: Sequence[UpdateMask], *,
                 beta2: float, backend: str = "auto", names: Optional[Sequence[str]] = None) -> None:
     names = names if names is not None else [f"hessians[{i}]" for i in range(len(hessians))]
+    for name, h in zip(names, hessians):
+        if h.dtype != torch.float32:
+            raise TypeError(f"hessian_ema: the Hessian state of {name} must be float32, got {h.dtype}")
     check_tensor_lists("hessian_ema", hessians, grads, {"hessian": hessians}, masks, names)
     if not hessians:
         return

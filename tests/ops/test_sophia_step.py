@@ -703,7 +703,7 @@ def test_checks_state_dtype_and_shape():
         _step(p, g, m, h.bfloat16(), full_mask(p))
     with pytest.raises(ValueError, match="state 'hessian' of params\\[0\\] must be contiguous, shaped \\[4, 3\\]"):
         _step(p, g, m, torch.rand(12), full_mask(p))
-    with pytest.raises(TypeError, match="hessian_ema: params\\[0\\] has dtype torch.float64"):
+    with pytest.raises(TypeError, match="hessian_ema: the Hessian state of hessians\\[0\\] must be float32, got torch.float64"):
         hessian_ema([h.double()], [g], [full_mask(p)], beta2=0.9)
     assert torch.equal(p, before), "a rejected call must not touch the parameters"
 
