@@ -7,25 +7,38 @@ the decoder layers and the down projection inside a layer. Any other model works
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-# model_type -> (path of the decoder layer list from the *ForCausalLM model, path of the down projection)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "llama": ("model.layers", "mlp.down_proj"),
-    "mistral": ("model.layers", "mlp.down_proj"),
-    "qwen2": ("model.layers", "mlp.down_proj"),
-    "qwen3": ("model.layers", "mlp.down_proj"),
-    "olmo": ("model.layers", "mlp.down_proj"),
-    "olmo2": ("model.layers", "mlp.down_proj"),
-    "gemma": ("model.layers", "mlp.down_proj"),
-    "gemma2": ("model.layers", "mlp.down_proj"),
-    "gemma3_text": ("model.layers", "mlp.down_proj"),
-    "phi3": ("model.layers", "mlp.down_proj"),
-    "phi": ("model.layers", "mlp.fc2"),
-    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
-    "gpt2": ("transformer.h", "mlp.c_proj"),
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: str              # path of the decoder layer list from the *ForCausalLM model
+    down: str                # down projection inside a layer (its input is the MLP activation)
+    up: str                  # up projection (H -> F)
+    gate: Optional[str]      # gate projection of gated MLPs (H -> F), None otherwise
+    attention: str           # attention block inside a layer
+    fused_gate_up: bool = False  # `up` holds gate and up stacked ([2F, H]): neuron k is rows k and F + k
+
+
+_LLAMA_LIKE = Architecture("model.layers", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj", "self_attn")
+REGISTRY: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": Architecture("model.layers", "mlp.down_proj", "mlp.gate_up_proj", None, "self_attn", fused_gate_up=True),
+    "phi": Architecture("model.layers", "mlp.fc2", "mlp.fc1", None, "self_attn"),
+    "gpt_neox": Architecture("gpt_neox.layers", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", None, "attention"),
+    "gpt2": Architecture("transformer.h", "mlp.c_proj", "mlp.c_fc", None, "attn"),
 }
 
 MlpModulesFn = Callable[[torch.nn.Module], list]
@@ -56,13 +69,41 @@ def mlp_down_projections(model: torch.nn.Module, mlp_modules: Optional[MlpModule
             f"(known: {', '.join(sorted(REGISTRY))}). Pass mlp_modules=fn, where fn(model) returns the list of "
             "down-projection modules (whose input is the MLP intermediate activation), one per layer, e.g. "
             "mlp_modules=lambda m: [layer.mlp.down_proj for layer in m.model.layers]")
-    layers_path, down_path = REGISTRY[model_type]
+    arch = REGISTRY[model_type]
+    return [_get_part(layer, arch.down, model_type, arch.layers) for layer in decoder_layers(model)]
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    model_type = model_type_of(model)
+    if model_type not in REGISTRY:
+        raise ValueError(f"simu_fast does not know the layout of model_type {model_type!r} "
+                         f"(known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[model_type]
+
+
+def decoder_layers(model: torch.nn.Module) -> list:
+    arch = architecture_of(model)
     try:
-        layers = _get(model, layers_path)
-        return [_get(layer, down_path) for layer in layers]
+        return list(_get(model, arch.layers))
     except AttributeError as exc:
-        raise ValueError(f"model_type {model_type!r}: expected {layers_path}[i].{down_path} ({exc}); pass "
+        raise ValueError(f"model_type {model_type_of(model)!r}: no decoder layers at {arch.layers} ({exc})") from exc
+
+
+def _get_part(layer, path: str, model_type, layers_path):
+    try:
+        return _get(layer, path)
+    except AttributeError as exc:
+        raise ValueError(f"model_type {model_type!r}: expected {layers_path}[i].{path} ({exc}); pass "
                          "mlp_modules=fn to locate the down projections") from exc
+
+
+def layer_part(model: torch.nn.Module, layer_index: int, part: str) -> Optional[torch.nn.Module]:
+    """The module `part` ("down", "up", "gate", "attention") of decoder layer `layer_index` (None: no such part)."""
+    arch = architecture_of(model)
+    path = getattr(arch, part)
+    if path is None:
+        return None
+    return _get_part(decoder_layers(model)[layer_index], path, model_type_of(model), arch.layers)
 
 
 def intermediate_size(module: torch.nn.Module) -> int:
