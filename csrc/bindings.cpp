@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ig_accumulate.h"
+#include "radix_select.h"
 #include "sophia_step.h"
 
 namespace {
@@ -21,10 +22,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hessian_ema_cpu", &simu_fast::hessian_ema_cpu);
   m.def("count_nonfinite_cpu", &simu_fast::count_nonfinite_cpu);
   m.def("ig_accumulate_cpu", &simu_fast::ig_accumulate_cpu);
+  m.def("radix_histogram_cpu", &simu_fast::radix_histogram_cpu);
+  m.def("select_mask_cpu", &simu_fast::select_mask_cpu);
 #ifdef SIMU_FAST_WITH_CUDA
   m.def("sophia_step_cuda", &simu_fast::sophia_step_cuda);
   m.def("hessian_ema_cuda", &simu_fast::hessian_ema_cuda);
   m.def("count_nonfinite_cuda", &simu_fast::count_nonfinite_cuda);
   m.def("ig_accumulate_cuda", &simu_fast::ig_accumulate_cuda);
+  m.def("radix_histogram_cuda", &simu_fast::radix_histogram_cuda);
+  m.def("select_mask_cuda", &simu_fast::select_mask_cuda);
 #endif
 }

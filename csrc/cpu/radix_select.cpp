@@ -1,0 +1,194 @@
+// Radix select kernels on the CPU: radix_histogram and select_mask. Semantics: simu_fast/ops/radix_select.py;
+// the key transform and the argument plans are in ../radix_select.h.
+//
+// radix_histogram: x is cut into one contiguous chunk per thread (at::parallel_for over the chunks); a chunk
+// is walked kBlock elements at a time: a branch-free SIMD loop turns the block into bin numbers (0..255 the
+// digit, 256 NaN, 257 not counted), then a scalar loop counts them into four interleaved local histograms
+// (consecutive equal bins, e.g. many ties, then hit four counters instead of one: no store-to-load
+// dependency chain). The chunks' histograms are added in chunk order at the end. Integer counts: the
+// result does not depend on the thread count. Mode INDICES only visits the window of indices that pass the
+// prefix test (radix_index_window: after the first index pass, 1/256 of x or less).
+//
+// select_mask: one pass, threads over ranges; within a range the index test splits it at the cut-off, so
+// each part is a plain SIMD compare of 32-bit keys (key >= kth before the cut-off, key > kth after it).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../radix_select.h"
+
+namespace simu_fast {
+namespace {
+
+constexpr int64_t kBlock = 1024;         // elements binned per inner SIMD loop
+constexpr int64_t kMinChunk = 1 << 16;   // elements per thread, at least
+constexpr int64_t kSelectGrain = 1 << 16;
+constexpr int kCopies = 4;               // interleaved local histograms
+constexpr int kLocalBins = 258;          // 256 digits, NaN, not counted
+
+using Local = std::array<std::array<int64_t, kLocalBins>, kCopies>;
+
+// Mode KEYS: every element of [begin, end) becomes a bin (0..255 the digit, 256 NaN, 257 not counted) in a
+// SIMD loop, then the bins are counted.
+template <typename Format>
+void key_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
+                         const RadixHistogramPlan& p, Local& counts) {
+  const bool absolute = p.absolute;
+  const uint32_t key_mask = p.key_mask, key_target = p.key_target, key_shift = p.key_shift,
+                 key_digit = p.key_digit;
+  alignas(64) uint16_t bins[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    const typename Format::Bits* __restrict xb = x + b;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t raw = xb[j];
+      const uint32_t key = radix_key(raw, Format::kSign, absolute);
+      const uint32_t digit = (key >> key_shift) & key_digit;
+      const uint32_t bin = (key & key_mask) == key_target ? digit : kRadixSkipBin;
+      bins[j] = static_cast<uint16_t>(radix_is_nan(raw, Format::kSign, Format::kInf) ? kRadixNanBin : bin);
+    }
+    int64_t j = 0;
+    for (; j + kCopies <= n; j += kCopies) {
+      ++counts[0][bins[j]];
+      ++counts[1][bins[j + 1]];
+      ++counts[2][bins[j + 2]];
+      ++counts[3][bins[j + 3]];
+    }
+    for (; j < n; ++j) ++counts[0][bins[j]];
+  }
+}
+
+// Mode INDICES, within the index window (every index there passes the prefix test): a SIMD loop flags the
+// elements whose key == key_equal, then the flagged ones count the digit of their global index.
+template <typename Format>
+void index_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
+                           const RadixHistogramPlan& p, Local& counts) {
+  const bool absolute = p.absolute;
+  const uint32_t key_equal = p.key_equal, shift = p.index_shift;
+  const int64_t offset = p.index_offset;
+  alignas(64) uint8_t equal[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    const typename Format::Bits* __restrict xb = x + b;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) equal[j] = radix_key(xb[j], Format::kSign, absolute) == key_equal ? 1 : 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (equal[j]) ++counts[j & (kCopies - 1)][((offset + b + j) >> shift) & 0xFF];
+    }
+  }
+}
+
+template <typename Format, int64_t kMode>
+void histogram(const at::Tensor& x, const RadixHistogramPlan& p, int64_t* out) {
+  const auto* bits = reinterpret_cast<const typename Format::Bits*>(x.data_ptr());
+  int64_t first = 0, last = x.numel();
+  if (kMode == kRadixIndices && !radix_index_window(p, x.numel(), first, last)) return;
+  const int64_t numel = last - first;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads, numel / kMinChunk));
+  const int64_t chunk = (numel + chunks - 1) / chunks;
+  std::vector<std::array<int64_t, kLocalBins>> partial(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Local counts{};
+      const int64_t begin = first + c * chunk, end = std::min(last, begin + chunk);
+      if (begin < end) {
+        if (kMode == kRadixKeys) key_histogram_chunk<Format>(bits, begin, end, p, counts);
+        else index_histogram_chunk<Format>(bits, begin, end, p, counts);
+      }
+      for (int b = 0; b < kLocalBins; ++b) {
+        partial[c][b] = counts[0][b] + counts[1][b] + counts[2][b] + counts[3][b];
+      }
+    }
+  });
+  for (const auto& h : partial) {
+    for (int b = 0; b < 256; ++b) out[b] += h[b];
+    if (kMode == kRadixKeys) out[kRadixNanBin] += h[kRadixNanBin];
+  }
+}
+
+// o[i] for i in [begin, end): i <= cut: key >= kth; i > cut: key > kth.
+template <typename Format>
+void select_range(const typename Format::Bits* __restrict x, uint8_t* __restrict o, int64_t begin, int64_t end,
+                  bool absolute, uint32_t kth, int64_t cut) {
+  const int64_t split = std::min(end, std::max(begin, cut + 1));
+#pragma omp simd
+  for (int64_t i = begin; i < split; ++i) o[i] = radix_key(x[i], Format::kSign, absolute) >= kth ? 1 : 0;
+#pragma omp simd
+  for (int64_t i = split; i < end; ++i) o[i] = radix_key(x[i], Format::kSign, absolute) > kth ? 1 : 0;
+}
+
+template <typename Format>
+void select(const at::Tensor& x, bool absolute, const RadixSelectPlan& p, uint8_t* out) {
+  const auto* bits = reinterpret_cast<const typename Format::Bits*>(x.data_ptr());
+  at::parallel_for(0, x.numel(), kSelectGrain, [&](int64_t begin, int64_t end) {
+    select_range<Format>(bits, out, begin, end, absolute, p.kth, p.cut);
+  });
+}
+
+int key_bits(const at::Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return 32;
+    case at::kBFloat16:
+    case at::kHalf: return 16;
+    default: TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return 0;
+}
+
+void check_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+}
+
+}  // namespace
+
+at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_t key_prefix, int64_t prefix_bits,
+                               int64_t shift, int64_t index_offset, int64_t key_equal) {
+  constexpr const char* op = "radix_histogram_cpu";
+  check_input(x, op);
+  const int bits = key_bits(x, op);
+  TORCH_CHECK(mode == kRadixKeys || mode == kRadixIndices, op, ": mode must be 0 (keys) or 1 (indices), got ", mode);
+  TORCH_CHECK(shift >= 0 && shift < 64, op, ": shift must be in [0, 64), got ", shift);
+  at::Tensor out = at::zeros({257}, x.options().dtype(at::kLong));
+  const RadixHistogramPlan plan =
+      radix_histogram_plan(bits, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal);
+  if (x.numel() == 0 || plan.nothing) return out;
+  int64_t* o = out.data_ptr<int64_t>();
+  const bool keys = mode == kRadixKeys;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      keys ? histogram<RadixF32, kRadixKeys>(x, plan, o) : histogram<RadixF32, kRadixIndices>(x, plan, o);
+      break;
+    case at::kBFloat16:
+      keys ? histogram<RadixBF16, kRadixKeys>(x, plan, o) : histogram<RadixBF16, kRadixIndices>(x, plan, o);
+      break;
+    default:
+      keys ? histogram<RadixF16, kRadixKeys>(x, plan, o) : histogram<RadixF16, kRadixIndices>(x, plan, o);
+      break;
+  }
+  return out;
+}
+
+at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff, int64_t index_offset) {
+  constexpr const char* op = "select_mask_cpu";
+  check_input(x, op);
+  const int bits = key_bits(x, op);
+  at::Tensor out = at::empty({x.numel()}, x.options().dtype(at::kByte));
+  if (x.numel() == 0) return out;
+  const RadixSelectPlan plan = radix_select_plan(bits, kth_key, index_cutoff, index_offset, x.numel());
+  uint8_t* o = out.data_ptr<uint8_t>();
+  switch (x.scalar_type()) {
+    case at::kFloat: select<RadixF32>(x, absolute, plan, o); break;
+    case at::kBFloat16: select<RadixBF16>(x, absolute, plan, o); break;
+    default: select<RadixF16>(x, absolute, plan, o); break;
+  }
+  return out;
+}
+
+}  // namespace simu_fast

@@ -1,0 +1,224 @@
+"""Exact top-k by radix select: kth_largest, topk_mask, threshold_mask (DESIGN.md, "Neuron selection").
+
+No sort and no index array: values become order-preserving unsigned keys (32-bit for float32, 16-bit for
+bfloat16/float16; -0.0 is folded onto +0.0 so the two tie), and a few histogram passes, 8 bits each from the
+top, find the k-th largest key. Ties at the k-th value are broken by the lower flat index: when more
+elements equal the k-th value than are still needed, more histogram passes over the *indices* of those
+elements (from the top index bit down, ascending) find the index cut-off. One last pass writes the mask:
+
+    selected = key > kth_key  or  (key == kth_key and index <= index_cutoff)
+
+Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
+prefix, plus a NaN count) and `select_mask`. Backends: reference (torch below), cpu, cuda, triton. With a
+torch.distributed `group`, the histograms are all-reduced so each rank selects its shard against the
+global k-th value, and indices are global (rank offsets from the shard sizes): every rank agrees.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._extension import extension, resolve_backend
+
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KEY_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
+# histogram modes
+KEYS, INDICES = 0, 1
+
+
+# ---- reference building blocks (the definition of every kernel) ------------------------------------
+
+def reference_keys(x: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """Order-preserving unsigned keys as int64: ascending key == ascending value; -0.0 -> +0.0."""
+    bits = KEY_BITS[x.dtype]
+    flat = x.reshape(-1)
+    if absolute:
+        flat = flat.abs()
+    if bits == 32:
+        raw = flat.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    else:
+        raw = flat.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    sign = 1 << (bits - 1)
+    full = (1 << bits) - 1
+    raw = torch.where(raw == sign, 0, raw)  # -0.0 ties with +0.0
+    return torch.where(raw & sign != 0, full - raw, raw | sign)
+
+
+def reference_radix_histogram(x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal):
+    """int64 [257]: bins 0..255 count the 8-bit digit at `shift` of the keys (mode KEYS) or of the global
+    indices of elements whose key == key_equal (mode INDICES), among those whose bits above the digit
+    (prefix_bits of them) equal key_prefix's; bin 256 counts NaN (mode KEYS)."""
+    keys = reference_keys(x, absolute)
+    nan = torch.isnan(x.reshape(-1))
+    if mode == KEYS:
+        values, active = keys, ~nan
+    else:
+        values = torch.arange(keys.numel(), device=x.device, dtype=torch.int64) + index_offset
+        active = keys == key_equal
+    if prefix_bits:
+        high = shift + 8
+        active = active & ((values >> high) == (key_prefix >> high))
+    digits = (values[active] >> shift) & 0xFF
+    hist = torch.zeros(257, dtype=torch.int64, device=x.device)
+    hist[:256] = torch.bincount(digits, minlength=256)
+    if mode == KEYS:
+        hist[256] = nan.sum()
+    return hist
+
+
+def reference_select_mask(x, absolute, kth_key, index_cutoff, index_offset) -> torch.Tensor:
+    keys = reference_keys(x, absolute)
+    index = torch.arange(keys.numel(), device=x.device, dtype=torch.int64) + index_offset
+    return ((keys > kth_key) | ((keys == kth_key) & (index <= index_cutoff))).reshape(x.shape)
+
+
+def reference_topk_mask(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+    """The definition: a stable descending sort picks the k largest, lower index first among equals."""
+    values = (x.abs() if absolute else x).reshape(-1).float()
+    order = torch.sort(values, descending=True, stable=True).indices
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=x.device)
+    mask[order[:k]] = True
+    return mask.reshape(x.shape)
+
+
+def reference_kth_largest(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+    values = (x.abs() if absolute else x).reshape(-1)
+    return torch.sort(values.float(), descending=True).values[k - 1].to(x.dtype)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------
+
+def _histogram(x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal, backend):
+    if backend == "reference":
+        return reference_radix_histogram(x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal)
+    args = (x, bool(absolute), int(mode), int(key_prefix), int(prefix_bits), int(shift), int(index_offset),
+            int(key_equal))
+    if backend == "triton":
+        from ..triton_kernels import radix_select as triton_radix
+
+        return triton_radix.radix_histogram(*args)
+    fn = extension().radix_histogram_cuda if backend == "cuda" else extension().radix_histogram_cpu
+    return fn(*args)
+
+
+def _select_mask(x, absolute, kth_key, index_cutoff, index_offset, backend):
+    if backend == "reference":
+        return reference_select_mask(x, absolute, kth_key, index_cutoff, index_offset)
+    args = (x, bool(absolute), int(kth_key), int(index_cutoff), int(index_offset))
+    if backend == "triton":
+        from ..triton_kernels import radix_select as triton_radix
+
+        out = triton_radix.select_mask(*args)
+    else:
+        fn = extension().select_mask_cuda if backend == "cuda" else extension().select_mask_cpu
+        out = fn(*args)
+    return out.view(torch.bool).reshape(x.shape)
+
+
+def _check_values(op: str, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in VALUE_DTYPES:
+        raise TypeError(f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    return x.contiguous()
+
+
+def _shard_layout(numel: int, group) -> tuple[int, int]:
+    """(this rank's global index offset, global element count)."""
+    if group is None:
+        return 0, numel
+    import torch.distributed as dist
+
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, numel, group=group)
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _all_reduce(hist: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(hist, group=group)
+    return hist
+
+
+def _locate(x, k, absolute, backend, group) -> tuple[int, int, int]:
+    """(kth key, index cut-off, index offset) of the exact top-k with lower-index tie-breaking."""
+    offset, total = _shard_layout(x.numel(), group)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} out of range: must be between 1 and the number of elements ({total})")
+    bits = KEY_BITS[x.dtype]
+    prefix, remaining = 0, k
+    for step, shift in enumerate(range(bits - 8, -1, -8)):
+        hist = _all_reduce(_histogram(x, absolute, KEYS, prefix, step * 8, shift, offset, 0, backend), group)
+        counts = hist.tolist()
+        if step == 0 and counts[256]:
+            raise ValueError(f"x contains {counts[256]} NaN value(s); top-k of NaN is undefined")
+        for digit in range(255, -1, -1):  # from the largest digit down
+            if counts[digit] >= remaining:
+                break
+            remaining -= counts[digit]
+        prefix |= digit << shift
+    equal_count = counts[digit]
+    if remaining == equal_count:  # every element equal to the k-th value is selected
+        return prefix, offset + total, offset
+    index_bits = max(8, ((total - 1).bit_length() + 7) // 8 * 8)
+    index_prefix = 0
+    for step, shift in enumerate(range(index_bits - 8, -1, -8)):
+        hist = _all_reduce(_histogram(x, absolute, INDICES, index_prefix, step * 8, shift, offset, prefix, backend),
+                           group)
+        counts = hist.tolist()
+        for digit in range(256):  # ascending: the lowest indices first
+            if counts[digit] >= remaining:
+                break
+            remaining -= counts[digit]
+        index_prefix |= digit << shift
+    return prefix, index_prefix, offset
+
+
+def _key_to_value(key: int, dtype: torch.dtype, absolute: bool) -> torch.Tensor:
+    bits = KEY_BITS[dtype]
+    sign = 1 << (bits - 1)
+    raw = key & ~sign if key & sign else ((1 << bits) - 1) - key
+    storage = torch.int32 if bits == 32 else torch.int16
+    if raw >= sign:
+        raw -= 1 << bits
+    return torch.tensor([raw], dtype=storage).view(dtype)[0]
+
+
+def kth_largest(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str = "auto",
+                group=None) -> torch.Tensor:
+    """The k-th largest value of x (of |x| with absolute=True), as a 0-d tensor of x's dtype on the CPU."""
+    x = _check_values("kth_largest", x)
+    chosen = resolve_backend(backend, x.device, "kth_largest")
+    key, _, _ = _locate(x, int(k), absolute, chosen, group)
+    return _key_to_value(key, x.dtype, absolute)
+
+
+def topk_mask(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str = "auto", group=None) -> torch.Tensor:
+    """Boolean mask shaped like x with exactly k True: the k largest, the lower flat index first among ties.
+    With `group`, k counts over every rank's shard (in rank order) and each rank gets its shard's mask."""
+    x = _check_values("topk_mask", x)
+    chosen = resolve_backend(backend, x.device, "topk_mask")
+    key, cutoff, offset = _locate(x, int(k), absolute, chosen, group)
+    return _select_mask(x, absolute, key, cutoff, offset, chosen)
+
+
+def threshold_mask(x: torch.Tensor, value: float, *, absolute: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Boolean mask of x > value (|x| > value with absolute=True), compared exactly. NaN in x is an error."""
+    x = _check_values("threshold_mask", x)
+    value = float(value)
+    if value != value:
+        raise ValueError("threshold_mask: value is NaN")
+    chosen = resolve_backend(backend, x.device, "threshold_mask")
+    # x > value  <=>  key(x) > key(the largest x.dtype value <= value)
+    rounded = torch.tensor([value], dtype=torch.float64).to(x.dtype)
+    cut = int(reference_keys(rounded, False)[0])
+    if float(rounded[0]) > value:
+        cut -= 1
+    nan = int(_histogram(x, absolute, KEYS, 0, 0, KEY_BITS[x.dtype] - 8, 0, 0, chosen)[256])
+    if nan:
+        raise ValueError(f"threshold_mask: x contains {nan} NaN value(s)")
+    return _select_mask(x, absolute, cut, -1, 0, chosen)

@@ -1,0 +1,449 @@
+"""Parity tests for radix select: the kernels radix_histogram / select_mask and the public kth_largest,
+topk_mask and threshold_mask (simu_fast/ops/radix_select.py).
+
+Every backend (the eager reference, "cpu", "triton" through Triton's interpreter on CPU tensors with small
+sizes, and on a GPU "cuda", "triton" and the reference, marked gpu, with large sizes up to ~1e8 and past
+2^31 elements) is checked exactly against the references on fresh random data each run: every dtype,
+absolute on and off, sizes that are not a multiple of any block, k = 1, k = numel and random k, all-equal
+inputs, many ties, -0.0 mixed with +0.0, +-inf (NaN in the kernel tests; the public ops reject it). The
+data seed is printed (shown with a failure); SIMU_FAST_TEST_SEED=<n> replays it.
+
+Every check is exact: integer histograms equal, masks equal to reference_topk_mask / (x > value) with
+exactly k True, k-th values equal.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import simu_fast
+from simu_fast.ops import radix_select as rs
+from simu_fast.ops.radix_select import (INDICES, KEY_BITS, KEYS, kth_largest, reference_keys,
+                                        reference_kth_largest, reference_radix_histogram, reference_select_mask,
+                                        reference_topk_mask, threshold_mask, topk_mask)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "bf16", "f16"]
+SIZES = [1, 7, 1000, 4099, 100003]          # no multiple of any block size
+SMALL_SIZES = [1, 7, 1000, 4099]            # Triton's interpreter (and the eager reference) on the CPU
+GPU_SIZES = [1, 7, 4099, 100003, 1_000_003, 100_000_007]
+KINDS = ["random", "ties", "equal", "zeros", "inf"]
+
+ALL_BACKENDS = [
+    pytest.param(("reference", "cpu"), id="reference"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("triton", "cpu"), id="triton-interpret"),
+    pytest.param(("reference", "cuda"), id="reference-gpu", marks=pytest.mark.gpu),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
+]
+COMPILED = [p for p in ALL_BACKENDS if p.values[0][0] != "reference"]
+GPU_COMPILED = [p for p in COMPILED if p.values[0][1] == "cuda"]
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("SIMU_FAST_TEST_SEED") or random.SystemRandom().randrange(2**62))
+    print(f"random data seed: {seed} (replay with SIMU_FAST_TEST_SEED={seed})")
+    return random.Random(seed)
+
+
+def _skip_unavailable(name: str, device: str) -> None:
+    avail = simu_fast.backends()
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if name == "cpu" and not avail["cpu"]:
+        pytest.skip(f"C++ extension simu_fast._C not built: {avail['extension_error']}")
+    if name == "cuda" and not avail["cuda"]:
+        pytest.skip("simu_fast._C was built without CUDA kernels")
+    if name == "triton":
+        if not avail["triton"]:
+            pytest.skip("triton is not installed (or no GPU and TRITON_INTERPRET is not 1)")
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+
+
+def _backend(request):
+    name, device = request.param
+    _skip_unavailable(name, device)
+    return name, torch.device(device)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    return _backend(request)
+
+
+@pytest.fixture(params=COMPILED)
+def compiled_backend(request):
+    return _backend(request)
+
+
+@pytest.fixture(params=GPU_COMPILED)
+def gpu_backend(request):
+    return _backend(request)
+
+
+def _sizes(name: str, device: torch.device) -> list[int]:
+    if device.type == "cpu" and name in ("triton", "reference"):
+        return SMALL_SIZES  # the interpreter is slow, and so is the eager reference driving 8 passes
+    return SIZES
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+
+def make_values(kind: str, n: int, dtype: torch.dtype, rng: random.Random, device, nan: bool = False):
+    """n values of x.dtype; never all zero unless the kind asks for it ("equal" may pick -0.0)."""
+    gen = torch.Generator().manual_seed(rng.randrange(2**62))
+    if kind == "random":
+        x = torch.randn(n, generator=gen) * 10.0 ** rng.uniform(-3, 3)
+        specials = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])
+        pos = torch.randint(n, (min(n // 50, 40),), generator=gen)
+        x[pos] = specials[torch.randint(4, (pos.numel(),), generator=gen)]
+    elif kind == "ties":  # a handful of values, with x and -x (ties under absolute)
+        pool = torch.tensor([-2.5, 2.5, -1.0, 1.0, -0.0, 0.0, 0.75, 3.0])
+        x = pool[torch.randint(len(pool), (n,), generator=gen)]
+    elif kind == "equal":
+        x = torch.full((n,), rng.choice([1.5, -0.0, -3.25, 0.0]))
+    elif kind == "zeros":  # -0.0 and +0.0 mixed, ~10% other values
+        x = torch.where(torch.rand(n, generator=gen) < 0.5, -0.0, 0.0)
+        other = torch.rand(n, generator=gen) < 0.1
+        x[other] = torch.randn(int(other.sum()), generator=gen)
+    elif kind == "inf":
+        x = torch.randn(n, generator=gen)
+        x[torch.rand(n, generator=gen) < 0.2] = float("inf")
+        x[torch.rand(n, generator=gen) < 0.2] = float("-inf")
+    else:
+        raise ValueError(kind)
+    if nan and n:
+        pos = torch.randint(n, (max(1, n // 20),), generator=gen)
+        x[pos] = torch.where(torch.rand(pos.numel(), generator=gen) < 0.5, float("nan"), -float("nan"))
+    return x.to(dtype).to(device)
+
+
+def _pick_k(n: int, rng: random.Random) -> list[int]:
+    return sorted({1, n, rng.randint(1, n)})
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels: radix_histogram and select_mask against their references
+# ----------------------------------------------------------------------------------------------
+
+
+def _key_plans(x, absolute, rng, trials):
+    """(key_prefix, prefix_bits, shift) triples: the driver's passes with a prefix taken from a real key (so
+    elements match), arbitrary shifts, random prefixes, and a prefix with bits above every key."""
+    bits = KEY_BITS[x.dtype]
+    keys = reference_keys(x, absolute)
+    finite = keys[~torch.isnan(x.reshape(-1))]
+    plans = []
+    for _ in range(trials):
+        shift = rng.choice(list(range(bits - 8, -1, -8)) + [rng.randint(0, bits - 8)])
+        prefix_bits = bits - 8 - shift
+        if finite.numel() and rng.random() < 0.7:
+            prefix = int(finite[rng.randrange(finite.numel())])
+        else:
+            prefix = rng.randrange(1 << bits)
+        plans.append((prefix, prefix_bits, shift))
+        plans.append((prefix, 0, shift))
+    plans.append((1 << 40, 8, bits - 16))  # matches no key: only the NaN count
+    return plans
+
+
+def _index_plans(x, absolute, rng, trials):
+    """(key_equal, key_prefix, prefix_bits, shift, index_offset) for mode INDICES."""
+    bits = KEY_BITS[x.dtype]
+    n = x.numel()
+    keys = reference_keys(x, absolute)
+    finite = keys[~torch.isnan(x.reshape(-1))]
+    plans = []
+    for t in range(trials):
+        offset = rng.choice([0, rng.randrange(1 << 20), rng.randrange(1 << 40)])
+        index_bits = max(8, ((offset + n - 1).bit_length() + 7) // 8 * 8)
+        shift = rng.choice(list(range(index_bits - 8, -1, -8)) + [rng.randint(0, index_bits - 8)])
+        if finite.numel() and t < trials - 1:
+            key_equal = int(finite[rng.randrange(finite.numel())])
+        else:
+            key_equal = rng.choice([rng.randrange(1 << bits), -1, 1 << bits])
+        matching = (keys == key_equal).nonzero().reshape(-1)
+        if matching.numel() and rng.random() < 0.8:
+            prefix = offset + int(matching[rng.randrange(matching.numel())])
+        else:
+            prefix = rng.randrange(offset + n + 1)
+        plans.append((key_equal, prefix, index_bits - 8 - shift, shift, offset))
+        plans.append((key_equal, prefix, 0, shift, offset))
+    return plans
+
+
+def check_histograms(name, x, absolute, rng, trials=3):
+    for prefix, prefix_bits, shift in _key_plans(x, absolute, rng, trials):
+        args = (x, absolute, KEYS, prefix, prefix_bits, shift, 0, 0)
+        got = rs._histogram(*args, name)
+        expected = reference_radix_histogram(*args)
+        assert got.dtype == torch.int64 and got.shape == (257,) and got.device == x.device
+        assert torch.equal(got.cpu(), expected.cpu()), f"{name} KEYS prefix={prefix} bits={prefix_bits} shift={shift}"
+    for key_equal, prefix, prefix_bits, shift, offset in _index_plans(x, absolute, rng, trials):
+        args = (x, absolute, INDICES, prefix, prefix_bits, shift, offset, key_equal)
+        got = rs._histogram(*args, name)
+        expected = reference_radix_histogram(*args)
+        assert torch.equal(got.cpu(), expected.cpu()), (
+            f"{name} INDICES key_equal={key_equal} prefix={prefix} bits={prefix_bits} shift={shift} offset={offset}")
+
+
+def check_select(name, x, absolute, rng, trials=4):
+    bits = KEY_BITS[x.dtype]
+    n = x.numel()
+    keys = reference_keys(x, absolute)
+    finite = keys[~torch.isnan(x.reshape(-1))]
+    for t in range(trials + 2):
+        if t == trials:
+            kth = -1
+        elif t == trials + 1:
+            kth = 1 << bits
+        elif finite.numel() and t > 0:
+            kth = int(finite[rng.randrange(finite.numel())])
+        else:
+            kth = rng.randrange(1 << bits)
+        offset = rng.choice([0, rng.randrange(1 << 40)])
+        cutoff = offset + rng.choice([-2, -1, 0, n - 1, n, rng.randint(-1, n)])
+        if t == 1:
+            cutoff = 2**63 - 1
+        got = rs._select_mask(x, absolute, kth, cutoff, offset, name)
+        expected = reference_select_mask(x, absolute, kth, cutoff, offset)
+        assert got.dtype == torch.bool and got.shape == x.shape
+        assert torch.equal(got.cpu(), expected.cpu()), f"{name} select kth={kth} cutoff={cutoff} offset={offset}"
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kernels_match_reference(compiled_backend, dtype, absolute, rng):
+    """radix_histogram (both modes, random prefixes / shifts / offsets) and select_mask, with NaN, +-inf,
+    +-0 and ties in x."""
+    name, device = compiled_backend
+    for n in _sizes(name, device):
+        for kind in ("random", "ties"):
+            x = make_values(kind, n, dtype, rng, device, nan=True)
+            check_histograms(name, x, absolute, rng, trials=3 if n < 10_000 else 1)
+            check_select(name, x, absolute, rng, trials=4 if n < 10_000 else 2)
+
+
+def test_kernels_unaligned_input(compiled_backend, rng):
+    """A storage offset of one element (contiguous, not 16-byte aligned: the CUDA kernels' scalar path)."""
+    name, device = compiled_backend
+    for dtype in DTYPES:
+        base = make_values("ties", 4100, dtype, rng, device, nan=True)
+        x = base[1:]
+        assert x.is_contiguous() and x.storage_offset() == 1
+        check_histograms(name, x, False, rng, trials=2)
+        check_select(name, x, True, rng, trials=2)
+
+
+def test_triton_many_programs(rng, monkeypatch):
+    """Under the interpreter a small block gives many programs, so the per-program partial histograms
+    are merged by atomics as on the GPU."""
+    _skip_unavailable("triton", "cpu")
+    from simu_fast.triton_kernels import radix_select as triton_radix
+
+    monkeypatch.setattr(triton_radix, "_INTERPRET_BLOCK", 512)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make_values("ties", 4099, dtype, rng, "cpu", nan=True)
+        check_histograms("triton", x, True, rng, trials=2)
+        check_select("triton", x, False, rng, trials=2)
+        x = make_values("random", 4099, dtype, rng, "cpu")
+        k = rng.randint(1, x.numel())
+        mask = topk_mask(x, k, backend="triton")
+        assert int(mask.sum()) == k and torch.equal(mask, reference_topk_mask(x, k))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_thread_counts(threads, rng):
+    """The C++ histogram splits x into one chunk per thread; any split gives the same counts."""
+    _skip_unavailable("cpu", "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for kind in ("random", "equal"):
+            x = make_values(kind, 300_007, torch.float32, rng, "cpu", nan=kind == "random")
+            check_histograms("cpu", x, True, rng, trials=2)
+            check_select("cpu", x, False, rng, trials=2)
+            k = rng.randint(1, x.numel())
+            if kind == "equal":
+                mask = topk_mask(x, k, backend="cpu")
+                assert int(mask.sum()) == k and bool(mask[:k].all())
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# public ops against the references
+# ----------------------------------------------------------------------------------------------
+
+
+def _shape(n: int):
+    return (40, 25) if n == 1000 else (n,)
+
+
+def check_topk(name, x, k, absolute):
+    mask = topk_mask(x, k, absolute=absolute, backend=name)
+    assert mask.dtype == torch.bool and mask.shape == x.shape and mask.device == x.device
+    assert int(mask.sum()) == k, f"{name}: {int(mask.sum())} True, wanted k={k}"
+    expected = reference_topk_mask(x, k, absolute)
+    assert torch.equal(mask, expected), f"{name} k={k}: {int((mask != expected).sum())} elements differ"
+
+
+def check_kth(name, x, k, absolute):
+    value = kth_largest(x, k, absolute=absolute, backend=name)
+    assert value.dtype == x.dtype and value.dim() == 0
+    expected = reference_kth_largest(x, k, absolute)
+    assert float(value) == float(expected), f"{name} k={k}: {float(value)} != {float(expected)}"
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_topk_and_kth_match_reference(backend, dtype, absolute, rng):
+    name, device = backend
+    interpreted = name == "triton" and device.type == "cpu"
+    for n in _sizes(name, device):
+        for kind in KINDS:
+            x = make_values(kind, n, dtype, rng, device).reshape(_shape(n))
+            ks = _pick_k(n, rng)
+            if interpreted and n > 1000:  # one k per input: the interpreter is slow
+                ks = [rng.choice(ks)]
+            for k in ks:
+                check_topk(name, x, k, absolute)
+            check_kth(name, x, rng.choice(ks), absolute)
+
+
+def _threshold_values(x, rng, count):
+    """Values of x and values just beside them (float64, between representable x values), 0, -0, +-inf,
+    out-of-range magnitudes."""
+    flat = x.reshape(-1).double().cpu()
+    values = [0.0, -0.0, float("inf"), float("-inf"), 1e300, -1e300, rng.uniform(-3, 3)]
+    for _ in range(count):
+        v = float(flat[rng.randrange(flat.numel())])
+        values += [v, v * (1 + 2**-30) + 2**-200, v * (1 - 2**-30) - 2**-200]
+    return values
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_threshold_mask_matches_comparison(backend, dtype, absolute, rng):
+    """threshold_mask(x, value) == (x > value) computed exactly (float64), |x| > value with absolute."""
+    name, device = backend
+    interpreted = name == "triton" and device.type == "cpu"
+    for n in _sizes(name, device):
+        for kind in ("random", "ties", "zeros"):
+            x = make_values(kind, n, dtype, rng, device).reshape(_shape(n))
+            exact = x.double().abs() if absolute else x.double()
+            values = _threshold_values(x, rng, 1 if interpreted else 3)
+            for value in rng.sample(values, 4) if interpreted else values:
+                mask = threshold_mask(x, value, absolute=absolute, backend=name)
+                assert mask.dtype == torch.bool and mask.shape == x.shape
+                assert torch.equal(mask, exact > value), f"{name} value={value!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+def test_nan_is_rejected(backend, absolute, rng):
+    name, device = backend
+    for dtype in DTYPES:
+        x = make_values("random", 100, dtype, rng, device)
+        x[rng.randrange(100)] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            topk_mask(x, 5, absolute=absolute, backend=name)
+        with pytest.raises(ValueError, match="NaN"):
+            kth_largest(x, 1, absolute=absolute, backend=name)
+        with pytest.raises(ValueError, match="NaN"):
+            threshold_mask(x, 0.5, absolute=absolute, backend=name)
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_mask(make_values("random", 10, torch.float32, rng, device), float("nan"), backend=name)
+
+
+def test_k_out_of_range(backend, rng):
+    name, device = backend
+    x = make_values("random", 50, torch.float32, rng, device)
+    for k in (0, -1, 51):
+        with pytest.raises(ValueError, match="out of range"):
+            topk_mask(x, k, backend=name)
+        with pytest.raises(ValueError, match="out of range"):
+            kth_largest(x, k, backend=name)
+    with pytest.raises(ValueError, match="out of range"):
+        topk_mask(x[:0], 1, backend=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float64])
+def test_non_float_dtype_is_rejected(backend, dtype):
+    name, device = backend
+    x = torch.ones(10, dtype=dtype, device=device)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        topk_mask(x, 1, backend=name)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        kth_largest(x, 1, backend=name)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        threshold_mask(x, 0.0, backend=name)
+
+
+def test_non_contiguous_input(backend, rng):
+    name, device = backend
+    x = make_values("ties", 600, torch.float32, rng, device).reshape(20, 30).t()
+    assert not x.is_contiguous()
+    k = rng.randint(1, 600)
+    mask = topk_mask(x, k, backend=name)
+    assert mask.shape == x.shape and int(mask.sum()) == k
+    assert torch.equal(mask, reference_topk_mask(x, k))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: large sizes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_large_sizes(gpu_backend, dtype, rng):
+    name, device = gpu_backend
+    for n in GPU_SIZES:
+        for kind in ("random", "ties") if n > 1_000_003 else KINDS:
+            absolute = rng.random() < 0.5
+            x = make_values(kind, n, dtype, rng, device)
+            for k in _pick_k(n, rng):
+                check_topk(name, x, k, absolute)
+            check_kth(name, x, rng.randint(1, n), absolute)
+            value = float(x.reshape(-1)[rng.randrange(n)])
+            exact = x.double().abs() if absolute else x.double()
+            assert torch.equal(threshold_mask(x, value, absolute=absolute, backend=name), exact > value)
+            del exact
+        x = make_values("ties", n, dtype, rng, device, nan=True)
+        check_histograms(name, x, True, rng, trials=2)
+        check_select(name, x, False, rng, trials=2)
+
+
+@pytest.mark.gpu
+def test_gpu_past_2_pow_31_elements(gpu_backend):
+    """numel > 2^31 (int64 indexing): ties across the 2^31 boundary and a few large values past it."""
+    name, device = gpu_backend
+    n = 2**31 + 4099
+    x = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    k = 2**31 + 5
+    mask = topk_mask(x, k, backend=name)
+    assert int(mask.sum()) == k and bool(mask[:k].all()) and not bool(mask[k:].any())
+    del mask
+    big = [2**31 + 1, 2**31 + 4098, n - 1 - 2**30]
+    x[big] = torch.tensor([3.0, 2.0, -5.0], dtype=torch.bfloat16, device=device)
+    mask = topk_mask(x, 2, backend=name)
+    assert int(mask.sum()) == 2 and bool(mask[big[0]]) and bool(mask[big[1]])
+    del mask
+    mask = topk_mask(x, 3, absolute=True, backend=name)
+    assert int(mask.sum()) == 3 and bool(mask[big].all())
+    assert float(kth_largest(x, 3, backend=name)) == 0.0
+    assert float(kth_largest(x, 1, absolute=True, backend=name)) == 5.0
