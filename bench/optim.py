@@ -55,6 +55,10 @@ DEFAULT_SIZES = {"cpu": ["10M", "50M", "150M"], "cuda": ["150M", "500M", "1.5B"]
 QUICK_SIZES = ["10M"]
 FRACTIONS = (0.01, 0.05, 0.20)
 HP = dict(lr=1e-4, beta1=0.965, beta2=0.99, rho=0.04, bs=5120.0, weight_decay=0.1, eps=1e-15)
+CPU_EAGER_NOTE = ("CPU: the eager methods allocate full-size temporaries per tensor; with glibc's default malloc "
+                  "these are fresh mmap'd pages (page faults) on many calls, which dominates eager time and "
+                  "inflates speedups over eager_loop; compile is the fairer CPU comparator. % copy BW can exceed "
+                  "100% on the CPU (the step reads 4 streams per 2 written; the copy reference is 1:1)")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -434,6 +438,8 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     ]
     if not compile:
         notes.append("torch.compile skipped (--no-compile)")
+    if dev.type == "cpu":
+        notes.append(CPU_EAGER_NOTE)
 
     all_rows: list[dict] = []
     t_per_param = None

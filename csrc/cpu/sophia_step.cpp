@@ -115,8 +115,13 @@ int64_t visit_selected(const MaskView& mv, int64_t numel, Range&& range, Single&
 // The contiguous hot loop (vectorised). Inlined into a default build and into an AVX2 build chosen at
 // run time, so one binary runs everywhere and uses 256-bit vectors where the CPU has them.
 template <typename P, typename G, bool kMaximize, bool kUpdateHessian>
-__attribute__((always_inline)) inline int64_t step_contiguous(P* p, const G* g, float* m, float* h, int64_t begin,
-                                                              int64_t end, const StepScalars& s, int64_t seed) {
+__attribute__((always_inline)) inline int64_t step_contiguous(P* __restrict__ p, const G* __restrict__ g,
+                                                              float* __restrict__ m, float* __restrict__ h,
+                                                              int64_t begin, int64_t end, const StepScalars s_ref,
+                                                              int64_t seed) {
+  // Scalars by value and restrict pointers: the compiler may keep them in registers and vectorise
+  // (otherwise it must assume the stores to m and h could change them).
+  const StepScalars s = s_ref;
   int64_t local = 0;
 #pragma omp simd reduction(+ : local)
   for (int64_t o = begin; o < end; ++o) local += step_element<P, G, kMaximize, kUpdateHessian>(p, g, m, h, o, s, seed);
