@@ -60,7 +60,7 @@ def check_mask(op: str, p: torch.Tensor, m: UpdateMask, name: str) -> None:
         if idx.device != p.device:
             raise ValueError(f"{op}: {name}: mask index is on {idx.device}, parameter on {p.device}")
         limit = numel // m.row_len if m.kind == ROWS else m.row_len
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
+        if not m.validated and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
             raise ValueError(f"{op}: {name}: mask index out of range [0, {limit})")
     else:
         d = m.dense

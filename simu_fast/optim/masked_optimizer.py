@@ -7,10 +7,12 @@ Masks travel in state_dict() under "masks" and come back with load_state_dict().
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Optional
 
 import torch
 
+from ..ops.multi_tensor_checks import check_mask
 from ..ops.nonfinite_check import count_nonfinite
 from ..ops.update_mask import FULL, UpdateMask, full_mask, make_mask
 
@@ -185,10 +187,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._masks = {}
         for i, entry in masks.items():
             p = params[int(i)]
-            self._masks[p] = UpdateMask(
+            mask = UpdateMask(
                 int(entry["kind"]), int(entry["row_len"]),
                 None if entry["index"] is None else entry["index"].to(device=p.device, dtype=torch.int64),
                 None if entry["dense"] is None else entry["dense"].to(device=p.device, dtype=torch.uint8))
+            check_mask("load_state_dict", p, mask, self.param_name(p))  # a saved mask must fit its parameter
+            self._masks[p] = dataclasses.replace(mask, validated=True)
 
 
 def group_by_device(params: Iterable[torch.Tensor]) -> dict:

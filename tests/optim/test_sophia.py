@@ -315,3 +315,13 @@ def test_masks_round_trip_state_dict_before_any_step():
     assert opt2.mask_of(p).index.tolist() == [1, 3]
     assert opt2.mask_of(q).dense.tolist() == [1, 0, 1, 0, 0, 1]
     assert opt2.selected_elements() == 6 * 2 + 3
+
+
+def test_load_state_dict_rejects_a_mask_that_does_not_fit():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = SophiaG([p])
+    opt.set_mask(p, rows=[5])
+    sd = opt.state_dict()
+    small = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        SophiaG([small]).load_state_dict(sd)
