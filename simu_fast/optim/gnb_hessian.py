@@ -12,15 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-def _logits_of(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise TypeError("the model's output has no logits (expected a tensor, .logits or a tuple)")
+from ..attribution.targets import logits_of
 
 
 def gnb_hessian_update(model: torch.nn.Module, optimizer, input_ids: torch.Tensor,
@@ -35,7 +27,7 @@ def gnb_hessian_update(model: torch.nn.Module, optimizer, input_ids: torch.Tenso
     try:
         with torch.enable_grad():
             kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-            logits = _logits_of(model(input_ids, **kwargs)).float()
+            logits = logits_of(model(input_ids, **kwargs)).float()
             with torch.no_grad():
                 probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
                 sampled = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
