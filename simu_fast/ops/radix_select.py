@@ -144,8 +144,9 @@ def _all_reduce(hist: torch.Tensor, group) -> torch.Tensor:
     return hist
 
 
-def _locate(x, k, absolute, backend, group) -> tuple[int, int, int]:
-    """(kth key, index cut-off, index offset) of the exact top-k with lower-index tie-breaking."""
+def _locate(x, k, absolute, backend, group, need_cutoff=True) -> tuple[int, int, int]:
+    """(kth key, index cut-off, index offset) of the exact top-k with lower-index tie-breaking.
+    need_cutoff=False stops after the key passes (the k-th value needs no tie-breaking)."""
     offset, total = _shard_layout(x.numel(), group)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} out of range: must be between 1 and the number of elements ({total})")
@@ -162,7 +163,7 @@ def _locate(x, k, absolute, backend, group) -> tuple[int, int, int]:
             remaining -= counts[digit]
         prefix |= digit << shift
     equal_count = counts[digit]
-    if remaining == equal_count:  # every element equal to the k-th value is selected
+    if remaining == equal_count or not need_cutoff:  # every element equal to the k-th value is selected
         return prefix, offset + total, offset
     index_bits = max(8, ((total - 1).bit_length() + 7) // 8 * 8)
     index_prefix = 0
@@ -193,7 +194,7 @@ def kth_largest(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str
     """The k-th largest value of x (of |x| with absolute=True), as a 0-d tensor of x's dtype on the CPU."""
     x = _check_values("kth_largest", x)
     chosen = resolve_backend(backend, x.device, "kth_largest")
-    key, _, _ = _locate(x, int(k), absolute, chosen, group)
+    key, _, _ = _locate(x, int(k), absolute, chosen, group, need_cutoff=False)
     return _key_to_value(key, x.dtype, absolute)
 
 
