@@ -13,7 +13,7 @@ Layout of the work:
 - Positions whose scale weight[r] * mask[r, t] is 0 are masked out of the act / grad loads, so they cost
   no memory traffic on the GPU and never turn a sum into NaN through 0 * inf.
 - Offsets are int64 (R * S * F may pass 2^31).
-- bfloat16 tensors arrive as int16 views and are widened bit-exactly (as in sophia_step.py).
+- bfloat16 tensors arrive as int16 views and are widened bit-exactly (bf16_bits.py).
 - On the GPU the order of the atomic adds varies between runs: sums are not bit-reproducible.
 """
 from __future__ import annotations
@@ -24,22 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .bf16_bits import bits_view, load_f32
+
 _GPU_BLOCK_F = 256
 _GPU_BLOCK_P = 16
 _GPU_WARPS = 4
 _GPU_MIN_CHUNK = 64  # positions per program, at least: bounds the atomics per element read
 _INTERPRET_MAX_BLOCK_F = 1024  # few, large programs: the interpreter's cost is per program and per op
 _INTERPRET_MAX_BLOCK_P = 64
-
-
-@triton.jit
-def _load_f32(ptr, off, active, IS_BF16: tl.constexpr):
-    if IS_BF16:
-        raw = tl.load(ptr + off, mask=active, other=0).to(tl.uint16, bitcast=True)
-        x = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(ptr + off, mask=active, other=0.0).to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -58,8 +50,8 @@ def _ig_accumulate_kernel(out_ptr, act_ptr, grad_ptr, weight_ptr, mask_ptr, S, F
         s = w * m
         live = (s != 0.0)[:, None] & f_in[None, :]
         off = p[:, None] * F + f[None, :]
-        a = _load_f32(act_ptr, off, live, IS_BF16)
-        g = _load_f32(grad_ptr, off, live, IS_BF16)
+        a = load_f32(act_ptr, off, live, IS_BF16)
+        g = load_f32(grad_ptr, off, live, IS_BF16)
         acc += s[:, None] * (a * g)
     total = tl.sum(acc, axis=0)
     # total == 0 adds nothing (a chunk of masked-out positions costs no atomics); NaN != 0 is added.
@@ -68,10 +60,6 @@ def _ig_accumulate_kernel(out_ptr, act_ptr, grad_ptr, weight_ptr, mask_ptr, S, F
 
 def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def ig_accumulate(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
@@ -95,5 +83,5 @@ def ig_accumulate(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor, weig
     chunk = triton.cdiv(triton.cdiv(positions, chunks), block_p) * block_p  # whole BLOCK_P steps
     grid = (triton.cdiv(features, block_f), triton.cdiv(positions, chunk))
     _ig_accumulate_kernel[grid](
-        out, _bits_view(act), _bits_view(grad), weight, mask, seq, features, positions, chunk,
+        out, bits_view(act), bits_view(grad), weight, mask, seq, features, positions, chunk,
         IS_BF16=act.dtype == torch.bfloat16, BLOCK_P=block_p, BLOCK_F=block_f, **opts)

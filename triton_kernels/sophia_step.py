@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bf16_bits import bits_view, f32_to_bf16_rn, load_f32
+
 FULL, ROWS, COLS, DENSE = 0, 1, 2, 3
 
 _GPU_BLOCK = 1024
@@ -69,17 +71,6 @@ def _work_offsets(e, inb, mask_ptr, n_index, row_len, KIND: tl.constexpr):
 
 
 @triton.jit
-def _load_f32(ptr, off, active, IS_BF16: tl.constexpr):
-    """Load as float32; bfloat16 tensors arrive as int16 views and are widened bit-exactly."""
-    if IS_BF16:
-        raw = tl.load(ptr + off, mask=active, other=0).to(tl.uint16, bitcast=True)
-        x = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(ptr + off, mask=active, other=0.0).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _hash32(off, seed):
     """hash32 of stochastic_rounding.py / update_mask.h: lowbias32 of (seed, 64-bit offset), uint32."""
     o = off.to(tl.int64)
@@ -98,15 +89,15 @@ def _hash32(off, seed):
 @triton.jit
 def _f32_to_bf16_bits(v, off, seed, STOCHASTIC: tl.constexpr):
     """float32 -> bfloat16 bits as int16: stochastic (hash of seed, offset) or round-to-nearest-even."""
-    bits = v.to(tl.uint32, bitcast=True)
     if STOCHASTIC:
+        bits = v.to(tl.uint32, bitcast=True)
         finite = (bits & 0x7F800000) != 0x7F800000  # no noise on inf / NaN (it would carry into the sign)
         r = (bits + tl.where(finite, _hash32(off, seed) & 0xFFFF, 0)) >> 16
         r = tl.where(v != v, tl.full([], 0x7FC0, tl.uint32), r)
+        out = r.to(tl.uint16).to(tl.int16, bitcast=True)
     else:
-        r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        r = tl.where(v != v, tl.full([], 0x7FC0, tl.uint32), r)
-    return r.to(tl.uint16).to(tl.int16, bitcast=True)
+        out = f32_to_bf16_rn(v)
+    return out
 
 
 @triton.jit
@@ -141,12 +132,12 @@ def _sophia_step_kernel(p_ptr, g_ptr, m_ptr, h_ptr, mask_ptr, count_ptr, work, n
     e, inb = _block_items(work, BLOCK, USE_I64)
     off, active = _work_offsets(e, inb, mask_ptr, n_index, row_len, KIND)
 
-    g = _load_f32(g_ptr, off, active, G_BF16)
+    g = load_f32(g_ptr, off, active, G_BF16)
     if MAXIMIZE:
         g = -g
     h = tl.load(h_ptr + off, mask=active, other=0.0)
     m = tl.load(m_ptr + off, mask=active, other=0.0)
-    p = _load_f32(p_ptr, off, active, P_BF16)
+    p = load_f32(p_ptr, off, active, P_BF16)
 
     if UPDATE_H:
         h = h * beta2 + (g * g) * one_minus_beta2
@@ -171,7 +162,7 @@ def _hessian_ema_kernel(h_ptr, g_ptr, mask_ptr, work, n_index, row_len, beta2, o
                         KIND: tl.constexpr, G_BF16: tl.constexpr, USE_I64: tl.constexpr, BLOCK: tl.constexpr):
     e, inb = _block_items(work, BLOCK, USE_I64)
     off, active = _work_offsets(e, inb, mask_ptr, n_index, row_len, KIND)
-    g = _load_f32(g_ptr, off, active, G_BF16)
+    g = load_f32(g_ptr, off, active, G_BF16)
     h = tl.load(h_ptr + off, mask=active, other=0.0)
     h = h * beta2 + (g * g) * one_minus_beta2
     tl.store(h_ptr + off, h, mask=active)
@@ -226,11 +217,6 @@ def _mask_arg(kind: int, mask_tensor: torch.Tensor, dummy: torch.Tensor) -> tupl
     return mask_tensor, int(mask_tensor.numel())
 
 
-def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    """bfloat16 tensors go to the kernels as int16 views (see module docstring)."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
 def _i32(seed: int) -> int:
     """seed mod 2^32 as a signed 32-bit value, so every seed passes as one int32 kernel argument."""
     s = int(seed) & 0xFFFFFFFF
@@ -260,7 +246,7 @@ def sophia_step(params, grads, exp_avgs, hessians, kinds, mask_tensors, row_lens
         stochastic = p.dtype == torch.bfloat16 and int(seed) >= 0
         grid = (triton.cdiv(work, block),)
         _sophia_step_kernel[grid](
-            _bits_view(p), _bits_view(g), m, h, mask_arg, count, work, n_index, row_len,
+            bits_view(p), bits_view(g), m, h, mask_arg, count, work, n_index, row_len,
             float(lr), float(decay), float(beta1), 1.0 - float(beta1), beta2, one_minus_beta2,
             float(rho_bs), float(eps), _i32(seed) if stochastic else 0,
             KIND=kind, P_BF16=p.dtype == torch.bfloat16, G_BF16=g.dtype == torch.bfloat16,
@@ -280,7 +266,7 @@ def hessian_ema(hessians, grads, kinds, mask_tensors, row_lens, beta2) -> None:
         block, opts = _launch_config(h.device, work)
         grid = (triton.cdiv(work, block),)
         _hessian_ema_kernel[grid](
-            h, _bits_view(g), mask_arg, work, n_index, row_len, float(beta2), 1.0 - float(beta2),
+            h, bits_view(g), mask_arg, work, n_index, row_len, float(beta2), 1.0 - float(beta2),
             KIND=kind, G_BF16=g.dtype == torch.bfloat16, USE_I64=_use_i64(numel, block), BLOCK=block, **opts)
 
 

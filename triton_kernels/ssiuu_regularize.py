@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bf16_bits import bits_view, f32_to_bf16_rn, load_f32
+
 _GPU_BLOCK = 1024
 _GPU_WARPS = 4
 _INTERPRET_BLOCK = 32768  # few, large programs: the interpreter costs ~10 ms per program
@@ -29,24 +31,10 @@ _I32_LIMIT = 2**31 - 1
 
 
 @triton.jit
-def _load_f32(ptr, off, inb, IS_BF16: tl.constexpr):
-    """Load as float32; bfloat16 tensors arrive as int16 views and are widened bit-exactly."""
-    if IS_BF16:
-        raw = tl.load(ptr + off, mask=inb, other=0).to(tl.uint16, bitcast=True)
-        x = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(ptr + off, mask=inb, other=0.0).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _store_rn(ptr, off, inb, v, IS_BF16: tl.constexpr):
     """Store float32 v in ptr's dtype, round to nearest even (bfloat16 by bits, as torch: NaN -> 0x7FC0)."""
     if IS_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        r = tl.where(v != v, tl.full([], 0x7FC0, tl.uint32), r)
-        tl.store(ptr + off, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=inb)
+        tl.store(ptr + off, f32_to_bf16_rn(v), mask=inb)
     else:
         tl.store(ptr + off, v.to(ptr.dtype.element_ty), mask=inb)
 
@@ -62,11 +50,11 @@ def _ssiuu_kernel(g_ptr, phi_ptr, d_ptr, a_ptr, numel, two_lam,
         off = pid * BLOCK + tl.arange(0, BLOCK)
     inb = off < numel
 
-    d = _load_f32(d_ptr, off, inb, D_BF16)
-    a = _load_f32(phi_ptr, off, inb, P_BF16) * d
+    d = load_f32(d_ptr, off, inb, D_BF16)
+    a = load_f32(phi_ptr, off, inb, P_BF16) * d
     if not FIRST:
         a_prev = tl.load(a_ptr + off, mask=inb, other=0.0)
-        g = _load_f32(g_ptr, off, inb, G_BF16)
+        g = load_f32(g_ptr, off, inb, G_BF16)
         negative = tl.where(a < 0.0, 1.0, 0.0).to(tl.float32)
         term = ((negative * (a - a_prev)) * d) * two_lam
         _store_rn(g_ptr, off, inb, g + term, G_BF16)
@@ -86,11 +74,6 @@ def _launch_config(device: torch.device, numel: int) -> tuple[int, dict]:
     return _GPU_BLOCK, {"num_warps": _GPU_WARPS, "enable_fp_fusion": False}
 
 
-def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    """bfloat16 tensors go to the kernel as int16 views (see module docstring)."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
 def ssiuu_regularize(grads, params, prob_grads, attr_prev, lam, first) -> None:
     """In place: grads += 2 lam [A < 0] (A - A_prev) d with A = params * d; attr_prev <- A. One launch per tensor."""
     # The reference multiplies by the Python float 2 * lam, which torch rounds to float32 once.
@@ -105,6 +88,6 @@ def ssiuu_regularize(grads, params, prob_grads, attr_prev, lam, first) -> None:
         block, opts = _launch_config(p.device, numel)
         grid = (triton.cdiv(numel, block),)
         _ssiuu_kernel[grid](
-            _bits_view(g), _bits_view(p), _bits_view(d), a, numel, two_lam,
+            bits_view(g), bits_view(p), bits_view(d), a, numel, two_lam,
             G_BF16=g.dtype == torch.bfloat16, P_BF16=p.dtype == torch.bfloat16, D_BF16=d.dtype == torch.bfloat16,
             FIRST=first, USE_I64=numel + block > _I32_LIMIT, BLOCK=block, **opts)

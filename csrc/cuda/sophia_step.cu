@@ -12,7 +12,6 @@
 // [c * kChunk, min((c + 1) * kChunk, work)) of it, where work item e is the flat element
 // work_offset(kind, e, ...). ROWS / COLS masks therefore only visit the selected elements; FULL and DENSE
 // visit all of them (DENSE skips those whose mask byte is 0).
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,19 +19,21 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <climits>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "../sophia_step.h"
 #include "../update_mask.h"
+#include "multi_tensor.cuh"
 
 namespace simu_fast {
 namespace {
 
+// F32 / BF16 / F16, with_type, kVec (4 elements per thread-iteration on the vector path), Pack, load_pack,
+// store_pack, aligned_for_vec; the table: make_table (host), load_chunk_meta (device).
+using namespace multi_tensor;
+
 constexpr int kThreads = 512;                       // threads per block (multiple of 32)
-constexpr int kVec = 4;                             // elements per thread-iteration on the vector path
 constexpr int64_t kChunk = 64 * 1024;               // work items per block; a multiple of kVec, so every chunk
 static_assert(kChunk % kVec == 0, "chunks must start on a vector boundary");  // starts on a vector boundary
 static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are int64 tensors updated by atomicAdd");
@@ -51,43 +52,7 @@ struct TensorMeta {
   int64_t vec;     // 1: work items 4k..4k+3 are 4 contiguous elements and every pointer allows a 4-wide access
   int64_t pad[4];
 };
-constexpr int64_t kMetaWords = sizeof(TensorMeta) / sizeof(int64_t);
 static_assert(sizeof(TensorMeta) == 16 * sizeof(int64_t), "TensorMeta is 16 int64 words");
-
-// ---- element types: 16-bit floats travel as raw bits -------------------------------------------------
-
-struct F32 {
-  using T = float;
-  __device__ static float to_float(T x) { return x; }
-  __device__ static T from_float(float v) { return v; }
-  __device__ static uint32_t nonfinite(T x) { return (__float_as_uint(x) & 0x7F800000u) == 0x7F800000u; }
-};
-struct BF16 {
-  using T = uint16_t;
-  __device__ static float to_float(T x) { return __uint_as_float(static_cast<uint32_t>(x) << 16); }
-  __device__ static T from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-  __device__ static uint32_t nonfinite(T x) { return (x & 0x7F80u) == 0x7F80u; }
-};
-struct F16 {
-  using T = uint16_t;
-  __device__ static float to_float(T x) { return __half2float(__ushort_as_half(x)); }
-  __device__ static T from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
-  __device__ static uint32_t nonfinite(T x) { return (x & 0x7C00u) == 0x7C00u; }
-};
-
-// kVec elements in one aligned access: 128-bit for float32, 64-bit for 16-bit types.
-template <typename T>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* base, int64_t o) {
-  return *reinterpret_cast<const Pack<T>*>(base + o);
-}
-template <typename T>
-__device__ __forceinline__ void store_pack(T* base, int64_t o, const Pack<T>& x) {
-  *reinterpret_cast<Pack<T>*>(base + o) = x;
-}
 
 template <typename PT>
 __device__ __forceinline__ typename PT::T store_param(float v, int64_t o, int64_t seed) {
@@ -256,19 +221,7 @@ __global__ void __launch_bounds__(kThreads)
     multi_tensor_kernel(const int64_t* __restrict__ table, int64_t n_tensors, Op op, unsigned long long* counts) {
   __shared__ TensorMeta meta_s;
   __shared__ int64_t begin_s;
-  if (threadIdx.x == 0) {
-    // Largest t with chunk_start[t] <= chunk. Every tensor in the table has >= 1 chunk, so the starts
-    // strictly increase and t is unique.
-    const int64_t chunk = blockIdx.x;
-    int64_t lo = 0, hi = n_tensors - 1;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (table[mid] <= chunk) lo = mid;
-      else hi = mid - 1;
-    }
-    meta_s = reinterpret_cast<const TensorMeta*>(table + n_tensors + 1)[lo];
-    begin_s = (chunk - table[lo]) * kChunk;
-  }
+  if (threadIdx.x == 0) multi_tensor::load_chunk_meta(table, n_tensors, kChunk, blockIdx.x, meta_s, begin_s);
   __syncthreads();
   const TensorMeta t = meta_s;
   const int64_t begin = begin_s;
@@ -305,22 +258,8 @@ template <typename Op>
 void launch(const std::vector<TensorMeta>& metas, const Op& op, unsigned long long* counts, const at::Device& device) {
   if (metas.empty()) return;
   const int64_t n = static_cast<int64_t>(metas.size());
-  const int64_t words = n + 1 + n * kMetaWords;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* w = host.data_ptr<int64_t>();
   int64_t chunks = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    w[t] = chunks;
-    chunks += (metas[t].work + kChunk - 1) / kChunk;
-    std::memcpy(w + n + 1 + t * kMetaWords, &metas[t], sizeof(TensorMeta));
-  }
-  w[n] = chunks;
-  TORCH_CHECK(chunks <= INT_MAX, "simu_fast: too many elements for one launch (", chunks, " chunks)");
-
-  // Pinned source + non_blocking: the copy is queued on the current stream, and the caching host
-  // allocator keeps the pinned block alive until it has run.
-  at::Tensor table = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
-  table.copy_(host, /*non_blocking=*/true);
+  const at::Tensor table = multi_tensor::make_table(metas, &TensorMeta::work, kChunk, device, "simu_fast", &chunks);
   multi_tensor_kernel<Op><<<static_cast<unsigned int>(chunks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       table.data_ptr<int64_t>(), n, op, counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -335,14 +274,6 @@ int dtype_code(at::ScalarType t, const char* op, const char* what, size_t i) {
     default: TORCH_CHECK(false, op, ": ", what, " ", i, " must be float32, bfloat16 or float16, got ", t);
   }
   return -1;
-}
-
-// Calls fn(tag) with the element-type tag of a dtype_code.
-template <typename Fn>
-void with_type(int code, Fn&& fn) {
-  if (code == 0) fn(F32{});
-  else if (code == 1) fn(BF16{});
-  else fn(F16{});
 }
 
 void check_tensor(const at::Tensor& x, const at::Device& device, int64_t numel, const char* op, const char* what,
@@ -385,10 +316,6 @@ TensorMeta mask_meta(int64_t numel, int64_t kind, const at::Tensor& mask, int64_
 
 // Whether 4 consecutive work items from a multiple of 4 are 4 contiguous elements from a multiple of 4.
 bool vector_kind(const TensorMeta& t) { return t.kind == kFull || (t.kind == kRows && t.row_len % kVec == 0); }
-
-bool aligned_for_vec(const at::Tensor& x) {
-  return reinterpret_cast<uintptr_t>(x.data_ptr()) % (x.element_size() * kVec) == 0;
-}
 
 at::Device cuda_device(const at::Tensor& first, const char* op) {
   TORCH_CHECK(first.is_cuda(), op, ": tensors must be on a CUDA device, got ", first.device());

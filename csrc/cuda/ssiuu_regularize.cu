@@ -12,24 +12,25 @@
 // allows them. The float32 arithmetic is explicit round-to-nearest (__fmul_rn, __fsub_rn, __fadd_rn: never
 // contracted into an FMA) in the reference's order, so g and a_prev match the eager reference bit for bit.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <climits>
 #include <cstdint>
-#include <cstring>
 
 #include "../ssiuu_regularize.h"
+#include "multi_tensor.cuh"
 
 namespace simu_fast {
 namespace {
 
+// F32 / BF16 / F16, with_type, kVec (4 elements per thread-iteration on the vector path), Pack, load_pack,
+// store_pack, aligned_for_vec; the table: make_table (host), load_chunk_meta (device).
+using namespace multi_tensor;
+
 constexpr int kThreads = 512;          // threads per block (multiple of 32)
-constexpr int kVec = 4;                // elements per thread-iteration on the vector path
 constexpr int64_t kChunk = 64 * 1024;  // elements per block; a multiple of kVec, so every chunk starts on a
 static_assert(kChunk % kVec == 0, "chunks must start on a vector boundary");  // vector boundary
 
@@ -43,40 +44,7 @@ struct TensorMeta {
   int64_t vec;     // 1: every pointer allows 4-wide aligned accesses
   int64_t pad[2];
 };
-constexpr int64_t kMetaWords = sizeof(TensorMeta) / sizeof(int64_t);
 static_assert(sizeof(TensorMeta) == 8 * sizeof(int64_t), "TensorMeta is 8 int64 words");
-
-// ---- element types: 16-bit floats travel as raw bits -------------------------------------------------
-
-struct F32 {
-  using T = float;
-  __device__ static float to_float(T x) { return x; }
-  __device__ static T from_float(float v) { return v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  __device__ static float to_float(T x) { return __uint_as_float(static_cast<uint32_t>(x) << 16); }
-  __device__ static T from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-};
-struct F16 {
-  using T = uint16_t;
-  __device__ static float to_float(T x) { return __half2float(__ushort_as_half(x)); }
-  __device__ static T from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-
-// kVec elements in one aligned access: 128-bit for float32, 64-bit for 16-bit types.
-template <typename T>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* base, int64_t o) {
-  return *reinterpret_cast<const Pack<T>*>(base + o);
-}
-template <typename T>
-__device__ __forceinline__ void store_pack(T* base, int64_t o, const Pack<T>& x) {
-  *reinterpret_cast<Pack<T>*>(base + o) = x;
-}
 
 // One element in the reference's order: a = phi * d; g += ((([a < 0] * (a - a_prev)) * d) * two_lam);
 // a_prev = a. The [a < 0] factor is multiplied (0 * inf and 0 * NaN give NaN, as in the reference).
@@ -136,19 +104,7 @@ __global__ void __launch_bounds__(kThreads)
     ssiuu_multi_tensor_kernel(const int64_t* __restrict__ table, int64_t n_tensors, Op op) {
   __shared__ TensorMeta meta_s;
   __shared__ int64_t begin_s;
-  if (threadIdx.x == 0) {
-    // Largest t with chunk_start[t] <= chunk. Every tensor in the table has >= 1 chunk, so the starts
-    // strictly increase and t is unique.
-    const int64_t chunk = blockIdx.x;
-    int64_t lo = 0, hi = n_tensors - 1;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (table[mid] <= chunk) lo = mid;
-      else hi = mid - 1;
-    }
-    meta_s = reinterpret_cast<const TensorMeta*>(table + n_tensors + 1)[lo];
-    begin_s = (chunk - table[lo]) * kChunk;
-  }
+  if (threadIdx.x == 0) multi_tensor::load_chunk_meta(table, n_tensors, kChunk, blockIdx.x, meta_s, begin_s);
   __syncthreads();
   const TensorMeta t = meta_s;
   const int64_t begin = begin_s;
@@ -172,22 +128,9 @@ template <typename Op>
 void launch(const std::vector<TensorMeta>& metas, const Op& op, const at::Device& device) {
   if (metas.empty()) return;
   const int64_t n = static_cast<int64_t>(metas.size());
-  const int64_t words = n + 1 + n * kMetaWords;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* w = host.data_ptr<int64_t>();
   int64_t chunks = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    w[t] = chunks;
-    chunks += (metas[t].numel + kChunk - 1) / kChunk;
-    std::memcpy(w + n + 1 + t * kMetaWords, &metas[t], sizeof(TensorMeta));
-  }
-  w[n] = chunks;
-  TORCH_CHECK(chunks <= INT_MAX, "ssiuu_regularize_cuda: too many elements for one launch (", chunks, " chunks)");
-
-  // Pinned source + non_blocking: the copy is queued on the current stream, and the caching host
-  // allocator keeps the pinned block alive until it has run.
-  at::Tensor table = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
-  table.copy_(host, /*non_blocking=*/true);
+  const at::Tensor table =
+      multi_tensor::make_table(metas, &TensorMeta::numel, kChunk, device, "ssiuu_regularize_cuda", &chunks);
   ssiuu_multi_tensor_kernel<Op><<<static_cast<unsigned int>(chunks), kThreads, 0,
                                   at::cuda::getCurrentCUDAStream()>>>(table.data_ptr<int64_t>(), n, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -204,24 +147,12 @@ int dtype_code(at::ScalarType t, const char* what, size_t i) {
   return -1;
 }
 
-// Calls fn(tag) with the element-type tag of a dtype_code.
-template <typename Fn>
-void with_type(int code, Fn&& fn) {
-  if (code == 0) fn(F32{});
-  else if (code == 1) fn(BF16{});
-  else fn(F16{});
-}
-
 void check_tensor(const at::Tensor& x, const at::Device& device, int64_t numel, const char* what, size_t i) {
   TORCH_CHECK(x.device() == device, "ssiuu_regularize_cuda: ", what, " ", i, " is on ", x.device(), ", expected ",
               device);
   TORCH_CHECK(x.is_contiguous(), "ssiuu_regularize_cuda: ", what, " ", i, " must be contiguous");
   TORCH_CHECK(x.numel() == numel, "ssiuu_regularize_cuda: ", what, " ", i, " has ", x.numel(),
               " elements, expected ", numel);
-}
-
-bool aligned_for_vec(const at::Tensor& x) {
-  return reinterpret_cast<uintptr_t>(x.data_ptr()) % (x.element_size() * kVec) == 0;
 }
 
 }  // namespace

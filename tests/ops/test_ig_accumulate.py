@@ -15,13 +15,10 @@ grow like sqrt(n) relative to the sum of magnitudes). One missing or doubled pos
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
 
-import simu_fast
 from simu_fast.ops.ig_accumulate import ig_accumulate
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -30,61 +27,6 @@ SHAPES = [(1, 1, 1), (3, 5, 7), (7, 13, 129), (16, 33, 260), (9, 130, 5)]
 # On a GPU: several feature tiles and position chunks, F % 8 == 0 (16-byte loads for every dtype),
 # F % 8 == 4 (16-bit types on the scalar path), odd F, a LLaMA-sized F.
 GPU_SHAPES = [(4, 100, 1024), (8, 257, 4104), (32, 512, 520), (5, 999, 300), (2, 3, 4097), (3, 70, 11008)]
-
-ALL_BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cpu"), id="triton-interpret"),
-    pytest.param(("reference", "cuda"), id="reference-gpu", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
-]
-COMPILED = [p for p in ALL_BACKENDS if p.values[0][0] != "reference"]
-GPU_COMPILED = [p for p in COMPILED if p.values[0][1] == "cuda"]
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("SIMU_FAST_TEST_SEED") or random.SystemRandom().randrange(2**62))
-    print(f"random data seed: {seed} (replay with SIMU_FAST_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
-
-
-def _skip_unavailable(name: str, device: str) -> None:
-    avail = simu_fast.backends()
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if name == "cpu" and not avail["cpu"]:
-        pytest.skip(f"C++ extension simu_fast._C not built: {avail['extension_error']}")
-    if name == "cuda" and not avail["cuda"]:
-        pytest.skip("simu_fast._C was built without CUDA kernels")
-    if name == "triton":
-        if not avail["triton"]:
-            pytest.skip("triton is not installed (or no GPU and TRITON_INTERPRET is not 1)")
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
-
-
-def _backend(request):
-    name, device = request.param
-    _skip_unavailable(name, device)
-    return name, torch.device(device)
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request):
-    return _backend(request)
-
-
-@pytest.fixture(params=COMPILED)
-def compiled_backend(request):
-    return _backend(request)
-
-
-@pytest.fixture(params=GPU_COMPILED)
-def gpu_backend(request):
-    return _backend(request)
-
 
 def make_inputs(shape, dtype, gen, device):
     """Random act, grad, weight (zeros and negatives), bool mask (an all-zero row), non-zero out.
@@ -260,10 +202,10 @@ def test_masked_positions_are_not_read(compiled_backend, gen):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 4])
-def test_cpu_kernel_thread_splits(threads, gen):
+def test_cpu_kernel_thread_splits(threads, gen, skip_unavailable):
     """The C++ kernel splits positions across threads when F gives too few feature tiles; any split must
     give the same sums."""
-    _skip_unavailable("cpu", "cpu")
+    skip_unavailable("cpu", "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

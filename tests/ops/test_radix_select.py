@@ -13,13 +13,11 @@ exactly k True, k-th values equal.
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-import simu_fast
 from simu_fast.ops import radix_select as rs
 from simu_fast.ops.radix_select import (INDICES, KEY_BITS, KEYS, kth_largest, reference_keys,
                                         reference_kth_largest, reference_radix_histogram, reference_select_mask,
@@ -32,59 +30,10 @@ SMALL_SIZES = [1, 7, 1000, 4099]            # Triton's interpreter (and the eage
 GPU_SIZES = [1, 7, 4099, 100003, 1_000_003, 100_000_007]
 KINDS = ["random", "ties", "equal", "zeros", "inf"]
 
-ALL_BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cpu"), id="triton-interpret"),
-    pytest.param(("reference", "cuda"), id="reference-gpu", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
-]
-COMPILED = [p for p in ALL_BACKENDS if p.values[0][0] != "reference"]
-GPU_COMPILED = [p for p in COMPILED if p.values[0][1] == "cuda"]
-
 
 @pytest.fixture
-def rng():
-    seed = int(os.environ.get("SIMU_FAST_TEST_SEED") or random.SystemRandom().randrange(2**62))
-    print(f"random data seed: {seed} (replay with SIMU_FAST_TEST_SEED={seed})")
-    return random.Random(seed)
-
-
-def _skip_unavailable(name: str, device: str) -> None:
-    avail = simu_fast.backends()
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if name == "cpu" and not avail["cpu"]:
-        pytest.skip(f"C++ extension simu_fast._C not built: {avail['extension_error']}")
-    if name == "cuda" and not avail["cuda"]:
-        pytest.skip("simu_fast._C was built without CUDA kernels")
-    if name == "triton":
-        if not avail["triton"]:
-            pytest.skip("triton is not installed (or no GPU and TRITON_INTERPRET is not 1)")
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
-
-
-def _backend(request):
-    name, device = request.param
-    _skip_unavailable(name, device)
-    return name, torch.device(device)
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request):
-    return _backend(request)
-
-
-@pytest.fixture(params=COMPILED)
-def compiled_backend(request):
-    return _backend(request)
-
-
-@pytest.fixture(params=GPU_COMPILED)
-def gpu_backend(request):
-    return _backend(request)
+def rng(test_seed):
+    return random.Random(test_seed)
 
 
 def _sizes(name: str, device: torch.device) -> list[int]:
@@ -244,10 +193,10 @@ def test_kernels_unaligned_input(compiled_backend, rng):
         check_select(name, x, True, rng, trials=2)
 
 
-def test_triton_many_programs(rng, monkeypatch):
+def test_triton_many_programs(rng, monkeypatch, skip_unavailable):
     """Under the interpreter a small block gives many programs, so the per-program partial histograms
     are merged by atomics as on the GPU."""
-    _skip_unavailable("triton", "cpu")
+    skip_unavailable("triton", "cpu")
     from simu_fast.triton_kernels import radix_select as triton_radix
 
     monkeypatch.setattr(triton_radix, "_INTERPRET_BLOCK", 512)
@@ -262,9 +211,9 @@ def test_triton_many_programs(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_thread_counts(threads, rng):
+def test_cpu_thread_counts(threads, rng, skip_unavailable):
     """The C++ histogram splits x into one chunk per thread; any split gives the same counts."""
-    _skip_unavailable("cpu", "cpu")
+    skip_unavailable("cpu", "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -17,8 +17,6 @@ Stochastic rounding is checked bit-exactly with hyperparameters that make every 
 """
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
@@ -45,49 +43,9 @@ EXACT_HP = dict(lr=2.0**-4, beta1=0.5, rho=0.25, bs=4.0, weight_decay=0.0, eps=1
 
 
 @pytest.fixture
-def gen():
-    seed = int(os.environ.get("SIMU_FAST_TEST_SEED") or random.SystemRandom().randrange(2**62))
-    print(f"random data seed: {seed} (replay with SIMU_FAST_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
-
-
-def _skip_unavailable(name: str, device: str) -> None:
-    avail = simu_fast.backends()
-    if name == "cpu" and not avail["cpu"]:
-        pytest.skip(f"C++ extension simu_fast._C not built: {avail['extension_error']}")
-    if name == "cuda" and not avail["cuda"]:
-        pytest.skip("simu_fast._C was built without CUDA kernels")
-    if name == "triton":
-        if not avail["triton"]:
-            pytest.skip("triton is not installed (or no GPU and TRITON_INTERPRET is not 1)")
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
-
-
-COMPILED = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cpu"), id="triton-interpret"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
-]
-TRITON = [
-    pytest.param(("triton", "cpu"), id="triton-interpret"),
-    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
-]
-
-
-@pytest.fixture(params=COMPILED)
-def backend(request):
-    name, device = request.param
-    _skip_unavailable(name, device)
-    return name, torch.device(device)
-
-
-@pytest.fixture(params=TRITON)
-def triton_backend(request):
-    name, device = request.param
-    _skip_unavailable(name, device)
-    return name, torch.device(device)
+def backend(compiled_backend):
+    """Here `backend` is a compiled backend (the eager reference is what they are checked against)."""
+    return compiled_backend
 
 
 def _randint(gen, lo: int, hi: int) -> int:
@@ -797,9 +755,9 @@ def test_checks_backend_name():
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cuda", "triton"])
-def test_sophia_step_beyond_int32_offsets(name):
+def test_sophia_step_beyond_int32_offsets(name, skip_unavailable):
     """A ROWS update of the last rows of a 2^31+-element tensor: the selected elements sit past 2^31."""
-    _skip_unavailable(name, "cuda")
+    skip_unavailable(name, "cuda")
     free, _ = torch.cuda.mem_get_info()
     rows, row_len = 2**17 + 3, 2**14  # 2^31 + 49152 elements
     if free < 32 * 2**30:

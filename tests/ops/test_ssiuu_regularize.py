@@ -15,13 +15,10 @@ one unit in the last place of g's dtype (Triton's GPU casts are not pinned down 
 """
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
 
-import simu_fast
 from simu_fast.ops.ssiuu_regularize import reference_ssiuu_regularize, ssiuu_regularize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -37,38 +34,9 @@ SETTINGS = [(1e-3, False), (1e-4, False), (10.0, False), (10.0, True)]
 
 
 @pytest.fixture
-def gen():
-    seed = int(os.environ.get("SIMU_FAST_TEST_SEED") or random.SystemRandom().randrange(2**62))
-    print(f"random data seed: {seed} (replay with SIMU_FAST_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
-
-
-def _skip_unavailable(name: str, device: str) -> None:
-    avail = simu_fast.backends()
-    if name == "cpu" and not avail["cpu"]:
-        pytest.skip(f"C++ extension simu_fast._C not built: {avail['extension_error']}")
-    if name == "cuda" and not avail["cuda"]:
-        pytest.skip("simu_fast._C was built without CUDA kernels")
-    if name == "triton":
-        if not avail["triton"]:
-            pytest.skip("triton is not installed (or no GPU and TRITON_INTERPRET is not 1)")
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
-
-
-COMPILED = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cpu"), id="triton-interpret"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
-]
-
-
-@pytest.fixture(params=COMPILED)
-def backend(request):
-    name, device = request.param
-    _skip_unavailable(name, device)
-    return name, torch.device(device)
+def backend(compiled_backend):
+    """Here `backend` is a compiled backend (the eager reference is what they are checked against)."""
+    return compiled_backend
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
