@@ -1,0 +1,241 @@
+"""Loss functions of the unlearning methods: GA, GradDiff, NPO (Zhang et al. 2024) and IMU (arXiv 2508.01620,
+per the official code; see DESIGN.md "IMU").
+
+A batch is a dict {"input_ids", "attention_mask", "labels"} of [rows, seq] LongTensors; labels are -100 on
+prompt and padding, and the loss is next-token NLL on the answer tokens only (the conventions of
+simu_fast.attribution.targets). Losses are to be minimised: GA-type losses are negated NLLs.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from simu_fast.attribution.targets import logits_of
+
+IGNORE_INDEX = -100
+_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# answer-token NLL
+
+def _check_batch(batch, name: str = "batch") -> None:
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"{name} must be a dict with {_KEYS}, got {type(batch).__name__}")
+    missing = [k for k in _KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"{name} is missing {missing}")
+    ids, mask, labels = (batch[k] for k in _KEYS)
+    for k, t in zip(_KEYS, (ids, mask, labels)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name}[{k!r}] must be a 2-D tensor [rows, seq]")
+    if ids.shape != mask.shape or ids.shape != labels.shape:
+        raise ValueError(f"{name}: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels "
+                         f"{tuple(labels.shape)} must have the same shape")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
+
+
+def _per_row_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          reduction="none", ignore_index=IGNORE_INDEX).view(shift_labels.shape)
+    answer = shift_labels != IGNORE_INDEX
+    total = (nll * answer).sum(dim=1)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / answer.sum(dim=1).clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; choose 'sum' or 'mean'")
+
+
+def answer_nll(model, batch, reduction: str = "sum") -> torch.Tensor:
+    """[rows] float32: the NLL of each row's answer tokens (labels != -100), summed ('sum', the sequence NLL
+    = -log p(answer | prompt)) or averaged per answer token ('mean'; a row without answer tokens gives 0)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"unknown reduction {reduction!r}; choose 'sum' or 'mean'")
+    _check_batch(batch)
+    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    return _per_row_nll(logits, batch["labels"].to(logits.device), reduction)
+
+
+def ga_loss(model, forget_batch, reduction: str = "sum") -> torch.Tensor:
+    """Gradient ascent: -mean over forget rows of answer_nll(model, forget_batch, reduction)."""
+    return -answer_nll(model, forget_batch, reduction).mean()
+
+
+def graddiff_loss(model, forget_batch, retain_batch, gamma: float = 1.0, reduction: str = "sum") -> torch.Tensor:
+    """GradDiff: -mean NLL_forget + gamma * mean NLL_retain (row means of answer_nll with `reduction`)."""
+    gamma = float(gamma)
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    loss = ga_loss(model, forget_batch, reduction)
+    if gamma == 0.0:
+        return loss
+    return loss + gamma * answer_nll(model, retain_batch, reduction).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NPO
+
+def sequence_logprob(model, batch) -> torch.Tensor:
+    """[rows]: log pi(answer | prompt) = -sum of answer-token NLL."""
+    return -answer_nll(model, batch, "sum")
+
+
+@torch.no_grad()
+def npo_reference_logprobs(ref_model, batches) -> torch.Tensor:
+    """The reference sequence log-probs of one batch (a dict) or of several (concatenated in order), computed
+    once without gradients, for caching and passing to npo_loss."""
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    out = [sequence_logprob(ref_model, b).detach() for b in batches]
+    if not out:
+        raise ValueError("npo_reference_logprobs got no batches")
+    return torch.cat(out)
+
+
+def npo_loss(model, ref_model_or_ref_logprobs, forget_batch, beta: float = 0.1) -> torch.Tensor:
+    """NPO (Zhang et al. 2024): (2/beta) * mean_rows log(1 + (pi_theta / pi_ref)^beta)
+    = -(2/beta) * mean logsigmoid(-beta * (log pi_theta - log pi_ref)), on the forget rows' answers.
+
+    The reference is a model (evaluated under no_grad) or a precomputed [rows] tensor of its sequence
+    log-probs (npo_reference_logprobs)."""
+    beta = float(beta)
+    if not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    logp = sequence_logprob(model, forget_batch)
+    ref = ref_model_or_ref_logprobs
+    if isinstance(ref, torch.Tensor):
+        ref = ref.detach()
+        if ref.shape != logp.shape:
+            raise ValueError(f"reference log-probs have shape {tuple(ref.shape)}, expected {tuple(logp.shape)} "
+                             "(one per forget row)")
+    elif callable(ref):
+        ref = npo_reference_logprobs(ref, forget_batch)
+    else:
+        raise ValueError("ref_model_or_ref_logprobs must be a model or a tensor of reference log-probs")
+    ratio = logp - ref.to(device=logp.device, dtype=logp.dtype)
+    return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IMU
+
+def imu_influence(per_example_grads: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """[n] float32: I_i = -(g_i / F) . gbar with F = mean_i(g_i^2) + damping, gbar = mean_i(g_i)."""
+    g = per_example_grads
+    if not isinstance(g, torch.Tensor) or g.dim() != 2:
+        raise ValueError("per_example_grads must be a 2-D tensor [n, d]")
+    if g.shape[0] == 0 or g.shape[1] == 0:
+        raise ValueError(f"per_example_grads is empty (shape {tuple(g.shape)})")
+    g = g.float()
+    fisher = g.pow(2).mean(dim=0) + damping
+    gbar = g.mean(dim=0)
+    return -((g / fisher) * gbar).sum(dim=1)
+
+
+def imu_weights(influence: torch.Tensor, top_data: float = 0.5, clip_quantile: float | None = 0.93):
+    """Select and weight the forget examples: keep those with negative influence, then the top
+    ceil(top_data * n_negative) of them by |I| (ties to the lower index); weights sqrt(|I|) clipped at their
+    `clip_quantile` quantile (linear interpolation; None: no clip). Returns (indices [k] long, ascending;
+    weights [k] float32 aligned with them)."""
+    if not isinstance(influence, torch.Tensor) or influence.dim() != 1:
+        raise ValueError("influence must be a 1-D tensor [n]")
+    if influence.numel() == 0:
+        raise ValueError("influence is empty")
+    top_data = float(top_data)
+    if not (0.0 < top_data <= 1.0):
+        raise ValueError(f"top_data must be in (0, 1], got {top_data!r}")
+    if clip_quantile is not None and not (0.0 < float(clip_quantile) <= 1.0):
+        raise ValueError(f"clip_quantile must be in (0, 1] or None, got {clip_quantile!r}")
+    infl = influence.detach().float()
+    negative = torch.nonzero(infl < 0).flatten()
+    if negative.numel() == 0:
+        raise ValueError("no example has negative influence: IMU keeps only negative-influence examples, "
+                         "so there is nothing to unlearn with")
+    k = max(1, math.ceil(top_data * negative.numel() - 1e-9))
+    mag = infl[negative].abs()
+    order = torch.sort(-mag, stable=True).indices[:k]
+    kept = torch.sort(negative[order]).values
+    weights = infl[kept].abs().sqrt()
+    if clip_quantile is not None:
+        cap = torch.quantile(weights, float(clip_quantile))
+        weights = torch.minimum(weights, cap)
+    return kept, weights
+
+
+def imu_loss(per_example_ce: torch.Tensor, weights: torch.Tensor, theta_s=None, alpha: float = 0.0) -> torch.Tensor:
+    """-sum_i w_i CE_i / sum_i w_i (+ alpha * ||theta_s||_1; theta_s a tensor or an iterable of tensors)."""
+    if not isinstance(per_example_ce, torch.Tensor) or per_example_ce.dim() != 1:
+        raise ValueError("per_example_ce must be a 1-D tensor [k]")
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 1:
+        raise ValueError("weights must be a 1-D tensor [k]")
+    if per_example_ce.numel() == 0:
+        raise ValueError("per_example_ce is empty")
+    if per_example_ce.shape != weights.shape:
+        raise ValueError(f"per_example_ce {tuple(per_example_ce.shape)} and weights {tuple(weights.shape)} "
+                         "must have the same shape")
+    w = weights.detach().to(device=per_example_ce.device, dtype=per_example_ce.dtype)
+    if (w < 0).any() or not torch.isfinite(w).all():
+        raise ValueError("weights must be finite and >= 0")
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("weights sum to 0")
+    loss = -(w * per_example_ce).sum() / total
+    alpha = float(alpha)
+    if alpha != 0.0:
+        if theta_s is None:
+            raise ValueError("alpha != 0 needs theta_s")
+        tensors = [theta_s] if isinstance(theta_s, torch.Tensor) else list(theta_s)
+        if not tensors:
+            raise ValueError("theta_s is empty")
+        loss = loss + alpha * sum(t.abs().sum() for t in tensors)
+    return loss
+
+
+def _resolve_params(model, params) -> list:
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: choose the parameter subset theta_s")
+    named = None
+    out = []
+    for p in params:
+        if isinstance(p, str):
+            if named is None:
+                named = dict(model.named_parameters())
+            if p not in named:
+                raise ValueError(f"model has no parameter named {p!r}")
+            p = named[p]
+        if not isinstance(p, torch.Tensor) or not p.requires_grad:
+            raise ValueError("each of params must be a parameter (or its name) that requires grad")
+        out.append(p)
+    return out
+
+
+def per_example_grads(model, batches, params, reduction: str = "mean") -> torch.Tensor:
+    """[n, d] float32: for each example (each row of each batch, in order) the gradient of its answer NLL
+    (`reduction` 'mean' per token, as the official IMU code's CE, or 'sum') with respect to `params`
+    (parameters or their names), flattened and concatenated. One backward pass per example; .grad is not
+    touched."""
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    plist = _resolve_params(model, params)
+    rows = []
+    for batch in batches:
+        _check_batch(batch)
+        for i in range(batch["input_ids"].shape[0]):
+            one = {k: batch[k][i:i + 1] for k in _KEYS}
+            loss = answer_nll(model, one, reduction)[0]
+            grads = torch.autograd.grad(loss, plist, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).detach().float().reshape(-1)
+                                   for p, g in zip(plist, grads)]))
+    if not rows:
+        raise ValueError("per_example_grads got no examples")
+    return torch.stack(rows)
