@@ -1,5 +1,6 @@
 """Unlearning objectives: pure loss functions on a model and batches (dicts input_ids, attention_mask, labels
-with -100 on prompt and padding, as simu_fast.data.collate makes them)."""
+with -100 on prompt and padding, as simu_fast.data.collate makes them), and the recipes built on them
+(UnlearningMethod subclasses; METHODS and make_method)."""
 from .objectives import (
     answer_nll,
     ga_loss,
@@ -11,8 +12,17 @@ from .objectives import (
     npo_reference_logprobs,
     per_example_grads,
 )
+from .base import UnlearningMethod
+from .baselines import GA, NPO, FOGradDiff, GradDiff
+from .imu import IMU
+from .recipes import METHODS, make_method
+from .simu import SIMU
+from .soul import SOGradDiff
+from .ssiuu import Ssiuu
 
 __all__ = [
     "answer_nll", "ga_loss", "graddiff_loss", "npo_loss", "npo_reference_logprobs",
     "imu_influence", "imu_weights", "imu_loss", "per_example_grads",
+    "UnlearningMethod", "GA", "GradDiff", "FOGradDiff", "NPO", "SOGradDiff", "IMU", "Ssiuu", "SIMU",
+    "METHODS", "make_method",
 ]
