@@ -1,0 +1,243 @@
+"""Unlearner: the training loop (tiny random Llama, a test-only method; CPU)."""
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from simu_fast import Unlearner
+from simu_fast.data.collate import make_loader
+from simu_fast.methods.base import UnlearningMethod
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 61, 8
+
+
+def tiny_llama(dropout=0.0, seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attention_dropout=dropout, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def features(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=g)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+
+
+def nll(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+class GradDiff(UnlearningMethod):
+    """Test-only: ascent on forget, descent on retain."""
+    name = "test_graddiff"
+    uses_retain = True
+
+    def __init__(self, opt="adamw", lr=1e-2, fail_at_step=None):
+        self.opt, self.lr, self.fail_at_step = opt, lr, fail_at_step
+        self.steps_done = 0
+
+    def make_optimizer(self, model):
+        if self.opt == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=self.lr)
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
+
+    def loss(self, model, forget_batch, retain_batch):
+        return -nll(model, forget_batch) + nll(model, retain_batch)
+
+    def after_step(self, model, optimizer, forget_batch, step):
+        if self.fail_at_step is not None and step == self.fail_at_step:
+            raise KeyboardInterrupt("simulated interruption")
+        self.steps_done += 1
+
+    def state_dict(self):
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state):
+        self.steps_done = state["steps_done"]
+
+
+def loaders(bf=2, br=2, shuffle=True, nf=6, nr=5):
+    return (make_loader(features(nf, 1), bf, shuffle=shuffle, seed=3, pad_token_id=0),
+            make_loader(features(nr, 2), br, shuffle=shuffle, seed=4, pad_token_id=0))
+
+
+def forget_nll(model, nf=6):
+    batch = next(iter(make_loader(features(nf, 1), nf, pad_token_id=0)))
+    with torch.no_grad():
+        return nll(model, batch).item()
+
+
+def assert_same_state(m1, m2, o1, o2):
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for k in s1["state"]:
+        for key, v in s1["state"][k].items():
+            w = s2["state"][k][key]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
+def test_forget_nll_rises():
+    model = tiny_llama()
+    before = forget_nll(model)
+    f, r = loaders()
+    out = Unlearner(model, GradDiff(), f, r, max_steps=6, progress=False).run()
+    assert out["step"] == 6 and out["stop_reason"] == "max_steps" and len(out["train_loss"]) == 6
+    assert forget_nll(model) > before + 0.5
+
+
+def test_grad_accum_matches_full_batches():
+    results = []
+    for batch, accum in ((4, 1), (2, 2)):
+        model = tiny_llama()
+        f, r = loaders(batch, batch, shuffle=False, nf=8, nr=8)
+        Unlearner(model, GradDiff(opt="sgd", lr=0.5), f, r, max_steps=2, grad_accum=accum, max_grad_norm=1.0,
+                  progress=False).run()
+        results.append(model)
+    for p1, p2 in zip(results[0].parameters(), results[1].parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6)
+
+
+def test_epochs_and_partial_last_group():
+    f, r = loaders()  # 3 forget batches an epoch
+    out = Unlearner(tiny_llama(), GradDiff(), f, r, epochs=2, grad_accum=2, progress=False).run()
+    assert out["step"] == 3 and out["stop_reason"] == "epochs"
+    f, r = loaders()
+    out = Unlearner(tiny_llama(), GradDiff(), f, r, epochs=1, grad_accum=2, progress=False).run()
+    assert out["step"] == 2  # the last step has one micro-batch
+    f, r = loaders()
+    out = Unlearner(tiny_llama(), GradDiff(), f, r, epochs=5, max_steps=2, progress=False).run()
+    assert out["step"] == 2 and out["stop_reason"] == "max_steps"
+
+
+@pytest.mark.parametrize("how", ["interrupt", "max_steps"])
+def test_resume_is_bit_exact(tmp_path, how):
+    # dropout on and shuffled loaders of different lengths, so RNG and data positions both matter
+    kw = dict(max_steps=7, grad_accum=2, eval_every=2, save_every=3, progress=False)
+    evals = lambda m: {"forget_nll": forget_nll(m)}  # noqa: E731
+
+    ref_model, ref_method = tiny_llama(dropout=0.2), GradDiff()
+    ref = Unlearner(ref_model, ref_method, *loaders(), eval_fn=evals, out_dir=str(tmp_path / "ref"), **kw)
+    ref_out = ref.run()
+
+    first = tiny_llama(dropout=0.2)
+    if how == "interrupt":
+        with pytest.raises(KeyboardInterrupt):
+            Unlearner(first, GradDiff(fail_at_step=4), *loaders(), eval_fn=evals, out_dir=str(tmp_path / "run"),
+                      **kw).run()
+        expected_step = 3
+    else:
+        Unlearner(first, GradDiff(), *loaders(), eval_fn=evals, out_dir=str(tmp_path / "run"),
+                  **{**kw, "max_steps": 3}).run()
+        expected_step = 3
+    assert os.listdir(tmp_path / "run") == ["checkpoint"]
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == expected_step
+
+    model, method = tiny_llama(dropout=0.2), GradDiff()  # the original model, as a fresh process would build it
+    resumed = Unlearner(model, method, *loaders(), eval_fn=evals, out_dir=str(tmp_path / "run"), resume=True, **kw)
+    out = resumed.run()
+    assert out["step"] == 7
+    assert method.steps_done == ref_method.steps_done == 7
+    assert_same_state(ref_model, model, ref.optimizer, resumed.optimizer)
+    assert out["train_loss"] == ref_out["train_loss"]
+    if how == "interrupt":
+        assert out["history"] == ref_out["history"]
+    else:  # the short run also evaluated at its end (step 3)
+        assert [h for h in out["history"] if h["step"] != 3] == ref_out["history"]
+
+
+def test_checkpoint_is_atomic(tmp_path):
+    f, r = loaders()
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, save_every=1, out_dir=str(tmp_path), progress=False).run()
+    assert os.listdir(tmp_path) == ["checkpoint"]
+    ckpt = tmp_path / "checkpoint"
+    assert {"model", "optimizer.pt", "method.pt", "trainer_state.pt", "history.json"} <= set(os.listdir(ckpt))
+    assert any(n.endswith(".safetensors") for n in os.listdir(ckpt / "model"))
+
+    # a save that dies midway (after the model and optimizer are written) leaves the previous checkpoint
+    method = GradDiff()
+    calls = {"n": 0}
+
+    def failing_state_dict():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full")
+        return {"steps_done": method.steps_done}
+
+    method.state_dict = failing_state_dict
+    f, r = loaders()
+    out = str(tmp_path / "second")
+    with pytest.raises(RuntimeError, match="disk full"):
+        Unlearner(tiny_llama(), method, f, r, max_steps=4, save_every=1, out_dir=out, progress=False).run()
+    assert os.listdir(out) == ["checkpoint"]
+    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 1
+    # ... and it resumes from there
+    f, r = loaders()
+    res = Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=4, out_dir=out, resume=True, progress=False).run()
+    assert res["step"] == 4
+
+
+def test_resume_uses_old_checkpoint_after_crash_between_renames(tmp_path):
+    f, r = loaders()
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, out_dir=str(tmp_path), progress=False).run()
+    os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
+    f, r = loaders()
+    u = Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=3, out_dir=str(tmp_path), resume=True, progress=False)
+    assert u.run()["step"] == 3
+    assert os.listdir(tmp_path) == ["checkpoint"]
+
+
+def test_eval_and_stop_when():
+    model = tiny_llama()
+    start = forget_nll(model)
+    f, r = loaders()
+    out = Unlearner(model, GradDiff(), f, r, max_steps=50, eval_fn=lambda m: {"forget_nll": forget_nll(m)},
+                    eval_every=1, stop_when=lambda m: m["forget_nll"] > start + 1.0, progress=False).run()
+    assert out["stopped_early"] and out["stop_reason"] == "stop_when"
+    assert out["step"] < 50
+    assert [h["step"] for h in out["history"]] == list(range(1, out["step"] + 1))
+    assert out["metrics"]["forget_nll"] > start + 1.0
+
+    f, r = loaders()
+    out = Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=3, eval_fn=lambda m: {"x": 1.0}, eval_every=2,
+                    progress=False).run()
+    assert [h["step"] for h in out["history"]] == [2, 3]  # periodic, and at the end
+
+
+def test_bf16_autocast_on_cpu_runs():
+    f, r = loaders()
+    out = Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, autocast_dtype="bf16", progress=False).run()
+    assert out["step"] == 1 and torch.isfinite(torch.tensor(out["train_loss"])).all()
+
+
+def test_errors(tmp_path):
+    model, (f, r) = tiny_llama(), loaders()
+    with pytest.raises(ValueError, match="empty"):
+        Unlearner(model, GradDiff(), DataLoader([]), r, max_steps=1)
+    with pytest.raises(ValueError, match="stopping rule"):
+        Unlearner(model, GradDiff(), f, r)
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="grad_accum"):
+            Unlearner(model, GradDiff(), f, r, max_steps=1, grad_accum=bad)
+    with pytest.raises(ValueError, match="retain"):
+        Unlearner(model, GradDiff(), f, None, max_steps=1)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        Unlearner(model, GradDiff(), f, r, max_steps=1, autocast_dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16"):
+            Unlearner(model, GradDiff(), f, r, max_steps=1, autocast_dtype="fp16")
+    with pytest.raises(ValueError, match="out_dir"):
+        Unlearner(model, GradDiff(), f, r, max_steps=1, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Unlearner(model, GradDiff(), f, r, max_steps=1, out_dir=str(tmp_path), resume=True, progress=False).run()
+    with pytest.raises(TypeError):
+        Unlearner(model, object(), f, r, max_steps=1)
