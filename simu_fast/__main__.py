@@ -1,0 +1,5 @@
+"""`python -m simu_fast unlearn ...`: the simu-fast command line (simu_fast/cli.py)."""
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""The simu-fast command line: `simu-fast unlearn --model DIR --forget FILE --method NAME --out DIR ...`.
+
+Options come from three places, later ones winning: built-in defaults, a YAML --config file (keys are the
+option names, with '-' or '_', plus a `method_args:` mapping passed to make_method), explicit flags. Method
+arguments: config `method_args`, then `lr` (config or --lr), then --set key=value pairs (values parsed with
+yaml.safe_load). User errors (missing files, unknown method, bad config) exit with code 2 and one line on
+stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from .data.load import FORMATS
+
+PROG = "simu-fast"
+DEFAULTS = {"retain": None, "steps": None, "epochs": None, "batch_size": 8, "lr": None, "max_length": 512,
+            "grad_accum": 1, "seed": 0, "resume": False, "format": "auto", "save_every": None}
+CONFIG_KEYS = {"model", "forget", "retain", "method", "out", "steps", "epochs", "batch_size", "lr", "max_length",
+               "grad_accum", "seed", "resume", "format", "save_every", "method_args"}
+_INT_KEYS = ("steps", "epochs", "batch_size", "max_length", "grad_accum", "seed", "save_every")
+
+
+class UsageError(Exception):
+    """A mistake in what the user gave (reported as one line, exit code 2)."""
+
+
+def _method_names():
+    from .methods.recipes import METHODS
+    return sorted(METHODS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Selective unlearning of causal language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    u = sub.add_parser("unlearn", help="unlearn a forget set from a local model and save the result",
+                       description="Unlearn the examples of a forget set from a local transformers causal LM and "
+                                   "write the unlearned model, tokenizer, masks, metrics.json and report.md to --out. "
+                                   "Explicit flags override values from --config.")
+    u.add_argument("--model", metavar="DIR", help="local directory of a transformers causal LM and its tokenizer "
+                                                  "(loaded with local_files_only=True; required)")
+    u.add_argument("--forget", metavar="FILE", help="forget-set data file (required)")
+    u.add_argument("--retain", metavar="FILE", help="retain-set data file (needed by methods that use a retain set)")
+    u.add_argument("--method", metavar="NAME", help=f"unlearning method (required): one of {', '.join(_method_names())}")
+    u.add_argument("--config", metavar="FILE.yaml", help="YAML file of option values (keys = these option names) "
+                                                         "and a 'method_args:' mapping passed to the method")
+    u.add_argument("--out", metavar="DIR", help="output directory for the model, masks, metrics.json, report.md "
+                                                "and checkpoints (required)")
+    stop = u.add_mutually_exclusive_group()
+    stop.add_argument("--steps", type=int, metavar="N", help="number of optimizer steps (default: 1 epoch if "
+                                                             "neither --steps nor --epochs is given)")
+    stop.add_argument("--epochs", type=int, metavar="N", help="number of passes over the forget set")
+    u.add_argument("--batch-size", type=int, metavar="N", help=f"batch size of the forget and retain loaders "
+                                                               f"(default {DEFAULTS['batch_size']})")
+    u.add_argument("--lr", type=float, metavar="X", help="learning rate (default: the method's own)")
+    u.add_argument("--max-length", type=int, metavar="N", help=f"maximum tokens per example "
+                                                               f"(default {DEFAULTS['max_length']})")
+    u.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step "
+                                                               f"(default {DEFAULTS['grad_accum']})")
+    u.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {DEFAULTS['seed']})")
+    u.add_argument("--save-every", type=int, metavar="N", help="write a checkpoint to DIR/checkpoint every N steps "
+                                                               "(what --resume continues from)")
+    u.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the checkpoint in --out (written with --save-every)")
+    u.add_argument("--format", choices=FORMATS, help="data file format (default auto: from the file extension)")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra method argument (repeatable); VALUE is parsed as YAML, e.g. --set fraction=0.05")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "unlearn":
+            return unlearn(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return 0
+
+
+# ---- option resolution ----------------------------------------------------------------------------------
+def _load_config(path: str) -> dict:
+    import yaml
+    if not os.path.isfile(path):
+        raise UsageError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UsageError(f"config {path} is not valid YAML: {' '.join(str(e).split())}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path} must be a YAML mapping of option names to values")
+    out = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k not in CONFIG_KEYS:
+            raise UsageError(f"config {path}: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}")
+        out[k] = value
+    if out.get("method_args") is None:
+        out["method_args"] = {}
+    if not isinstance(out["method_args"], dict):
+        raise UsageError(f"config {path}: method_args must be a mapping")
+    if out.get("steps") is not None and out.get("epochs") is not None:
+        raise UsageError(f"config {path}: give steps or epochs, not both")
+    return out
+
+
+def _parse_set(items) -> dict:
+    import yaml
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            result[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"--set {key}: cannot parse value {value!r}")
+    return result
+
+
+def resolve_options(args) -> dict:
+    cfg = _load_config(args.config) if args.config else {"method_args": {}}
+    opts = dict(DEFAULTS)
+    opts.update({k: v for k, v in cfg.items() if k != "method_args"})
+    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set") and v is not None}
+    if "steps" in explicit or "epochs" in explicit:  # a stopping rule on the command line replaces the config's
+        opts["steps"] = opts["epochs"] = None
+    opts.update(explicit)
+    for key in ("model", "forget", "method", "out"):
+        if not opts.get(key):
+            raise UsageError(f"--{key} is required (on the command line or in --config)")
+    for key in _INT_KEYS:
+        v = opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UsageError(f"{key.replace('_', '-')} must be an integer, got {v!r}")
+    for key, minimum in (("steps", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2), ("grad_accum", 1),
+                         ("save_every", 1)):
+        if opts.get(key) is not None and opts[key] < minimum:
+            raise UsageError(f"{key.replace('_', '-')} must be at least {minimum}, got {opts[key]}")
+    if opts["lr"] is not None:
+        try:
+            opts["lr"] = float(opts["lr"])
+        except (TypeError, ValueError):
+            raise UsageError(f"lr must be a number, got {opts['lr']!r}")
+    if opts["format"] not in FORMATS:
+        raise UsageError(f"unknown format {opts['format']!r}; choose one of {', '.join(FORMATS)}")
+    if opts["steps"] is None and opts["epochs"] is None:
+        opts["epochs"] = 1
+    opts["resume"] = bool(opts["resume"])
+    method_args = dict(cfg["method_args"])
+    if opts["lr"] is not None:
+        method_args["lr"] = opts["lr"]
+    method_args.update(_parse_set(args.set))
+    opts["method_args"] = method_args
+    from .methods.recipes import METHODS
+    key = str(opts["method"]).lower().replace("_", "-")
+    if key not in METHODS:
+        raise UsageError(f"unknown method {opts['method']!r}; choose one of {', '.join(sorted(METHODS))}")
+    opts["method"] = key
+    return opts
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def _load_model(path: str):
+    if not os.path.isdir(path):
+        raise UsageError(f"model directory not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"{path} is not a transformers model directory (no config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot load a tokenizer from {path}: {' '.join(str(e).split())}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot load a causal LM from {path}: {' '.join(str(e).split())}")
+    return model, tokenizer
+
+
+def _load_data(path, fmt, tokenizer, max_length, role):
+    from .data import load_examples, tokenize_examples
+    try:
+        examples = load_examples(path, format=fmt)
+    except FileNotFoundError:
+        raise UsageError(f"{role} file not found: {path}")
+    except (ValueError, IsADirectoryError, KeyError) as e:
+        raise UsageError(f"cannot read the {role} file {path}: {' '.join(str(e).split())}")
+    try:
+        features = tokenize_examples(examples, tokenizer, max_length=max_length)
+    except ValueError as e:
+        raise UsageError(f"{role} file {path}: {' '.join(str(e).split())}")
+    if not features:
+        raise UsageError(f"{role} file {path}: no example fits in max-length {max_length}")
+    return features
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def unlearn(args) -> int:
+    opts = resolve_options(args)
+    from .methods.recipes import make_method
+    try:
+        method = make_method(opts["method"], **opts["method_args"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(' '.join(str(e).split()))
+    uses_retain = bool(getattr(method, "uses_retain", False))
+    if uses_retain and not opts["retain"]:
+        raise UsageError(f"method {opts['method']!r} uses a retain set: give --retain FILE")
+    for role in ("forget", "retain"):  # check the files before the (slower) model load
+        if opts[role] and not os.path.isfile(opts[role]):
+            raise UsageError(f"{role} file not found: {opts[role]}")
+    if opts["resume"]:
+        from .unlearner import latest_checkpoint
+        if latest_checkpoint(opts["out"]) is None:
+            raise UsageError(f"--resume: no checkpoint in {opts['out']}")
+
+    import torch
+    from .data import ensure_pad_token, make_loader
+    from .unlearner import Unlearner
+
+    model, tokenizer = _load_model(opts["model"])
+    pad = ensure_pad_token(tokenizer)
+    forget = _load_data(opts["forget"], opts["format"], tokenizer, opts["max_length"], "forget")
+    retain = (_load_data(opts["retain"], opts["format"], tokenizer, opts["max_length"], "retain")
+              if uses_retain else None)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    forget_loader = make_loader(forget, opts["batch_size"], shuffle=True, seed=opts["seed"], pad_token_id=pad)
+    retain_loader = (make_loader(retain, opts["batch_size"], shuffle=True, seed=opts["seed"] + 1, pad_token_id=pad)
+                     if retain is not None else None)
+    out = opts["out"]
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    result = Unlearner(model, method, forget_loader, retain_loader, max_steps=opts["steps"], epochs=opts["epochs"],
+                       grad_accum=opts["grad_accum"], out_dir=out, save_every=opts["save_every"],
+                       resume=opts["resume"], seed=opts["seed"], progress=sys.stderr.isatty()).run()
+    wall = time.time() - start
+
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    mask_file = None
+    if getattr(method, "mask", None) is not None:
+        mask_file = "mask.safetensors"
+        method.mask.save(os.path.join(out, mask_file))
+    train_loss = [float(x) for x in result.get("train_loss", [])]
+    options = {k: v for k, v in opts.items() if k != "method_args"}
+    metrics = {"method": opts["method"], "steps": int(result["step"]), "train_loss": train_loss,
+               "stop_reason": result.get("stop_reason"), "wall_time_s": round(wall, 3),
+               "n_forget": len(forget), "n_retain": len(retain) if retain is not None else 0,
+               "options": options, "method_args": opts["method_args"], "mask": mask_file}
+    _write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2, default=repr) + "\n")
+
+    lines = [f"# simu-fast unlearn: {opts['method']}", "",
+             f"- model: `{opts['model']}`",
+             f"- forget: `{opts['forget']}` ({len(forget)} examples)",
+             f"- retain: " + (f"`{opts['retain']}` ({len(retain)} examples)" if retain is not None else "not used"),
+             f"- steps: {result['step']} (stop: {result.get('stop_reason') or 'budget reached'})",
+             f"- method arguments: {json.dumps(opts['method_args'], default=repr) if opts['method_args'] else 'defaults'}",
+             f"- wall time: {wall:.1f} s"]
+    if train_loss:
+        lines.append(f"- train loss: first {train_loss[0]:.4f}, last {train_loss[-1]:.4f}")
+    if mask_file:
+        lines.append(f"- neuron mask: `{mask_file}`")
+    lines += ["", "Outputs: the unlearned model and tokenizer (save_pretrained), metrics.json, report.md."]
+    _write_atomic(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    print(f"{PROG}: unlearned with {opts['method']} in {result['step']} steps; wrote {out}")
+    return 0

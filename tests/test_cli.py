@@ -1,0 +1,174 @@
+"""The simu-fast command line (simu_fast/cli.py) on a tiny random Llama and a tiny local tokenizer."""
+import json
+import os
+
+import pytest
+import torch
+
+from simu_fast.cli import main
+
+SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
+WORDS = ["alice", "bob", "lives", "in", "paris", "rome", "works", "as", "a", "baker", "pilot", "who", "where",
+         "does", "is", "?"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("cli") / "model"
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(model_dir):
+    root = model_dir.parent
+    forget = [("where does alice live ?", "alice lives in paris"), ("who is alice ?", "alice works as a baker"),
+              ("where does alice work ?", "in paris")]
+    retain = [("where does bob live ?", "bob lives in rome"), ("who is bob ?", "bob works as a pilot"),
+              ("where does bob work ?", "in rome")]
+    files = {}
+    for name, rows in (("forget", forget), ("retain", retain)):
+        p = root / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"id": f"{name}{i}", "input": q, "output": a, "task": "t"}) + "\n"
+                             for i, (q, a) in enumerate(rows)))
+        files[name] = str(p)
+    return files
+
+
+def _args(model_dir, data, out, method, *extra):
+    return ["unlearn", "--model", str(model_dir), "--forget", data["forget"], "--retain", data["retain"],
+            "--method", method, "--out", str(out), "--batch-size", "2", "--max-length", "32", "--format", "lume",
+            *extra]
+
+
+def _weights_differ(a_dir, b_dir):
+    from transformers import AutoModelForCausalLM
+    a = AutoModelForCausalLM.from_pretrained(a_dir, local_files_only=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(b_dir, local_files_only=True).state_dict()
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _check_outputs(out, method, steps):
+    for name in ("config.json", "metrics.json", "report.md", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert (out / "model.safetensors").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["steps"] == steps
+    assert len(metrics["train_loss"]) == steps and all(isinstance(x, float) for x in metrics["train_loss"])
+    assert metrics["wall_time_s"] >= 0 and "options" in metrics and "method_args" in metrics
+    assert method in (out / "report.md").read_text()
+    return metrics
+
+
+def test_graddiff(model_dir, data, tmp_path):
+    out = tmp_path / "gd"
+    assert main(_args(model_dir, data, out, "graddiff", "--steps", "2", "--lr", "1e-2", "--seed", "1")) == 0
+    metrics = _check_outputs(out, "graddiff", 2)
+    assert metrics["method_args"] == {"lr": 0.01}
+    assert not (out / "mask.safetensors").exists()
+    assert _weights_differ(model_dir, out)
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True)("alice")["input_ids"][-1] == 4 + WORDS.index("alice")
+
+
+def test_simu_writes_mask(model_dir, data, tmp_path):
+    out = tmp_path / "simu"
+    assert main(_args(model_dir, data, out, "simu", "--steps", "2", "--lr", "1e-2",
+                      "--set", "fraction=0.2", "--set", "steps=1")) == 0
+    metrics = _check_outputs(out, "simu", 2)
+    assert metrics["method_args"]["fraction"] == 0.2 and metrics["method_args"]["steps"] == 1
+    assert (out / "mask.safetensors").is_file() and metrics["mask"] == "mask.safetensors"
+    assert _weights_differ(model_dir, out)
+
+
+def test_config_and_flag_override(model_dir, data, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {model_dir}\nforget: {data['forget']}\nmethod: ga\nsteps: 3\nbatch-size: 2\n"
+                   "lr: 0.001\nmethod_args:\n  weight_decay: 0.0\n")
+    out = tmp_path / "cfg"
+    assert main(["unlearn", "--config", str(cfg), "--out", str(out), "--steps", "1", "--lr", "0.05"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "ga" and metrics["steps"] == 1  # --steps beats the config's steps: 3
+    assert metrics["method_args"] == {"weight_decay": 0.0, "lr": 0.05}
+    assert metrics["options"]["batch_size"] == 2  # from the config
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("simu-fast: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_user_errors_exit_2(model_dir, data, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    err = _error(capsys, _args(tmp_path / "nope", data, out, "graddiff", "--steps", "1"))
+    assert "model directory not found" in err
+    (tmp_path / "empty").mkdir()
+    err = _error(capsys, _args(tmp_path / "empty", data, out, "graddiff", "--steps", "1"))
+    assert "not a transformers model directory" in err
+    err = _error(capsys, _args(model_dir, data, out, "bogus", "--steps", "1"))
+    assert "unknown method" in err and "graddiff" in err
+    err = _error(capsys, _args(model_dir, dict(data, forget=str(tmp_path / "missing.jsonl")), out, "graddiff",
+                               "--steps", "1"))
+    assert "forget file not found" in err
+    err = _error(capsys, ["unlearn", "--model", str(model_dir), "--forget", data["forget"], "--method", "graddiff",
+                          "--out", out, "--steps", "1"])
+    assert "--retain" in err
+    err = _error(capsys, _args(model_dir, data, out, "graddiff", "--steps", "1", "--set", "nonsense=1"))
+    assert "graddiff" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methd: ga\n")
+    err = _error(capsys, ["unlearn", "--config", str(bad)])
+    assert "unknown key" in err
+    bad.write_text("a: [1,\n")
+    assert "not valid YAML" in _error(capsys, ["unlearn", "--config", str(bad)])
+    assert "config file not found" in _error(capsys, ["unlearn", "--config", str(tmp_path / "x.yaml")])
+    assert not os.path.exists(out)
+
+
+def test_help_mentions_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["unlearn", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--model", "--forget", "--retain", "--method", "--config", "--out", "--steps", "--epochs",
+                "--batch-size", "--lr", "--max-length", "--grad-accum", "--seed", "--resume", "--format", "--set",
+                "--save-every", "graddiff", "simu"):
+        assert opt in text, opt
+    from simu_fast.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["unlearn"]
+    assert all(a.help for a in sub._actions)
+
+
+def test_python_dash_m(model_dir, data, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "simu_fast", "unlearn", "--help"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and "--method" in r.stdout
+
+
+def test_resume_continues_from_checkpoint(model_dir, data, tmp_path):
+    out = tmp_path / "r"
+    assert main(_args(model_dir, data, out, "graddiff", "--steps", "1", "--save-every", "1")) == 0
+    assert (out / "checkpoint").is_dir()
+    assert main(_args(model_dir, data, out, "graddiff", "--steps", "2", "--save-every", "1", "--resume")) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
