@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from simu_fast import Unlearner
 from simu_fast.data.collate import make_loader
 from simu_fast.methods.base import UnlearningMethod
+from tiny_models import tiny_llama as shared_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,11 +16,7 @@ VOCAB, SEQ = 61, 8
 
 
 def tiny_llama(dropout=0.0, seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   attention_dropout=dropout, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).float()
+    return shared_tiny_llama(VOCAB, seed, attention_dropout=dropout, tie_word_embeddings=False).float()
 
 
 def features(n, seed):

@@ -11,6 +11,7 @@ from simu_fast.integrations.transformers import PairedCollator, PairedUnlearning
 from simu_fast.methods import answer_nll, make_method  # noqa: E402
 
 import importlib.util  # noqa: E402
+from tiny_models import tiny_llama as shared_tiny_llama
 
 # transformers.Trainer needs accelerate (the "hf" extra does not pull it in)
 needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
@@ -21,12 +22,7 @@ PAD = 0
 
 
 def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return shared_tiny_llama(VOCAB, seed)
 
 
 def make_features(seed, rows=4, start=0):

@@ -9,17 +9,13 @@ import torch
 
 from simu_fast.methods import (GA, IMU, METHODS, NPO, SIMU, FOGradDiff, GradDiff, SOGradDiff, Ssiuu, UnlearningMethod,
                                answer_nll, make_method)
+from tiny_models import tiny_llama as shared_tiny_llama
 
 VOCAB = 61
 
 
 def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return shared_tiny_llama(VOCAB, seed).eval()
 
 
 def make_batch(seed, rows=4, width=10, start=0):

@@ -2,15 +2,11 @@
 import torch
 
 from simu_fast.optim import GNBHessianSchedule, SophiaG, gnb_hessian_update
+from tiny_models import tiny_llama as shared_tiny_llama
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return shared_tiny_llama(61, 0)
 
 
 def test_gnb_updates_hessian_and_restores_grads():
