@@ -85,13 +85,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def param_name(self, p: torch.Tensor) -> str:
-        if p in self._param_names:
-            return self._param_names[p]
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"param_groups[{gi}]['params'][{pi}] (shape {list(p.shape)})"
-        return f"parameter of shape {list(p.shape)}"
+        if p not in self._param_names:
+            # Name unnamed parameters by position once: steps ask for every name, every time.
+            for gi, group in enumerate(self.param_groups):
+                for pi, q in enumerate(group["params"]):
+                    self._param_names.setdefault(q, f"param_groups[{gi}]['params'][{pi}] (shape {list(q.shape)})")
+        return self._param_names.get(p, f"parameter of shape {list(p.shape)}")
 
     def _owned(self, p: torch.Tensor) -> None:
         if not any(q is p for q in self._all_params()):
