@@ -30,13 +30,14 @@ import argparse
 import functools
 import os
 import resource
-import socket
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
 
 from . import common
 
@@ -58,11 +59,6 @@ DEFAULTS = dict(size="8M", steps=12, warmup=3, batch=4, examples=32)
 QUICK = dict(size="1M", steps=7, warmup=2, batch=4, examples=32)
 SIMU_ARGS = dict(steps=2, fraction=0.05, lr=1e-4, hessian_every=5)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status_mb(field: str) -> Optional[float]:
@@ -105,12 +101,11 @@ def _features(n: int, size: Size, seed: int) -> list:
     return [{"input_ids": row.tolist(), "labels": [-100] * half + row[half:].tolist()} for row in ids]
 
 
-def _worker(rank: int, world: int, port: int, size: Size, cfg: dict, threads: int, results) -> None:
+def _worker(rank: int, world: int, store: str, size: Size, cfg: dict, threads: int, results) -> None:
     torch.set_num_threads(threads)
     start_rss = _rss_mb()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_local_group(rank, world, store)
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -148,15 +143,17 @@ def _worker(rank: int, world: int, port: int, size: Size, cfg: dict, threads: in
         results[rank] = {"rank": rank, "world_size": world, "params": params, "setup_ms": (marks[0] - t0) * 1e3,
                          "median_ms": statistics.median(step_s) * 1e3, "min_ms": min(step_s) * 1e3,
                          "reps": len(step_s), "peak_rss_mb": _peak_rss_mb(), "start_rss_mb": start_rss}
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group()
 
 
 def measure(world: int, size: Size, cfg: dict, threads: int) -> list[dict]:
     """Spawn `world` processes, run the steps, return one dict per rank."""
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
-    mp.start_processes(_worker, args=(world, _free_port(), size, cfg, threads, results), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, new_store_file(), size, cfg, threads, results), nprocs=world, join=True,
                        start_method="spawn")
     return [results[r] for r in range(world)]
 

@@ -14,7 +14,7 @@ import time
 import traceback
 
 # One place lists the benchmarks; later ops add their module here (e.g. "attribution", "select").
-BENCHES = ["optim", "attribution", "select", "distributed"]
+BENCHES = ["optim", "attribution", "select", "ssiuu_regularize", "distributed"]
 
 
 def main(argv=None) -> int:

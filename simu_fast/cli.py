@@ -29,6 +29,7 @@ from typing import Optional
 from .data.load import FORMATS
 
 PROG = "simu-fast"
+ABLATION_EXAMPLES = 256  # the neuron-mask check after a SIMU run scores at most this many forget / retain rows
 DEFAULTS = {"retain": None, "steps": None, "epochs": None, "batch_size": 8, "lr": None, "max_length": 512,
             "grad_accum": 1, "seed": 0, "resume": False, "format": "auto", "save_every": None, "stop_rouge": None,
             "eval_every": None, "eval": False, "holdout": None, "parallel": None}
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_defaults():
-    from .demo import DemoSettings
+    from .workloads.demo import DemoSettings
     return DemoSettings()
 
 
@@ -335,11 +336,18 @@ def unlearn(args) -> int:
         raise UsageError("--parallel fsdp2 needs FSDP2 (fully_shard), which this torch lacks; use --parallel ddp")
     started_group = dist.launched_distributed() and not dist.is_initialized()
     try:
-        return _unlearn(opts, method, uses_retain, parallel)
-    finally:
-        if started_group and dist.is_initialized():
-            import torch.distributed
-            torch.distributed.destroy_process_group()
+        code = _unlearn(opts, method, uses_retain, parallel)
+    except BaseException:
+        if started_group:
+            dist.leave_process_group(ok=False)
+        raise
+    # Nothing may still hold the DDP wrapper (the recipe could): its reducer holds the process group, which
+    # would then outlive destroy_process_group and be torn down at interpreter exit, where gloo's threads
+    # can abort the process (SIGABRT). Every rank leaves once all are done (rank 0 writes the outputs).
+    del method
+    if started_group:
+        dist.leave_process_group()
+    return code
 
 
 def _unlearn(opts, method, uses_retain, parallel) -> int:
@@ -425,7 +433,19 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
                "stop_reason": result.get("stop_reason"), "wall_time_s": round(wall, 3),
                "n_forget": len(forget), "n_retain": len(retain) if retain is not None else 0,
                "options": options, "method_args": opts["method_args"], "mask": mask_file,
-               "history": result.get("history", []), "eval": evaluation}
+               "history": result.get("history", []), "step_metrics": result.get("step_metrics", []),
+               "eval": evaluation, "neuron_ablation": None}
+    if mask_file is not None:  # does the mask hold the forget set? checked on the model as it was before
+        from .eval.neuron_ablation import neuron_ablation
+        retain_examples = _read_examples(opts["retain"], opts["format"], "retain") if opts["retain"] else []
+        if retain_examples:
+            original, _ = _load_model(opts["model"])
+            if torch.cuda.is_available():
+                original = original.to(next(model.parameters()).device)
+            metrics["neuron_ablation"] = neuron_ablation(
+                original, tokenizer, method.mask, forget_examples[:ABLATION_EXAMPLES],
+                retain_examples[:ABLATION_EXAMPLES], batch_size=opts["batch_size"], max_length=opts["max_length"])
+            del original
     from .eval.report import to_jsonable
     _write_atomic(os.path.join(out, "metrics.json"),
                   json.dumps(to_jsonable(metrics), indent=2, default=repr, allow_nan=False) + "\n")
@@ -446,6 +466,16 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         lines.append(f"- train loss: first {train_loss[0]:.4f}, last {train_loss[-1]:.4f}")
     if mask_file:
         lines.append(f"- neuron mask: `{mask_file}`")
+    check = metrics["neuron_ablation"]
+    if check is not None:
+        lines.append(f"- the mask's {check['neurons']} neurons zeroed in the original model: forget answer probability "
+                     f"{check['base']['forget']:.3f} -> {check['mask']['forget']:.3f} (random same-size sets: "
+                     f"{check['random']['forget']:.3f}; {check['drop_vs_random']:.1f}x their drop), retain "
+                     f"{check['base']['retain']:.3f} -> {check['mask']['retain']:.3f}")
+    if result.get("step_metrics"):
+        last = result["step_metrics"][-1]
+        lines.append("- last step's method metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                                                                  if k != "step" and isinstance(v, float)))
     if evaluation is not None:
         from .eval.report import format_markdown
         lines += ["", format_markdown({opts["method"]: evaluation}, title="Evaluation").strip()]
@@ -472,7 +502,7 @@ def _fully_shard(model) -> None:
 def demo(args) -> int:
     import dataclasses
 
-    from .demo import DemoSettings, format_table, run_demo
+    from .workloads.demo import DemoSettings, format_table, run_demo
     changes = {}
     if args.methods:
         from .methods.recipes import METHODS

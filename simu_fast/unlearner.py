@@ -2,8 +2,9 @@
 
 A plain loop: forget batches in epochs, a retain batch beside each forget batch when the method uses one
 (the retain loader cycles: it is re-iterated when exhausted), gradient accumulation over `grad_accum`
-micro-batches, clipping, `method.before_step`, `optimizer.step`, `zero_grad`, `method.after_step`;
-periodic evaluation with an optional early-stopping rule; atomic checkpoints with an exact resume.
+micro-batches, clipping, the method's learning-rate schedule (each param group's lr = its initial_lr x
+`method.lr_factor(step, total_steps)`), `method.before_step`, `optimizer.step`, `zero_grad`,
+`method.after_step`; periodic evaluation with an optional early-stopping rule; atomic checkpoints with an exact resume.
 
 Determinism. `run()` seeds python's `random`, torch (CPU and CUDA) and numpy (when installed) with `seed`
 on a fresh start. Shuffling is the loaders' own (make_loader(shuffle=True, seed=...) uses a torch
@@ -172,6 +173,7 @@ class Unlearner:
         self.step = 0
         self.history: list[dict] = []
         self.train_loss: list[float] = []
+        self.step_metrics: list[dict] = []  # what the method reports per step (method.step_metrics())
         self.stop_reason: Optional[str] = None
         self._pos = {"forget": _new_pos(), "retain": _new_pos()}
         self._iters = {"forget": None, "retain": None}
@@ -189,6 +191,8 @@ class Unlearner:
                      None if self.retain_loader is None else _dist.unpadded_shard_loader(self.retain_loader))
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = method.make_optimizer(module)
+        for g in self.optimizer.param_groups:  # the rate method.lr_factor scales (as torch's LR schedulers)
+            g.setdefault("initial_lr", g["lr"])
         self.root = self._wrap(trainable)
         model = self.root
         if self.resume:
@@ -208,6 +212,9 @@ class Unlearner:
                 loss = self._train_step(group)
                 self.step += 1
                 self.train_loss.append(loss)
+                reported = method.step_metrics()
+                if reported:
+                    self.step_metrics.append({"step": self.step, **reported})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
@@ -322,6 +329,9 @@ class Unlearner:
             if params:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         last_forget = group[-1][0]
+        factor = float(method.lr_factor(self.step, self._total_steps()))
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * factor
         method.before_step(module, opt, last_forget, self.step)
         if _distributed() and _overrides(method, "before_step") and not _dist.is_fsdp2(module):
             _average_grads(module)  # what before_step did from this rank's batch, averaged as DDP does
@@ -453,6 +463,7 @@ class Unlearner:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "history": self.history,
             "train_loss": self.train_loss,
+            "step_metrics": self.step_metrics,
             "stop_reason": self.stop_reason,
             "grad_accum": self.grad_accum,
             "seed": self.seed,
@@ -479,6 +490,7 @@ class Unlearner:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.train_loss = list(state["train_loss"])
+        self.step_metrics = list(state.get("step_metrics", []))
         self.stop_reason = state["stop_reason"]
         self._pos = state["positions"]
         if self.scaler is not None and state["scaler"] is not None:
@@ -497,6 +509,7 @@ class Unlearner:
     def _result(self) -> dict:
         return {"step": self.step, "metrics": dict(self.history[-1]) if self.history else {},
                 "history": list(self.history), "train_loss": list(self.train_loss),
+                "step_metrics": list(self.step_metrics),
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
 
 

@@ -1,11 +1,11 @@
-"""The unlearning demo (simu_fast/demo.py, `simu-fast demo`) at a tiny size: the pipeline, the cache, the table."""
+"""The unlearning demo (simu_fast/workloads/demo.py, `simu-fast demo`) at a tiny size: the pipeline, the cache, the table."""
 import dataclasses
 import json
 
 import pytest
 import torch
 
-import simu_fast.demo as demo
+import simu_fast.workloads.demo as demo
 from simu_fast.cli import main
 
 _ORIGINAL = demo.DemoSettings

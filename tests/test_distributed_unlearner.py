@@ -8,7 +8,6 @@
 - make_distributed_loader: every rank the same number of batches, the union of batch i = one process's batch i."""
 import contextlib
 import os
-import socket
 import tempfile
 from unittest import mock
 
@@ -19,7 +18,8 @@ import torch.multiprocessing as mp
 
 from simu_fast import Unlearner
 from simu_fast.data.collate import make_loader
-from simu_fast.integrations.distributed import ShardedSampler, make_distributed_loader, shard_examples
+from simu_fast.integrations.distributed import (ShardedSampler, init_local_group, leave_process_group,
+                                                make_distributed_loader, new_store_file, shard_examples)
 from simu_fast.methods.baselines import GradDiff
 from simu_fast.methods.imu import IMU
 from tiny_models import tiny_llama
@@ -43,11 +43,6 @@ def _features(n, seed):
 def _model():
     return tiny_llama(VOCAB, seed=0, tie_word_embeddings=False).float()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NoisyGradDiff(GradDiff):
@@ -93,19 +88,18 @@ def _run(method, batch, grad_accum, steps, loader, out_dir=None, save_every=None
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, result
 
 
-def _worker(rank, world, port, out_root, results):
+def _worker(rank, world, store, out_root, results):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_local_group(rank, world, store)
     try:
         out = {}
         out["accum"] = _run(GradDiff(lr=1e-2), 1, 2, 3, make_distributed_loader)[0]
         out["batch2"] = _run(GradDiff(lr=1e-2), 2, 1, 3, make_distributed_loader)[0]
         noisy, _ = _run(NoisyGradDiff(lr=1e-2), 2, 1, 2, make_distributed_loader)
         out["noisy"] = noisy
-        # IMU keeps few rows: some steps find none in one rank's batch, and that rank must still run the
-        # forward/backward the other rank's all-reduce waits for
-        out["imu"], imu_result = _run(IMU(lr=1e-2, top_data=0.3), 1, 1, 6, make_distributed_loader)
+        # IMU: per-example influence passes on each rank's own rows (outside DDP's reducer), then the
+        # weighted loss through DDP: both ranks must still step together
+        out["imu"], imu_result = _run(IMU(lr=1e-2), 1, 1, 6, make_distributed_loader)
         out["imu_steps"] = imu_result["step"]
 
         full_dir, part_dir = os.path.join(out_root, "full"), os.path.join(out_root, "part")
@@ -130,13 +124,15 @@ def _worker(rank, world, port, out_root, results):
         out["fsdp2_resumed"], _ = _run(TorchAdamWGradDiff(lr=1e-2), 1, 2, 4, make_distributed_loader,
                                        out_dir=os.path.join(out_root, "fsdp2"), save_every=1, resume=True, **fsdp)
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group()
 
 
 def test_ddp_matches_one_process_and_resumes_exactly(tmp_path):
     results = mp.Manager().dict()
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, new_store_file(), str(tmp_path), results), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = results[0], results[1]
     torch.set_num_threads(1)
@@ -215,7 +211,7 @@ def test_ddp_argument_errors(tmp_path):
             model.lm_head.weight.requires_grad_(False)
             return super().make_optimizer(model)
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    init_local_group(0, 1, str(tmp_path / "store"))
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
         with pytest.raises(ValueError, match="froze 1 parameter"):
@@ -226,5 +222,7 @@ def test_ddp_argument_errors(tmp_path):
         result = Unlearner(model, FreezingGradDiff(), forget, retain, max_steps=2, progress=False,
                            parallel="ddp").run()
         assert result["step"] == 2 and not model.lm_head.weight.requires_grad
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group()

@@ -238,3 +238,36 @@ def test_errors(tmp_path):
         Unlearner(model, GradDiff(), f, r, max_steps=1, out_dir=str(tmp_path), resume=True, progress=False).run()
     with pytest.raises(TypeError):
         Unlearner(model, object(), f, r, max_steps=1)
+
+
+class ScheduledGradDiff(GradDiff):
+    """Test-only: a step-dependent learning rate and a per-step metric (the lr it saw)."""
+
+    def lr_factor(self, step, total_steps):
+        return (step + 1) / total_steps
+
+    def before_step(self, model, optimizer, forget_batch, step):
+        self.seen_lr = optimizer.param_groups[0]["lr"]
+
+    def step_metrics(self):
+        return {"lr": self.seen_lr}
+
+
+def test_method_lr_schedule_and_step_metrics_resume_exactly(tmp_path):
+    kw = dict(max_steps=6, progress=False)
+    ref_model = tiny_llama()
+    ref = Unlearner(ref_model, ScheduledGradDiff(lr=1e-2), *loaders(), **kw)
+    out = ref.run()
+    assert [m["lr"] for m in out["step_metrics"]] == pytest.approx([1e-2 * (s + 1) / 6 for s in range(6)])
+    assert [m["step"] for m in out["step_metrics"]] == [1, 2, 3, 4, 5, 6]
+    assert ref.optimizer.param_groups[0]["initial_lr"] == 1e-2
+
+    with pytest.raises(KeyboardInterrupt):  # the same budget (the schedule depends on it), stopped after step 4
+        Unlearner(tiny_llama(), ScheduledGradDiff(lr=1e-2, fail_at_step=4), *loaders(), out_dir=str(tmp_path),
+                  save_every=3, **kw).run()
+    model = tiny_llama()
+    resumed = Unlearner(model, ScheduledGradDiff(lr=1e-2), *loaders(), out_dir=str(tmp_path), save_every=3,
+                        resume=True, **kw)
+    again = resumed.run()
+    assert again["step_metrics"] == out["step_metrics"]
+    assert_same_state(ref_model, model, ref.optimizer, resumed.optimizer)

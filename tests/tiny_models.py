@@ -11,3 +11,31 @@ def tiny_llama(vocab_size: int = 61, seed: int = 0, **config_overrides):
     config.update(config_overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config))
+
+
+def memorized_people(n_people: int = 10, seed: int = 0, target_prob: float = 0.95, max_steps: int = 300,
+                     max_length: int = 64, **config_overrides):
+    """(model, tokenizer, data): synthetic people (20% to forget, 10% never seen), a BPE tokenizer trained on
+    them, and a 2-layer Llama (hidden 64, MLP 128, tied embeddings) trained on forget + retain until their mean
+    answer probability reaches `target_prob` (checked every 20 steps) or `max_steps` pass. Seeded: the same
+    model every call on one machine."""
+    from simu_fast.data import make_loader, synthetic_people, tokenize_examples
+    from simu_fast.data.corpus_tokenizer import train_tokenizer
+    from simu_fast.eval import answer_metrics
+    from simu_fast.finetune import finetune
+
+    data = synthetic_people(n_people, seed=seed, forget_fraction=0.2, holdout_fraction=0.1)
+    tok = train_tokenizer([t for split in data.values() for ex in split for t in (ex.prompt, " " + ex.answer)],
+                          vocab_size=400)
+    train = data["forget"] + data["retain"]
+    config = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    config.update(config_overrides)
+    model = tiny_llama(vocab_size=len(tok), seed=seed, **config)
+    loader = make_loader(tokenize_examples(train, tok, max_length), 16, shuffle=True, seed=seed,
+                         pad_token_id=tok.pad_token_id)
+    finetune(model, loader, lr=3e-3, max_steps=max_steps, warmup_steps=10, schedule="cosine",
+             eval_fn=lambda m: {"p": answer_metrics(m, tok, train, batch_size=64, generate=False)["answer_prob"]},
+             eval_every=20, until=lambda m: m["p"] >= target_prob)
+    return model.eval(), tok, data

@@ -1,7 +1,9 @@
 """Triton kernel for Ssiuu's attribution regularizer (semantics: simu_fast/ops/ssiuu_regularize.py).
 
-In place, per element: a = phi * d; unless first, g <- g + ((([a < 0] * (a - a_prev)) * d) * (2 lam)) in
-float32 (g written back in its dtype, round to nearest even); a_prev <- a.
+In place, per element, in float32: a = phi * d; a_prev = phi_prev * d_prev; delta = a - a_prev;
+s = delta (penalty "squared") or (delta > 0) - (delta < 0) ("norm": NaN -> 0, -0 -> +0);
+g <- g + ((([a < 0] * s) * d) * scale), scale = lam ("norm") or 2 lam ("squared"); g is written back in its
+dtype (round to nearest even) and is the only tensor written. phi_prev has phi's dtype, d_prev d's.
 
 Layout of the work: one launch per tensor (as sophia_step.py; the CUDA backend does one multi-tensor
 launch), each program BLOCK consecutive elements; empty tensors get no launch. Offsets are int32 unless
@@ -11,10 +13,10 @@ blocks are up to 32768 elements: the interpreter's cost is per program, not per 
 Rounding: float32 operations in the reference's order; the [a < 0] factor is multiplied, not selected (the
 reference's 0 * inf = NaN is kept). On the GPU the kernel is compiled with enable_fp_fusion=False, so no
 a * b + c is contracted into an FMA and g matches the reference bit for bit there too (the interpreter
-ignores the option; numpy never fuses). 2 lam is rounded to float32 on the host, as torch does with the
-Python scalar of the reference. bfloat16 tensors are handed to the kernel as int16 views and converted
-with integer bit operations (float32 -> bfloat16 round to nearest even, NaN -> 0x7FC0), which sidesteps
-the interpreter's bfloat16 casts (truncation) and is exact on every target.
+ignores the option; numpy never fuses). scale is rounded to float32 once on the host, as the reference
+does. bfloat16 tensors are handed to the kernel as int16 views and converted with integer bit operations
+(float32 -> bfloat16 round to nearest even, NaN -> 0x7FC0), which sidesteps the interpreter's bfloat16
+casts (truncation) and is exact on every target.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ def _store_rn(ptr, off, inb, v, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _ssiuu_kernel(g_ptr, phi_ptr, d_ptr, a_ptr, numel, two_lam,
-                  G_BF16: tl.constexpr, P_BF16: tl.constexpr, D_BF16: tl.constexpr, FIRST: tl.constexpr,
+def _ssiuu_kernel(g_ptr, phi_ptr, d_ptr, phi_prev_ptr, d_prev_ptr, numel, scale,
+                  G_BF16: tl.constexpr, P_BF16: tl.constexpr, D_BF16: tl.constexpr, SQUARED: tl.constexpr,
                   USE_I64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if USE_I64:
@@ -52,13 +54,15 @@ def _ssiuu_kernel(g_ptr, phi_ptr, d_ptr, a_ptr, numel, two_lam,
 
     d = load_f32(d_ptr, off, inb, D_BF16)
     a = load_f32(phi_ptr, off, inb, P_BF16) * d
-    if not FIRST:
-        a_prev = tl.load(a_ptr + off, mask=inb, other=0.0)
-        g = load_f32(g_ptr, off, inb, G_BF16)
-        negative = tl.where(a < 0.0, 1.0, 0.0).to(tl.float32)
-        term = ((negative * (a - a_prev)) * d) * two_lam
-        _store_rn(g_ptr, off, inb, g + term, G_BF16)
-    tl.store(a_ptr + off, a, mask=inb)
+    a_prev = load_f32(phi_prev_ptr, off, inb, P_BF16) * load_f32(d_prev_ptr, off, inb, D_BF16)
+    delta = a - a_prev
+    if SQUARED:
+        s = delta
+    else:
+        s = tl.where(delta > 0.0, 1.0, 0.0).to(tl.float32) - tl.where(delta < 0.0, 1.0, 0.0).to(tl.float32)
+    negative = tl.where(a < 0.0, 1.0, 0.0).to(tl.float32)
+    g = load_f32(g_ptr, off, inb, G_BF16)
+    _store_rn(g_ptr, off, inb, g + ((negative * s) * d) * scale, G_BF16)
 
 
 # Triton decides at decoration time (TRITON_INTERPRET read at import) whether kernels are interpreted.
@@ -74,20 +78,23 @@ def _launch_config(device: torch.device, numel: int) -> tuple[int, dict]:
     return _GPU_BLOCK, {"num_warps": _GPU_WARPS, "enable_fp_fusion": False}
 
 
-def ssiuu_regularize(grads, params, prob_grads, attr_prev, lam, first) -> None:
-    """In place: grads += 2 lam [A < 0] (A - A_prev) d with A = params * d; attr_prev <- A. One launch per tensor."""
-    # The reference multiplies by the Python float 2 * lam, which torch rounds to float32 once.
-    two_lam = float(torch.tensor(2.0 * float(lam), dtype=torch.float32))
-    first = bool(first)
-    for g, p, d, a in zip(grads, params, prob_grads, attr_prev):
+def ssiuu_regularize(grads, params, prob_grads, prev_params, prev_prob_grads, lam, squared) -> None:
+    """In place: grads += scale [A < 0] s d, A = params * d, A_prev = prev_params * prev_prob_grads,
+    s = A - A_prev (squared, scale = 2 lam) or sign(A - A_prev) (scale = lam). One launch per tensor."""
+    squared = bool(squared)
+    # The reference rounds lam (norm) or 2 lam (squared) to float32 once.
+    scale = float(torch.tensor(2.0 * float(lam) if squared else float(lam), dtype=torch.float32))
+    for g, p, d, pp, dp in zip(grads, params, prob_grads, prev_params, prev_prob_grads):
         numel = p.numel()
         if numel == 0:
             continue
-        if not (g.numel() == d.numel() == a.numel() == numel) or a.dtype != torch.float32:
-            raise ValueError("ssiuu_regularize (triton): grads, prob_grads and attr_prev (float32) must match params")
+        if not (g.numel() == d.numel() == pp.numel() == dp.numel() == numel) or pp.dtype != p.dtype \
+                or dp.dtype != d.dtype:
+            raise ValueError("ssiuu_regularize (triton): grads, prob_grads, prev_params and prev_prob_grads must "
+                             "match params (prev_params in params' dtype, prev_prob_grads in prob_grads')")
         block, opts = _launch_config(p.device, numel)
         grid = (triton.cdiv(numel, block),)
         _ssiuu_kernel[grid](
-            bits_view(g), bits_view(p), bits_view(d), a, numel, two_lam,
+            bits_view(g), bits_view(p), bits_view(d), bits_view(pp), bits_view(dp), numel, scale,
             G_BF16=g.dtype == torch.bfloat16, P_BF16=p.dtype == torch.bfloat16, D_BF16=d.dtype == torch.bfloat16,
-            FIRST=first, USE_I64=numel + block > _I32_LIMIT, BLOCK=block, **opts)
+            SQUARED=squared, USE_I64=numel + block > _I32_LIMIT, BLOCK=block, **opts)

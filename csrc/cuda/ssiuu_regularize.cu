@@ -1,16 +1,18 @@
 // Ssiuu's attribution regularizer on CUDA. Semantics: simu_fast/ops/ssiuu_regularize.py.
 //
-// A multi-tensor launch as in sophia_step.cu, without masks: one launch per (g, phi, d) dtype group
-// (per (phi, d) group with first=True, where g is not touched) updates every tensor of the group. The host
-// writes a table (int64, pinned, copied non_blocking on the current stream):
+// A multi-tensor launch as in sophia_step.cu, without masks: one launch per (g, phi, d) dtype group updates
+// every tensor of the group (phi_prev has phi's dtype, d_prev d's, so they add no groups); the penalty
+// (norm or squared) is a template parameter of the whole launch. The host writes a table (int64, pinned,
+// copied non_blocking on the current stream):
 //
 //   table[0 .. n]               chunk_start[t]: first chunk of tensor t; chunk_start[n] = total chunks
 //   table[n+1 ..]               n TensorMeta records (pointers, numel, vec)
 //
 // Block b handles chunk b: it finds its tensor by binary search over chunk_start and updates elements
-// [c * kChunk, min((c + 1) * kChunk, numel)) of it, 4 at a time with vector accesses where every pointer
-// allows them. The float32 arithmetic is explicit round-to-nearest (__fmul_rn, __fsub_rn, __fadd_rn: never
-// contracted into an FMA) in the reference's order, so g and a_prev match the eager reference bit for bit.
+// [c * kChunk, min((c + 1) * kChunk, numel)) of it, 4 at a time with vector accesses where all 5 pointers
+// allow them. The float32 arithmetic is explicit round-to-nearest (__fmul_rn, __fsub_rn, __fadd_rn: never
+// contracted into an FMA) in the reference's order, so g matches the eager reference bit for bit. Only g
+// is written.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,67 +37,64 @@ constexpr int64_t kChunk = 64 * 1024;  // elements per block; a multiple of kVec
 static_assert(kChunk % kVec == 0, "chunks must start on a vector boundary");  // vector boundary
 
 // Pointer slots of TensorMeta::ptr.
-enum : int { kG = 0, kPhi = 1, kD = 2, kA = 3 };
+enum : int { kG = 0, kPhi = 1, kD = 2, kPhiPrev = 3, kDPrev = 4 };
 
 // One tensor of a launch. Plain int64 fields so the host can memcpy it into the int64 table.
 struct TensorMeta {
-  int64_t ptr[4];  // grad (0 with first=True), param, prob_grad, attr_prev
+  int64_t ptr[5];  // grad, param, prob_grad, prev_param, prev_prob_grad
   int64_t numel;   // > 0: empty tensors are left out of the table
   int64_t vec;     // 1: every pointer allows 4-wide aligned accesses
-  int64_t pad[2];
+  int64_t pad[1];
 };
 static_assert(sizeof(TensorMeta) == 8 * sizeof(int64_t), "TensorMeta is 8 int64 words");
 
-// One element in the reference's order: a = phi * d; g += ((([a < 0] * (a - a_prev)) * d) * two_lam);
-// a_prev = a. The [a < 0] factor is multiplied (0 * inf and 0 * NaN give NaN, as in the reference).
-template <bool kFirst>
-__device__ __forceinline__ void ssiuu_element(float& g, float phi, float d, float& a_prev, float two_lam) {
+// One element in the reference's order: a = phi * d; a_prev = phi_prev * d_prev; delta = a - a_prev;
+// s = delta (kSquared) or (delta > 0) - (delta < 0) (NaN -> 0, -0 -> +0); g += ((([a < 0] * s) * d) * scale).
+// The [a < 0] factor is multiplied (0 * inf and 0 * NaN give NaN, as in the reference).
+template <bool kSquared>
+__device__ __forceinline__ float ssiuu_element(float g, float phi, float d, float phi_prev, float d_prev,
+                                               float scale) {
   const float a = __fmul_rn(phi, d);
-  if (!kFirst) {
-    const float negative = a < 0.f ? 1.f : 0.f;
-    const float term = __fmul_rn(__fmul_rn(__fmul_rn(negative, __fsub_rn(a, a_prev)), d), two_lam);
-    g = __fadd_rn(g, term);
-  }
-  a_prev = a;
+  const float a_prev = __fmul_rn(phi_prev, d_prev);
+  const float delta = __fsub_rn(a, a_prev);
+  const float s = kSquared ? delta : __fsub_rn(delta > 0.f ? 1.f : 0.f, delta < 0.f ? 1.f : 0.f);
+  const float negative = a < 0.f ? 1.f : 0.f;
+  const float term = __fmul_rn(__fmul_rn(__fmul_rn(negative, s), d), scale);
+  return __fadd_rn(g, term);
 }
 
-template <typename GT, typename PT, typename DT, bool kFirst>
+template <typename GT, typename PT, typename DT, bool kSquared>
 struct SsiuuOp {
-  float two_lam;
+  float scale;
 
   __device__ void one(const TensorMeta& t, int64_t o) const {
     auto* g = reinterpret_cast<typename GT::T*>(t.ptr[kG]);
     const auto* phi = reinterpret_cast<const typename PT::T*>(t.ptr[kPhi]);
     const auto* d = reinterpret_cast<const typename DT::T*>(t.ptr[kD]);
-    auto* a = reinterpret_cast<float*>(t.ptr[kA]);
-    float gv = kFirst ? 0.f : GT::to_float(g[o]);
-    float av = kFirst ? 0.f : a[o];
-    ssiuu_element<kFirst>(gv, PT::to_float(phi[o]), DT::to_float(d[o]), av, two_lam);
-    if (!kFirst) g[o] = GT::from_float(gv);
-    a[o] = av;
+    const auto* phi_prev = reinterpret_cast<const typename PT::T*>(t.ptr[kPhiPrev]);
+    const auto* d_prev = reinterpret_cast<const typename DT::T*>(t.ptr[kDPrev]);
+    g[o] = GT::from_float(ssiuu_element<kSquared>(GT::to_float(g[o]), PT::to_float(phi[o]), DT::to_float(d[o]),
+                                                  PT::to_float(phi_prev[o]), DT::to_float(d_prev[o]), scale));
   }
 
   __device__ void four(const TensorMeta& t, int64_t o) const {
     auto* g = reinterpret_cast<typename GT::T*>(t.ptr[kG]);
     const auto* phi = reinterpret_cast<const typename PT::T*>(t.ptr[kPhi]);
     const auto* d = reinterpret_cast<const typename DT::T*>(t.ptr[kD]);
-    auto* a = reinterpret_cast<float*>(t.ptr[kA]);
+    const auto* phi_prev = reinterpret_cast<const typename PT::T*>(t.ptr[kPhiPrev]);
+    const auto* d_prev = reinterpret_cast<const typename DT::T*>(t.ptr[kDPrev]);
     const Pack<typename PT::T> pp = load_pack(phi, o);
     const Pack<typename DT::T> dp = load_pack(d, o);
-    Pack<typename GT::T> gp{};
-    Pack<float> ap{};
-    if (!kFirst) {
-      gp = load_pack(g, o);
-      ap = load_pack(a, o);
-    }
+    const Pack<typename PT::T> ppp = load_pack(phi_prev, o);
+    const Pack<typename DT::T> dpp = load_pack(d_prev, o);
+    Pack<typename GT::T> gp = load_pack(g, o);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      float gv = kFirst ? 0.f : GT::to_float(gp.v[k]);
-      ssiuu_element<kFirst>(gv, PT::to_float(pp.v[k]), DT::to_float(dp.v[k]), ap.v[k], two_lam);
-      if (!kFirst) gp.v[k] = GT::from_float(gv);
+      gp.v[k] = GT::from_float(ssiuu_element<kSquared>(GT::to_float(gp.v[k]), PT::to_float(pp.v[k]),
+                                                       DT::to_float(dp.v[k]), PT::to_float(ppp.v[k]),
+                                                       DT::to_float(dpp.v[k]), scale));
     }
-    if (!kFirst) store_pack(g, o, gp);
-    store_pack(a, o, ap);
+    store_pack(g, o, gp);
   }
 };
 
@@ -157,40 +156,48 @@ void check_tensor(const at::Tensor& x, const at::Device& device, int64_t numel, 
 
 }  // namespace
 
-void ssiuu_regularize_cuda(TensorList grads, TensorList params, TensorList prob_grads, TensorList attr_prev,
-                           double lam, bool first) {
+void ssiuu_regularize_cuda(TensorList grads, TensorList params, TensorList prob_grads, TensorList prev_params,
+                           TensorList prev_prob_grads, double lam, bool squared) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && prob_grads.size() == n && attr_prev.size() == n,
-              "ssiuu_regularize_cuda: grads, params, prob_grads and attr_prev must have the same length (", n, ")");
+  TORCH_CHECK(grads.size() == n && prob_grads.size() == n && prev_params.size() == n && prev_prob_grads.size() == n,
+              "ssiuu_regularize_cuda: grads, params, prob_grads, prev_params and prev_prob_grads must have the same "
+              "length (", n, ")");
   if (n == 0) return;
   TORCH_CHECK(params[0].is_cuda(), "ssiuu_regularize_cuda: tensors must be on a CUDA device, got ",
               params[0].device());
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  // The reference multiplies a float32 tensor by the Python float 2 * lam: torch rounds it to float32 once.
-  const float two_lam = static_cast<float>(2.0 * lam);
+  // The reference rounds lam (norm) or 2 lam (squared) to float32 once.
+  const float scale = static_cast<float>(squared ? 2.0 * lam : lam);
 
-  std::vector<TensorMeta> groups[27];  // by (g code * 3 + phi code) * 3 + d code; g code 0 with first=True
+  std::vector<TensorMeta> groups[27];  // by (g code * 3 + phi code) * 3 + d code
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &g = grads[i], &p = params[i], &d = prob_grads[i], &a = attr_prev[i];
+    const at::Tensor &g = grads[i], &p = params[i], &d = prob_grads[i];
+    const at::Tensor &pp = prev_params[i], &dp = prev_prob_grads[i];
     const int64_t numel = p.numel();
     check_tensor(p, device, numel, "parameter", i);
     check_tensor(g, device, numel, "gradient", i);
     check_tensor(d, device, numel, "probability gradient", i);
-    check_tensor(a, device, numel, "attr_prev", i);
-    TORCH_CHECK(a.scalar_type() == at::kFloat, "ssiuu_regularize_cuda: attr_prev ", i, " must be float32");
+    check_tensor(pp, device, numel, "previous parameter", i);
+    check_tensor(dp, device, numel, "previous probability gradient", i);
+    TORCH_CHECK(pp.scalar_type() == p.scalar_type(), "ssiuu_regularize_cuda: previous parameter ", i,
+                " must have the parameter's dtype");
+    TORCH_CHECK(dp.scalar_type() == d.scalar_type(), "ssiuu_regularize_cuda: previous probability gradient ", i,
+                " must have the probability gradient's dtype");
     const int gc = dtype_code(g.scalar_type(), "gradient", i);
     const int pc = dtype_code(p.scalar_type(), "parameter", i);
     const int dc = dtype_code(d.scalar_type(), "probability gradient", i);
     if (numel == 0) continue;
     TensorMeta t{};
-    t.ptr[kG] = first ? 0 : reinterpret_cast<int64_t>(g.data_ptr());
+    t.ptr[kG] = reinterpret_cast<int64_t>(g.data_ptr());
     t.ptr[kPhi] = reinterpret_cast<int64_t>(p.data_ptr());
     t.ptr[kD] = reinterpret_cast<int64_t>(d.data_ptr());
-    t.ptr[kA] = reinterpret_cast<int64_t>(a.data_ptr());
+    t.ptr[kPhiPrev] = reinterpret_cast<int64_t>(pp.data_ptr());
+    t.ptr[kDPrev] = reinterpret_cast<int64_t>(dp.data_ptr());
     t.numel = numel;
-    t.vec = aligned_for_vec(p) && aligned_for_vec(d) && aligned_for_vec(a) && (first || aligned_for_vec(g));
-    groups[((first ? 0 : gc) * 3 + pc) * 3 + dc].push_back(t);
+    t.vec = aligned_for_vec(g) && aligned_for_vec(p) && aligned_for_vec(d) && aligned_for_vec(pp) &&
+            aligned_for_vec(dp);
+    groups[(gc * 3 + pc) * 3 + dc].push_back(t);
   }
 
   for (int gc = 0; gc < 3; ++gc) {
@@ -198,16 +205,14 @@ void ssiuu_regularize_cuda(TensorList grads, TensorList params, TensorList prob_
       for (int dc = 0; dc < 3; ++dc) {
         const std::vector<TensorMeta>& metas = groups[(gc * 3 + pc) * 3 + dc];
         if (metas.empty()) continue;
-        with_type(pc, [&](auto p_tag) {
-          with_type(dc, [&](auto d_tag) {
-            using PT = decltype(p_tag);
-            using DT = decltype(d_tag);
-            if (first) {
-              launch(metas, SsiuuOp<F32, PT, DT, true>{two_lam}, device);
-              return;
-            }
-            with_type(gc, [&](auto g_tag) {
-              launch(metas, SsiuuOp<decltype(g_tag), PT, DT, false>{two_lam}, device);
+        with_type(gc, [&](auto g_tag) {
+          with_type(pc, [&](auto p_tag) {
+            with_type(dc, [&](auto d_tag) {
+              using GT = decltype(g_tag);
+              using PT = decltype(p_tag);
+              using DT = decltype(d_tag);
+              if (squared) launch(metas, SsiuuOp<GT, PT, DT, true>{scale}, device);
+              else launch(metas, SsiuuOp<GT, PT, DT, false>{scale}, device);
             });
           });
         });

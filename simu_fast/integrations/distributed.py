@@ -8,6 +8,15 @@ written with them runs the same under `python`, `torchrun --nproc-per-node N` an
 - init_from_env(): when torchrun / accelerate launch started this process (WORLD_SIZE > 1 in the
   environment), initialize the default process group: nccl with device cuda:LOCAL_RANK when CUDA is
   available, else gloo. Returns the device this rank should use.
+- init_local_group(rank, world, store_file) (store_file from new_store_file()): the default group of processes spawned on one machine (tests,
+  benchmarks), meeting through a FileStore: no TCP port to pick, so none to lose to another process.
+- leave_process_group(ok=True): every rank leaves together and the group is really freed. On success a
+  barrier first (no rank leaves while another still works: rank 0 writing the outputs), then a garbage
+  collection, then destroy_process_group. A group that something still references (a DDP wrapper's
+  reducer holds it) survives destroy_process_group and is torn down at interpreter exit instead, where
+  gloo's worker threads releasing their work objects can abort the process ("terminate called without an
+  active exception", SIGABRT, after a finished run): drop every reference to the wrapper first. On error
+  no barrier (the other ranks may never reach it): the group is destroyed and the launcher stops the rest.
 - shard_examples(items): this rank's share of a list, items[rank::world] (every item on exactly one rank).
 - ShardedSampler / make_distributed_loader(): make_loader's distributed twin. Every epoch one permutation of
   all N examples, drawn from a torch.Generator seeded with `seed` (the same on every rank, and the same one
@@ -27,8 +36,11 @@ written with them runs the same under `python`, `torchrun --nproc-per-node N` an
 """
 from __future__ import annotations
 
+import datetime
+import gc
 import math
 import os
+import tempfile
 from functools import partial
 from typing import Optional
 
@@ -38,7 +50,8 @@ import torch.distributed as dist
 from ..optim.sharded_params import is_dtensor
 
 __all__ = ["is_initialized", "rank", "world_size", "local_rank", "is_main_process", "barrier", "broadcast_object",
-           "all_gather_object", "all_reduce_", "init_from_env", "launched_distributed", "shard_examples",
+           "all_gather_object", "all_reduce_", "init_from_env", "init_local_group", "new_store_file", "leave_process_group",
+           "launched_distributed", "shard_examples",
            "ShardedSampler", "make_distributed_loader", "unpadded_shard_loader", "unwrap_model", "is_ddp",
            "is_fsdp2", "fsdp2_available", "fully_shard_fn", "params_in_sync"]
 
@@ -129,6 +142,32 @@ def init_from_env(backend: Optional[str] = None) -> torch.device:
                                "accelerate launch")
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
     return device
+
+
+def new_store_file() -> str:
+    """A path for init_local_group's FileStore, in a fresh temporary directory (the store deletes its file
+    once every rank has left)."""
+    return os.path.join(tempfile.mkdtemp(prefix="simu_fast-group-"), "store")
+
+
+def init_local_group(rank: int, world_size: int, store_file: str, backend: str = "gloo",
+                     timeout_s: float = 120.0) -> None:
+    """Initialize the default process group of `world_size` processes on this machine through the FileStore
+    at `store_file` (a path that does not exist yet, the same for every rank; e.g. in a fresh temporary
+    directory). The timeout makes a collective that one rank misses fail instead of hang."""
+    dist.init_process_group(backend, init_method=f"file://{os.path.abspath(store_file)}", rank=int(rank),
+                            world_size=int(world_size), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def leave_process_group(ok: bool = True) -> None:
+    """Destroy the default process group, all ranks in step (module docstring). ok=False (an error is being
+    raised): no barrier, since the other ranks may be stuck in a collective this rank will never join."""
+    if not is_initialized():
+        return
+    if ok and world_size() > 1:
+        dist.barrier()
+    gc.collect()  # wrappers left in reference cycles (a DDP reducer holds the group) go before the group
+    dist.destroy_process_group()
 
 
 # ---- data -----------------------------------------------------------------------------------------------

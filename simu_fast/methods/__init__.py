@@ -11,18 +11,19 @@ from .objectives import (
     npo_loss,
     npo_reference_logprobs,
     per_example_grads,
+    streaming_imu_influence,
 )
 from .base import UnlearningMethod
-from .baselines import GA, NPO, FOGradDiff, GradDiff
+from .baselines import GA, NPO, GradDiff
 from .imu import IMU
 from .recipes import METHODS, make_method
 from .simu import SIMU
-from .soul import SOGradDiff
+from .soul import FOGradDiff, SOGradDiff
 from .ssiuu import Ssiuu
 
 __all__ = [
     "answer_nll", "ga_loss", "graddiff_loss", "npo_loss", "npo_reference_logprobs",
-    "imu_influence", "imu_weights", "imu_loss", "per_example_grads",
+    "imu_influence", "imu_weights", "imu_loss", "per_example_grads", "streaming_imu_influence",
     "UnlearningMethod", "GA", "GradDiff", "FOGradDiff", "NPO", "SOGradDiff", "IMU", "Ssiuu", "SIMU",
     "METHODS", "make_method",
 ]

@@ -33,6 +33,17 @@ class UnlearningMethod:
                    step: int) -> None:
         """Called after optimizer.step() and zero_grad()."""
 
+    def lr_factor(self, step: int, total_steps: Optional[int]) -> float:
+        """The learning rate of step `step` (0-based) as a multiple of the optimizer's initial rate; the loop
+        sets every param group's lr to initial_lr * this before each optimizer step. A function of the step
+        alone, so a resumed run follows the same schedule. total_steps: the run's step budget (None: unknown)."""
+        return 1.0
+
+    def step_metrics(self) -> dict:
+        """Numbers about the step just taken that the loop records (Unlearner result "step_metrics"), e.g.
+        Ssiuu's regularizer-to-GradDiff gradient ratio. Empty: nothing to record."""
+        return {}
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold for an exact resume (beyond model and optimizer)."""
         return {}

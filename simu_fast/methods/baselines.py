@@ -1,4 +1,4 @@
-"""First-order baselines: GA, GradDiff (= FO-GradDiff, SOUL's first-order baseline) and NPO, each with AdamW.
+"""First-order baselines: GA, GradDiff and NPO, each with AdamW (SOUL's FO-GradDiff, at its own settings, is in soul.py).
 
 Defaults follow the TOFU benchmark's fine-tuning/unlearning settings (AdamW, lr 1e-5, weight decay 0.01) and
 NPO's paper (Zhang et al. 2024: beta 0.1). `reduction` is how each row's answer NLL is formed ('mean' per
@@ -68,11 +68,6 @@ class GradDiff(AdamWMethod):
         device = model_device(model)
         retain = None if retain_batch is None else to_device(retain_batch, device)
         return graddiff_loss(model, to_device(forget_batch, device), retain, self.gamma, self.reduction)
-
-
-class FOGradDiff(GradDiff):
-    """SOUL's first-order baseline: GradDiff with AdamW (identical to GradDiff; a separate name for reports)."""
-    name = "fo-graddiff"
 
 
 class NPO(AdamWMethod):

@@ -1,81 +1,94 @@
-"""IMU (Influence-guided Machine Unlearning, arXiv 2508.01620), per the official code (DESIGN.md, "IMU").
+"""IMU (Influence-guided Machine Unlearning, arXiv 2508.01620), as its official language-model code does it
+(goodluckisallyouneed/IMU, synthetic/IMU.py: an open-unlearning trainer).
 
-setup(): per-example gradients of the answer NLL (per-token mean, the official CE) on the forget set with
-respect to theta_s = the parameters whose name contains `param_subset` ("mlp.down_proj" by default; a
-string or a tuple of strings), then the diagonal-Fisher influence I_i (damping 0.01), then imu_weights: keep
-negative-influence examples, the top `top_data` = 0.5 of them by |I|, weights sqrt(|I|) clipped at the 0.93
-quantile. loss(): -sum w_i CE_i / sum w_i over the batch rows that were kept (+ alpha * ||theta_s||_1,
-alpha 0.0 by default). No retain data. AdamW, lr 1e-5 (the TOFU setting; override it).
+theta_s, the influence subset: the attention projections q, k, v, o (`modules`) of the last `layers` = 3
+decoder layers (the official code hard-codes layers 19-21 of its 22-layer model). **Only theta_s is
+trainable**: setup() freezes every other parameter and the AdamW optimizer holds theta_s alone.
 
-Rows are matched to their weights by key (example_keys): a batch's "example_index" (tokenize_examples) or
-"index" entry, else the row's content, so the loader may shuffle and re-batch. A batch with no kept row
-gives a zero loss computed through a forward pass (so backward works, also under DDP, and the step moves
-nothing but weight decay). Under DDP each rank computes the influence statistics of its own share of the
-forget set.
+Per batch (loss()): per-example gradients g_i of each row's answer NLL (per-token mean, the official CE) on
+theta_s; F = mean_i(g_i^2) + damping (0.01), gbar = mean_i(g_i); influence I_i = -(g_i / F) . gbar, in two
+passes of one backward per row (objectives.streaming_imu_influence), so memory is O(|theta_s|). Weights: 0
+for positive influence, sqrt(|I_i|) for the others, clipped at their 0.93 quantile (imu_weights); loss
+-sum_i w_i CE_i / (sum_i w_i + 1e-8) (imu_loss). No retain data.
+
+Where we differ from the official file, and why: its theta_s-only training is meant (its gradient-zeroing
+hook) but broken there (an undefined name), so here the rest is frozen; its CE is not shifted by one token
+(it scores each token against itself), here it is the usual next-token NLL; its L1 term (0.02) is computed
+under no_grad and so adds no gradient: alpha defaults to 0 (set it to add a real L1 on theta_s). The file
+sets no lr: AdamW lr 1e-5 and weight decay 0.01 are open-unlearning's TOFU defaults. `modules` and
+`layers` take any other subset (e.g. modules=("self_attn.o_proj", "mlp.down_proj")).
+
+Costs per step: 2 x rows extra backward passes on theta_s. Under DDP each rank weights its own rows.
 """
 from __future__ import annotations
 
 import torch
 
 from .baselines import AdamWMethod, model_device
-from .example_keys import example_keys, to_device
-from .objectives import answer_nll, imu_influence, imu_loss, imu_weights, per_example_grads
+from .example_keys import to_device
+from .objectives import answer_nll, imu_loss, imu_weights, streaming_imu_influence
+
+ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def _unwrapped(model):
+    """The module inside DistributedDataParallel: the influence passes must not go through its reducer."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 class IMU(AdamWMethod):
     name = "imu"
     uses_retain = False
 
-    def __init__(self, top_data: float = 0.5, alpha: float = 0.0, param_subset="mlp.down_proj",
-                 damping: float = 0.01, clip_quantile: float | None = 0.93, lr: float = 1e-5,
+    def __init__(self, layers: int = 3, modules=ATTENTION_PROJECTIONS, damping: float = 0.01,
+                 clip_quantile: float | None = 0.93, alpha: float = 0.0, lr: float = 1e-5,
                  weight_decay: float = 0.01, **kwargs):
         super().__init__(lr=lr, weight_decay=weight_decay, reduction="mean", **kwargs)
-        self.top_data, self.alpha, self.damping, self.clip_quantile = float(top_data), float(alpha), damping, clip_quantile
-        self.param_subset = (param_subset,) if isinstance(param_subset, str) else tuple(param_subset)
-        self.weights: dict = {}
-        self.influence = None
+        if isinstance(layers, bool) or int(layers) != layers or int(layers) < 1:
+            raise ValueError(f"layers must be a positive int (the last `layers` decoder layers), got {layers!r}")
+        self.layers = int(layers)
+        self.modules = (modules,) if isinstance(modules, str) else tuple(modules)
+        if not self.modules:
+            raise ValueError("modules must name at least one module (e.g. 'self_attn.o_proj')")
+        self.damping, self.clip_quantile, self.alpha = float(damping), clip_quantile, float(alpha)
+        self.theta_names: list = []
+        self.last_weights = None
 
     def theta_s(self, model) -> list:
-        params = [p for n, p in model.named_parameters() if p.requires_grad and any(s in n for s in self.param_subset)]
-        if not params:
-            raise ValueError(f"IMU: no trainable parameter name contains any of {self.param_subset}")
-        return params
+        """(name, parameter) of theta_s: the weights of `modules` in the last `layers` decoder layers."""
+        from ..attribution.architectures import architecture_of, decoder_layers
+        model = _unwrapped(model)
+        arch_layers = architecture_of(model).layers
+        n = len(decoder_layers(model))
+        prefixes = [f"{arch_layers}.{i}." for i in range(max(0, n - self.layers), n)]
+        named = [(name, p) for name, p in model.named_parameters()
+                 if any(name.startswith(pre + m + ".") for pre in prefixes for m in self.modules)]
+        if not named:
+            raise ValueError(f"IMU: no parameter of {list(self.modules)} in the last {self.layers} layers "
+                             f"({prefixes[0]}...): check `modules`")
+        return named
 
-    def setup(self, model, forget_loader, retain_loader=None):
-        if forget_loader is None:
-            raise ValueError("IMU needs the forget loader in setup")
-        device, theta = model_device(model), self.theta_s(model)
-        keys, grads = [], []
-        for batch in forget_loader:
-            keys.extend(example_keys(batch))
-            grads.append(per_example_grads(model, to_device(batch, device), theta, reduction="mean"))
-        if not grads:
-            raise ValueError("IMU: the forget loader yielded no batches")
-        self.influence = imu_influence(torch.cat(grads), damping=self.damping).cpu()
-        kept, weights = imu_weights(self.influence, self.top_data, self.clip_quantile)
-        self.weights = {keys[i]: float(w) for i, w in zip(kept.tolist(), weights.tolist())}
+    def setup(self, model, forget_loader=None, retain_loader=None):
+        keep = {id(p) for _, p in self.theta_s(model)}
+        for p in _unwrapped(model).parameters():
+            p.requires_grad_(id(p) in keep)
+        self.theta_names = [n for n, _ in self.theta_s(model)]
+
+    def make_optimizer(self, model):
+        from ..optim.adamw import AdamW
+        if not self.theta_names:
+            self.setup(model)
+        return AdamW(self.theta_s(model), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
     def loss(self, model, forget_batch, retain_batch=None):
-        if not self.weights:
-            raise RuntimeError("IMU: call setup() before loss()")
-        device = model_device(model)
-        keys = example_keys(forget_batch)
-        rows = [i for i, k in enumerate(keys) if k in self.weights]
-        theta = self.theta_s(model) if self.alpha != 0.0 else None
-        batch = to_device(forget_batch, device)
-        if not rows:
-            # zero through a real forward, so a data-parallel wrapper (DDP) sees the same forward/backward on
-            # every rank; a loss that skipped the model here would leave the other ranks' all-reduce waiting
-            zero = answer_nll(model, batch, "mean").sum() * 0.0
-            return zero if theta is None else zero + self.alpha * sum(t.abs().sum() for t in theta)
-        sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
-        ce = answer_nll(model, sub, "mean")
-        w = torch.tensor([self.weights[keys[i]] for i in rows], dtype=torch.float32, device=device)
-        return imu_loss(ce, w, theta, self.alpha)
+        theta = [p for _, p in self.theta_s(model)]
+        batch = to_device(forget_batch, model_device(model))
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        influence = streaming_imu_influence(_unwrapped(model), batch, theta, damping=self.damping)
+        weights = imu_weights(influence, self.clip_quantile)
+        self.last_weights = weights
+        ce = answer_nll(model, batch, "mean")
+        return imu_loss(ce, weights, theta if self.alpha != 0.0 else None, self.alpha)
 
     def state_dict(self):
-        return {"weights": dict(self.weights)}
-
-    def load_state_dict(self, state):
-        if "weights" in state:
-            self.weights = dict(state["weights"])
+        return {}

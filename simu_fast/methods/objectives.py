@@ -139,38 +139,25 @@ def imu_influence(per_example_grads: torch.Tensor, damping: float = 0.01) -> tor
     return -((g / fisher) * gbar).sum(dim=1)
 
 
-def imu_weights(influence: torch.Tensor, top_data: float = 0.5, clip_quantile: float | None = 0.93):
-    """Select and weight the forget examples: keep those with negative influence, then the top
-    ceil(top_data * n_negative) of them by |I| (ties to the lower index); weights sqrt(|I|) clipped at their
-    `clip_quantile` quantile (linear interpolation; None: no clip). Returns (indices [k] long, ascending;
-    weights [k] float32 aligned with them)."""
+def imu_weights(influence: torch.Tensor, clip_quantile: float | None = 0.93) -> torch.Tensor:
+    """[n] float32 weights, as the official code: 0 for examples with positive influence, sqrt(|I_i|) for the
+    others, clipped at the `clip_quantile` quantile of all n weights (zeros included; linear interpolation;
+    None: no clip)."""
     if not isinstance(influence, torch.Tensor) or influence.dim() != 1:
         raise ValueError("influence must be a 1-D tensor [n]")
     if influence.numel() == 0:
         raise ValueError("influence is empty")
-    top_data = float(top_data)
-    if not (0.0 < top_data <= 1.0):
-        raise ValueError(f"top_data must be in (0, 1], got {top_data!r}")
     if clip_quantile is not None and not (0.0 < float(clip_quantile) <= 1.0):
         raise ValueError(f"clip_quantile must be in (0, 1] or None, got {clip_quantile!r}")
     infl = influence.detach().float()
-    negative = torch.nonzero(infl < 0).flatten()
-    if negative.numel() == 0:
-        raise ValueError("no example has negative influence: IMU keeps only negative-influence examples, "
-                         "so there is nothing to unlearn with")
-    k = max(1, math.ceil(top_data * negative.numel() - 1e-9))
-    mag = infl[negative].abs()
-    order = torch.sort(-mag, stable=True).indices[:k]
-    kept = torch.sort(negative[order]).values
-    weights = infl[kept].abs().sqrt()
+    weights = torch.where(infl > 0, torch.zeros_like(infl), infl).abs().sqrt()
     if clip_quantile is not None:
-        cap = torch.quantile(weights, float(clip_quantile))
-        weights = torch.minimum(weights, cap)
-    return kept, weights
+        weights = torch.minimum(weights, torch.quantile(weights, float(clip_quantile)))
+    return weights
 
 
 def imu_loss(per_example_ce: torch.Tensor, weights: torch.Tensor, theta_s=None, alpha: float = 0.0) -> torch.Tensor:
-    """-sum_i w_i CE_i / sum_i w_i (+ alpha * ||theta_s||_1; theta_s a tensor or an iterable of tensors)."""
+    """-sum_i w_i CE_i / (sum_i w_i + 1e-8) (+ alpha * ||theta_s||_1; theta_s a tensor or an iterable of tensors)."""
     if not isinstance(per_example_ce, torch.Tensor) or per_example_ce.dim() != 1:
         raise ValueError("per_example_ce must be a 1-D tensor [k]")
     if not isinstance(weights, torch.Tensor) or weights.dim() != 1:
@@ -183,10 +170,7 @@ def imu_loss(per_example_ce: torch.Tensor, weights: torch.Tensor, theta_s=None, 
     w = weights.detach().to(device=per_example_ce.device, dtype=per_example_ce.dtype)
     if (w < 0).any() or not torch.isfinite(w).all():
         raise ValueError("weights must be finite and >= 0")
-    total = w.sum()
-    if total <= 0:
-        raise ValueError("weights sum to 0")
-    loss = -(w * per_example_ce).sum() / total
+    loss = -(w * per_example_ce).sum() / (w.sum() + 1e-8)  # all weights 0: a zero loss (the official 1e-8)
     alpha = float(alpha)
     if alpha != 0.0:
         if theta_s is None:
@@ -239,3 +223,33 @@ def per_example_grads(model, batches, params, reduction: str = "mean") -> torch.
     if not rows:
         raise ValueError("per_example_grads got no examples")
     return torch.stack(rows)
+
+
+def streaming_imu_influence(model, batch, params, damping: float = 0.01, reduction: str = "mean") -> torch.Tensor:
+    """[rows] float32: imu_influence of the batch's per-example gradients on `params`, computed in two passes
+    of one backward per row (pass 1: F = mean g_i^2 + damping and gbar = mean g_i, accumulated; pass 2:
+    I_i = -(g_i / F) . gbar), so memory is O(|params|), never [rows x |params|]. .grad is not touched."""
+    _check_batch(batch)
+    plist = _resolve_params(model, params)
+    rows = batch["input_ids"].shape[0]
+
+    def grads_of(i):
+        one = {k: batch[k][i:i + 1] for k in _KEYS}
+        gs = torch.autograd.grad(answer_nll(model, one, reduction)[0], plist, allow_unused=True)
+        return [torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float() for p, g in zip(plist, gs)]
+
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
+    gbar = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
+    with torch.enable_grad():
+        for i in range(rows):
+            g = grads_of(i)
+            torch._foreach_add_(gbar, g)
+            torch._foreach_addcmul_(fisher, g, g)
+        torch._foreach_div_(gbar, rows)
+        torch._foreach_div_(fisher, rows)
+        torch._foreach_add_(fisher, damping)
+        direction = torch._foreach_div(gbar, fisher)  # F^-1 gbar: I_i = -g_i . (F^-1 gbar)
+        out = torch.empty(rows, dtype=torch.float32)
+        for i in range(rows):
+            out[i] = -sum(float((g * v).sum(dtype=torch.float64)) for g, v in zip(grads_of(i), direction))
+    return out

@@ -2,10 +2,10 @@
 one with its defaults overridden by keyword arguments."""
 from __future__ import annotations
 
-from .baselines import GA, NPO, FOGradDiff, GradDiff
+from .baselines import GA, NPO, GradDiff
 from .imu import IMU
 from .simu import SIMU
-from .soul import SOGradDiff
+from .soul import FOGradDiff, SOGradDiff
 from .ssiuu import Ssiuu
 
 METHODS = {"ga": GA, "graddiff": GradDiff, "npo": NPO, "so-graddiff": SOGradDiff, "fo-graddiff": FOGradDiff,

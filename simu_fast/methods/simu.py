@@ -1,42 +1,79 @@
 """SIMU (Selective Influence Machine Unlearning, arXiv 2510.07822; DESIGN.md "Neuron selection (SIMU)").
 
-setup(): integrated gradients over MLP neurons (NeuronAttributor, `steps` = 5 IG steps, answer positions,
-loss target) on the forget and the retain loader, then select_neurons: the top `fraction` = 1% of neurons
-by forget score (C_f) and by retain score (C_r); the mask is C_f - C_r plus the dual neurons C_f & C_r
-(include_dual=True, the paper's better variant). The mask is kept in `self.mask` (a NeuronMask; save it
-with self.mask.save(path)). If a mask is given to the constructor, or restored by load_state_dict, setup
-does no attribution.
+setup(): integrated gradients over the MLP neurons (NeuronAttributor: `steps` = 5 IG steps, the right
+Riemann rule of DEPN and SIMU, answer positions) on the forget and on the retain loader, then
+select_neurons: the critical sets C_f (forget scores) and C_r (retain scores) by the paper's per-layer rule
+score > ratio * max(score in its layer); the mask is forget-only C_f - C_r plus the dual neurons C_f & C_r
+(include_dual=True, the paper's better variant). `fraction=` or `k=` select a top fraction / count instead
+(scope "global" unless given). The mask is kept in `self.mask` (a NeuronMask; save it with
+self.mask.save(path)); with mask= given, or restored by load_state_dict, setup does no attribution.
 
-make_optimizer(): SophiaG over all model.parameters(), then mask.apply_to(optimizer, model, neuron_params,
-attention): only the selected neurons' weights of `neuron_params` (gate/up rows, down columns) and, with
-attention="full", the attention projections move; everything else is frozen (requires_grad False).
-loss(): GradDiff (gamma 1.0). after_step(): GNB Hessian refresh every `hessian_every` steps as SO-GradDiff.
-SophiaG defaults as SOGradDiff (official Sophia betas/rho/weight decay, lr 1e-5: our choice; override it).
+Direction. A neuron holds the forget set when it *supports* the forget answers (zeroing it lowers their
+probability). The attribution target is `target` = "prob" (the sum of the answer tokens' probabilities, the
+knowledge-neuron / DEPN target), whose IG score is positive for such neurons, so the top scores are
+supporting neurons. With target="loss" the IG scores of the answer NLL have the opposite sign; SIMU
+negates them before selecting, so every target selects supporting neurons. Evidence
+(bench/simu_selection.py: eval.neuron_ablation on the demo's memorized model, 4 layers x 512 neurons,
+random = 10 random sets of the same per-layer sizes; bench/results/simu_selection/report.md): the
+loss-signed top 1% (the earlier default) leaves forget answer probability at 0.982 -> 0.982 (random sets:
+0.980); with target "prob" the top 1% gives 0.961 (10.9x the random sets' drop) and the per-layer rule at
+t = 0.2 gives 0.882 (16.7x, 124 neurons) while retain moves 0.981 -> 0.951; "logprob" is close behind
+(9.5x and 14.8x).
+
+What moves (the paper): the attention projections, fully (attention="full"), and in each MLP only the
+critical neurons' columns of the down projection (neuron_params=("down",); "up"/"gate" rows are options);
+everything else is frozen. Sophia with the Gauss-Newton-Bartlett Hessian (hessian="gnb", refreshed every
+`hessian_every` = 10 steps, Sophia's k); the mask applies to m, h and theta. loss(): GradDiff, gamma 1
+(the paper gives none). The rest of the Sophia setting and the schedule are SO-GradDiff's (SOUL's TOFU
+config: betas (0.9, 0.95), rho 0.04, weight decay 0.1, lr 5e-6, linear schedule with 10% warmup), since
+SIMU is SO-GradDiff restricted to the critical neurons. The paper gives no t and no lr: ratio 0.2 is the t
+with the largest forget drop relative to random same-size sets in the selection benchmark above (of t in
+{0.1, 0.2, 0.3, 0.5}); on the demo it selects about 6% of
+the neurons (t = 0.3: 3%, 13x; t = 0.5: 1%, 11x). Tune lr per model (DESIGN.md, "Evaluating unlearning
+fairly").
+
+Not built: the paper's attribution per next-token sample (each answer token with its own prefix as a
+separate example). The batched pass here scores all answer tokens of a QA pair at once; IG is linear in the
+target and attention is causal, so this equals the sum of the per-sample attributions when each is summed
+over the answer positions of its prefix; reading each sample at its last position only (as DEPN does) would
+drop the terms that earlier positions contribute to later tokens. Not compared by ablation yet.
 """
 from __future__ import annotations
 
-import torch
+import dataclasses
 
 from ..attribution.integrated_gradients import NeuronAttributor
 from ..select.critical_sets import select_neurons
 from ..select.neuron_mask import NeuronMask
 from .soul import SOGradDiff
 
+DEFAULT_RATIO = 0.2
+DEFAULT_TARGET = "prob"
+
 
 class SIMU(SOGradDiff):
     name = "simu"
     uses_retain = True
 
-    def __init__(self, steps: int = 5, fraction: float = 0.01, include_dual: bool = True,
-                 neuron_params=("down", "up", "gate"), attention: str = "full", lr: float = 1e-5,
-                 gamma: float = 1.0, mask: NeuronMask | None = None, scope: str = "global",
+    def __init__(self, steps: int = 5, ratio: float | None = None, fraction: float | None = None,
+                 k: int | None = None, scope: str | None = None, include_dual: bool = True,
+                 neuron_params=("down",), attention: str = "full", target: str = DEFAULT_TARGET,
+                 gamma: float = 1.0, hessian: str = "gnb", mask: NeuronMask | None = None,
                  attribution: dict | None = None, progress: bool = False, **sophia_kwargs):
-        super().__init__(gamma=gamma, lr=lr, **sophia_kwargs)
-        if not 0.0 < float(fraction) <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        self.steps, self.fraction, self.include_dual = int(steps), float(fraction), bool(include_dual)
-        self.neuron_params, self.attention, self.scope = tuple(neuron_params), attention, scope
-        self.attribution = dict(attribution or {})  # extra NeuronAttributor arguments (rule, target, ...)
+        super().__init__(gamma=gamma, hessian=hessian, **sophia_kwargs)
+        given = {name: v for name, v in (("ratio", ratio), ("fraction", fraction), ("k", k)) if v is not None}
+        if len(given) > 1:
+            raise ValueError(f"give at most one of ratio=, fraction=, k= (got {sorted(given)})")
+        self.rule = given or {"ratio": DEFAULT_RATIO}
+        (kind, value), = self.rule.items()
+        if kind == "k" and (isinstance(value, bool) or int(value) != value or int(value) < 1):
+            raise ValueError(f"k must be a positive int, got {value!r}")
+        if kind != "k" and not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"{kind} must be in (0, 1], got {value!r}")
+        self.scope = scope or ("per_layer" if kind == "ratio" else "global")
+        self.steps, self.include_dual = int(steps), bool(include_dual)
+        self.neuron_params, self.attention = tuple(neuron_params), attention
+        self.attribution = {"target": target, **dict(attribution or {})}  # NeuronAttributor arguments
         self.progress = progress
         self.mask = mask
         self.forget_scores = self.retain_scores = None
@@ -48,11 +85,18 @@ class SIMU(SOGradDiff):
         if forget_loader is None:
             raise ValueError("SIMU needs the forget loader in setup (or a precomputed mask=)")
         attributor = NeuronAttributor(model, steps=self.steps, **self.attribution)
-        self.forget_scores = attributor.attribute(forget_loader, progress=self.progress)
+        self.forget_scores = self._supporting(attributor.attribute(forget_loader, progress=self.progress))
         if retain_loader is not None:
-            self.retain_scores = attributor.attribute(retain_loader, progress=self.progress)
-        self.mask = select_neurons(self.forget_scores, self.retain_scores, fraction=self.fraction,
-                                   scope=self.scope, include_dual=self.include_dual)
+            self.retain_scores = self._supporting(attributor.attribute(retain_loader, progress=self.progress))
+        self.mask = select_neurons(self.forget_scores, self.retain_scores, scope=self.scope,
+                                   include_dual=self.include_dual, **self.rule)
+
+    def _supporting(self, scores):
+        """Scores in which a high value means "supports the answers": loss-target IG negated."""
+        if self.attribution["target"] != "loss":
+            return scores
+        return dataclasses.replace(scores, scores=-scores.scores,
+                                   metadata={**scores.metadata, "negated": "loss IG negated: high = supporting"})
 
     def make_optimizer(self, model):
         if self.mask is None:

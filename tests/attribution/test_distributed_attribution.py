@@ -4,7 +4,6 @@ FSDP2; the all-reduced scores equal one process's scores on the whole dataset an
 ranks; SIMU's mask is identical on both ranks; select_neurons(group=) on layer-sharded scores gives every
 rank the one-process mask."""
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from simu_fast.attribution import NeuronAttributor, NeuronScores
 from simu_fast.select import select_neurons
+from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
 from tiny_models import tiny_llama
 
 pytest.importorskip("transformers")
@@ -20,11 +20,6 @@ pytest.importorskip("transformers")
 VOCAB = 61
 ATTR = dict(steps=3, rule="riemann_right", target="loss", positions="answer")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(seed: int, sizes=(2, 1, 3, 2, 1)) -> list:
@@ -47,10 +42,9 @@ def _model():
     return tiny_llama(VOCAB, seed=0, tie_word_embeddings=False).float()
 
 
-def _worker(rank, world, port, forget, retain, shards, results):
+def _worker(rank, world, store, forget, retain, shards, results):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_local_group(rank, world, store)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
         from simu_fast.methods.simu import SIMU
@@ -87,8 +81,10 @@ def _worker(rank, world, port, forget, retain, shards, results):
                            group=dist.group.WORLD, **rule)
             for f, r, rule in shards]
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group()
 
 
 def _rules():
@@ -101,7 +97,7 @@ def test_two_ranks_equal_one_process_on_the_union():
     shards = [(torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g), rule) for rule in _rules()]
     shards[0][0][3, 5] = shards[0][0][0, 7] = shards[0][0].max() + 1  # a tie across the ranks' border
     results = mp.Manager().dict()
-    mp.start_processes(_worker, args=(2, _free_port(), forget, retain, shards, results), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, new_store_file(), forget, retain, shards, results), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = results[0], results[1]
 

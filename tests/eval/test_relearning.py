@@ -17,28 +17,14 @@ MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def setting():
+def setting(memorized):
     """(memorized model, GA-unlearned model, tokenizer, data): 10 people (2 to forget), a 2-layer Llama trained to
     answer probability >= 0.95 on forget + retain (~150 steps), then 12 steps of gradient ascent on forget."""
     from simu_fast import Unlearner
-    from simu_fast.data.corpus_tokenizer import train_tokenizer
-    from simu_fast.finetune import finetune
     from simu_fast.methods import make_method
-    from tiny_models import tiny_llama
 
-    data = synthetic_people(10, seed=0, forget_fraction=0.2, holdout_fraction=0.1)
-    tok = train_tokenizer([t for split in data.values() for ex in split for t in (ex.prompt, " " + ex.answer)],
-                          vocab_size=400)
-    train = data["forget"] + data["retain"]
-    model = tiny_llama(vocab_size=len(tok), seed=0, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=4, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    loader = make_loader(tokenize_examples(train, tok, MAX_LENGTH), 16, shuffle=True, seed=0,
-                         pad_token_id=tok.pad_token_id)
-    finetune(model, loader, lr=3e-3, max_steps=300, warmup_steps=10, schedule="cosine",
-             eval_fn=lambda m: {"p": answer_metrics(m, tok, train, batch_size=64, generate=False)["answer_prob"]},
-             eval_every=20, until=lambda m: m["p"] >= 0.95)
-    memorized = model.eval()
+    model, tok, data = memorized
+    memorized = copy.deepcopy(model).eval()
     unlearned = copy.deepcopy(memorized)
     forget = make_loader(tokenize_examples(data["forget"], tok, MAX_LENGTH), 10, shuffle=True, seed=0,
                          pad_token_id=tok.pad_token_id)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from simu_fast.methods import (answer_nll, ga_loss, graddiff_loss, imu_influence, imu_loss, imu_weights,
-                               npo_loss, npo_reference_logprobs, per_example_grads)
+from simu_fast.methods import (answer_nll, ga_loss, graddiff_loss, imu_influence, imu_loss, imu_weights, npo_loss,
+                               npo_reference_logprobs, per_example_grads, streaming_imu_influence)
 from tiny_models import tiny_llama as shared_tiny_llama
 
 VOCAB = 53
@@ -133,35 +133,38 @@ def test_imu_influence_by_hand():
         imu_influence(torch.zeros(4))
 
 
-def test_imu_weights_selection_and_clip():
+def test_imu_weights_zero_positive_and_clip():
+    """The official weighting: 0 for positive influence, sqrt(|I|) otherwise, clipped at the 0.93 quantile of
+    all weights (zeros included)."""
     infl = torch.tensor([-4.0, 1.0, -9.0, -1.0, -16.0, 0.5, -0.25])
-    # negatives: 0, 2, 3, 4, 6; top ceil(0.5 * 5) = 3 by |I|: 4, 2, 0
-    idx, w = imu_weights(infl, top_data=0.5, clip_quantile=None)
-    assert idx.tolist() == [0, 2, 4]
-    torch.testing.assert_close(w, torch.tensor([2.0, 3.0, 4.0]))
-    # 0.93 quantile of [2, 3, 4] (linear): 3 + 0.86 = 3.86
-    idx, w = imu_weights(infl, top_data=0.5)
-    assert idx.tolist() == [0, 2, 4]
-    torch.testing.assert_close(w, torch.tensor([2.0, 3.0, 3.86]))
-    idx, w = imu_weights(infl, top_data=1.0, clip_quantile=None)
-    assert idx.tolist() == [0, 2, 3, 4, 6]
-    assert (infl[idx] < 0).all()
-    idx, _ = imu_weights(infl, top_data=0.01)
-    assert idx.tolist() == [4]
-    for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="top_data"):
-            imu_weights(infl, top_data=bad)
-    with pytest.raises(ValueError, match="negative influence"):
-        imu_weights(torch.tensor([0.0, 1.0, 2.0]))
+    w = imu_weights(infl, clip_quantile=None)
+    torch.testing.assert_close(w, torch.tensor([2.0, 0.0, 3.0, 1.0, 4.0, 0.0, 0.5]))
+    clipped = imu_weights(infl)
+    cap = torch.quantile(w, 0.93)
+    torch.testing.assert_close(clipped, torch.minimum(w, cap))
+    assert float(clipped.max()) < 4.0 and float(clipped[1]) == 0.0
+    assert float(imu_weights(torch.tensor([0.0, 1.0, 2.0])).sum()) == 0.0  # nothing to unlearn: all zero
+    with pytest.raises(ValueError, match="clip_quantile"):
+        imu_weights(infl, clip_quantile=1.5)
     with pytest.raises(ValueError):
         imu_weights(torch.tensor([]))
+
+
+def test_streaming_influence_equals_the_dense_definition(model):
+    """Two passes, O(|theta_s|) memory: the same influence as imu_influence on the dense [n, d] matrix."""
+    b = make_batch()
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    dense = imu_influence(per_example_grads(model, [b], names, reduction="mean"), damping=0.01)
+    streamed = streaming_imu_influence(model, b, names, damping=0.01)
+    torch.testing.assert_close(streamed, dense, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_imu_loss_by_hand():
     ce = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     w = torch.tensor([1.0, 2.0, 1.0])
     loss = imu_loss(ce, w)
-    torch.testing.assert_close(loss, torch.tensor(-(1 + 4 + 4) / 4.0))
+    torch.testing.assert_close(loss, torch.tensor(-(1 + 4 + 4) / (4.0 + 1e-8)))
     loss.backward()
     torch.testing.assert_close(ce.grad, -w / 4)
     theta = torch.tensor([1.0, -2.0, 0.5])
@@ -169,6 +172,8 @@ def test_imu_loss_by_hand():
                                torch.tensor(-9 / 4 + 0.1 * 3.5))
     with pytest.raises(ValueError, match="same shape"):
         imu_loss(ce, torch.ones(2))
+    zero = imu_loss(ce, torch.zeros(3))  # every row of positive influence: a zero loss, still differentiable
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
     with pytest.raises(ValueError, match="empty"):
         imu_loss(torch.zeros(0), torch.zeros(0))
 
@@ -189,8 +194,8 @@ def test_per_example_grads_and_imu_pipeline(model):
     infl = imu_influence(g)
     assert infl.shape == (6,)
     assert (infl < 0).any()
-    idx, w = imu_weights(infl, top_data=1.0)
-    ce = torch.cat([answer_nll(model, b, "mean"), answer_nll(model, make_batch(2), "mean")])[idx]
+    w = imu_weights(infl)
+    ce = torch.cat([answer_nll(model, b, "mean"), answer_nll(model, make_batch(2), "mean")])
     imu_loss(ce, w, theta_s=[params[n] for n in names], alpha=1e-3).backward()
     assert params[names[1]].grad is not None
     model.zero_grad(set_to_none=True)

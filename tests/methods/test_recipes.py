@@ -71,7 +71,7 @@ CASES = {
     "npo": dict(lr=1e-2),
     "so-graddiff": dict(lr=1e-2, hessian_every=2),
     "imu": dict(lr=1e-2),
-    "ssiuu": dict(lr=1e-2, lam=1.0),
+    "ssiuu": dict(lr=1e-2),
     "simu": dict(lr=1e-2, fraction=0.2, steps=3, hessian_every=2),
 }
 
@@ -89,15 +89,39 @@ def test_every_method_raises_forget_nll(name):
 
 
 def test_registry_and_defaults():
+    """Each recipe's defaults are its paper's (or its official code's) settings."""
     assert set(METHODS) == {"ga", "graddiff", "npo", "so-graddiff", "fo-graddiff", "imu", "ssiuu", "simu"}
     assert GA().lr == 1e-5 and GradDiff().gamma == 1.0 and NPO().beta == 0.1
-    assert IMU().top_data == 0.5 and IMU().alpha == 0.0
-    assert Ssiuu().lam == 1e-4 and Ssiuu().gamma == 1.0
-    s = SIMU()
-    assert (s.steps, s.fraction, s.include_dual, s.neuron_params, s.attention) == (5, 0.01, True,
-                                                                                   ("down", "up", "gate"), "full")
-    assert SOGradDiff().hessian == "gnb" and SOGradDiff(hessian="squared_grad").hessian == "squared_grad"
+    imu = IMU()
+    assert (imu.layers, imu.damping, imu.clip_quantile, imu.alpha) == (3, 0.01, 0.93, 0.0)
+    assert imu.modules == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    ssiuu = Ssiuu()
+    assert (ssiuu.lam, ssiuu.gamma, ssiuu.penalty, ssiuu.per_example) == (0.01, 1.0, "norm", False)
+    so, fo = SOGradDiff(), FOGradDiff()  # SOUL's TOFU configs
+    assert (so.gamma, so.lr, so.betas, so.rho, so.weight_decay, so.bs, so.hessian) == (
+        2.0, 5e-6, (0.9, 0.95), 0.04, 0.1, 5120, "squared_grad")
+    assert (fo.gamma, fo.lr, fo.weight_decay, fo.warmup, so.warmup) == (0.3, 5e-6, 0.1, 0.1, 0.1)
+    s = SIMU()  # the paper: per-layer t * max rule, down-projection columns + attention, GNB Sophia
+    assert (s.steps, s.rule, s.scope, s.include_dual, s.neuron_params, s.attention, s.hessian) == (
+        5, {"ratio": 0.2}, "per_layer", True, ("down",), "full", "gnb")
+    assert s.attribution["target"] == "prob" and s.hessian_every == 10
+    assert SIMU(fraction=0.01).scope == "global" and SIMU(k=3).rule == {"k": 3}
+    assert make_method("simu", ratio=0.5).rule == {"ratio": 0.5}
     assert make_method("fo_graddiff", gamma=0.5).gamma == 0.5 and isinstance(make_method("FO-GradDiff"), FOGradDiff)
+
+
+def test_soul_schedule_is_transformers_linear_warmup():
+    transformers = pytest.importorskip("transformers")
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=50)
+    for step in range(50):
+        assert SOGradDiff().lr_factor(step, 50) == pytest.approx(sched.get_last_lr()[0], abs=1e-12), step
+        opt.step()
+        sched.step()
+    assert FOGradDiff(schedule="constant").lr_factor(3, 50) == 1.0 and SOGradDiff().lr_factor(7, None) == 1.0
+    with pytest.raises(ValueError, match="warmup"):
+        SOGradDiff(warmup=1.5)
 
 
 def test_make_method_errors():
@@ -107,6 +131,15 @@ def test_make_method_errors():
         make_method("simu", no_such_option=1)
     with pytest.raises(ValueError):
         SOGradDiff(hessian="diag")
+    with pytest.raises(ValueError, match="at most one of"):
+        SIMU(ratio=0.2, fraction=0.01)
+    for bad in (dict(ratio=0.0), dict(fraction=1.5), dict(k=0)):
+        with pytest.raises(ValueError):
+            SIMU(**bad)
+    with pytest.raises(ValueError, match="penalty"):
+        Ssiuu(penalty="l3")
+    with pytest.raises(ValueError, match="layers"):
+        IMU(layers=0)
 
 
 def test_so_graddiff_squared_grad_steps():
@@ -131,25 +164,31 @@ def test_npo_reference_cache_matches_copy_and_content_keys():
         cached.loss(model, {k: v for k, v in RETAIN.items() if k != "example_index"}, None)
 
 
-def test_imu_weights_follow_example_index():
-    model = tiny_llama()
-    imu = IMU()
-    imu.setup(model, split(FORGET))
-    kept = set(imu.weights)
-    assert kept and kept <= {("index", i) for i in range(4)}
-    assert imu.influence.shape == (4,)
-    loss = imu.loss(model, FORGET, None)
-    loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    other = {k: v for k, v in RETAIN.items()}  # no kept rows: zero loss, still differentiable
-    zero = imu.loss(model, other, None)
-    assert float(zero.detach()) == 0.0 and zero.requires_grad
+def test_imu_trains_only_theta_s():
+    """IMU: only the q/k/v/o projections of the last 3 layers (theta_s) are trainable, and only they move."""
+    model = tiny_llama_layers(4)
+    initial = copy.deepcopy(model.state_dict())
+    method = IMU(lr=1e-2)
+    run_steps(method, model, steps=3)
+    theta = {n for n, _ in method.theta_s(model)}
+    assert theta == {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in (1, 2, 3) for m in "qkvo"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == theta
+    after = model.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], initial[k])}
+    assert moved and moved <= theta, moved - theta
+    assert method.last_weights is not None and (method.last_weights >= 0).all()
+    with pytest.raises(ValueError, match="no parameter"):
+        IMU(modules=("mlp.nope",)).theta_s(model)
+
+
+def tiny_llama_layers(layers, seed=0):
+    return shared_tiny_llama(VOCAB, seed, num_hidden_layers=layers).eval()
 
 
 def test_simu_updates_only_masked_neurons():
     model = tiny_llama()
     initial = copy.deepcopy(model.state_dict())
-    method = SIMU(lr=1e-2, fraction=0.2, steps=3, hessian_every=2)
+    method = SIMU(lr=1e-2, steps=3, hessian_every=2)  # the default rule and parts: ratio, down columns
     run_steps(method, model, steps=4)
     mask = method.mask
     assert mask is not None and 0 < int(mask.mask.sum()) < mask.mask.numel()
@@ -158,16 +197,15 @@ def test_simu_updates_only_masked_neurons():
     moved_neurons = 0
     for slot, layer in enumerate(mask.layers):
         sel = mask.mask[slot]
-        for part in ("gate_proj", "up_proj", "down_proj"):
+        for part in ("gate_proj", "up_proj"):  # frozen (the paper moves only down-projection columns)
             key = f"model.layers.{layer}.mlp.{part}.weight"
-            changed = after[key] != initial[key]
-            allowed = torch.zeros_like(changed)
-            if part == "down_proj":
-                allowed[:, sel] = True  # column k of the down projection
-            else:
-                allowed[sel, :] = True  # row k of gate/up
-            assert not (changed & ~allowed).any(), f"{key} changed outside the masked neurons"
-            moved_neurons += int(changed.any(dim=0 if part == "down_proj" else 1).sum())
+            assert torch.equal(after[key], initial[key]), f"{key} is frozen but changed"
+        key = f"model.layers.{layer}.mlp.down_proj.weight"
+        changed = after[key] != initial[key]
+        allowed = torch.zeros_like(changed)
+        allowed[:, sel] = True  # column k of the down projection
+        assert not (changed & ~allowed).any(), f"{key} changed outside the masked neurons"
+        moved_neurons += int(changed.any(dim=0).sum())
         attn = [k for k in after if k.startswith(f"model.layers.{layer}.self_attn.")]
         assert any(not torch.equal(after[k], initial[k]) for k in attn), "attention should train"
     assert moved_neurons > 0
@@ -181,26 +219,42 @@ def test_simu_updates_only_masked_neurons():
     again.setup(tiny_llama(), None)  # no loaders needed with a mask
 
 
-def test_ssiuu_regularizer_changes_gradient():
-    def grads_after_before_step(lam):
-        model = tiny_llama()
-        method = Ssiuu(lam=lam, lr=1e-2)
-        opt = method.make_optimizer(model)
-        for step in range(2):
-            opt.zero_grad(set_to_none=True)
-            method.loss(model, FORGET, RETAIN).backward()
-            method.before_step(model, opt, FORGET, step)
-            grads = [p.grad.clone() for p in model.parameters()]
-            if step == 0:
-                opt.step()  # step 0 only records A: the same update for every lam
-        return grads, method
+def test_ssiuu_regularizer_compares_the_same_batch_at_both_parameters():
+    """The added gradient is lam [A < 0] sign(A - A_prev) dP/dphi with A and A_prev of the SAME batch at the
+    current and the previous parameters; the first step adds nothing; the ratio is logged."""
+    from simu_fast.methods.ssiuu import sequence_probability
 
-    base, _ = grads_after_before_step(0.0)  # lam = 0: plain GradDiff gradients
-    regularized, method = grads_after_before_step(1e4)
-    diff = sum(float((a - b).abs().sum()) for a, b in zip(base, regularized))
-    assert diff > 0, "a large lam must change the gradient"
-    assert method.attr_prev and all(a.dtype == torch.float32 for a in method.attr_prev.values())
-    state = method.state_dict()
+    model = tiny_llama()
+    method = Ssiuu(lam=0.5, lr=1e-2)
+    opt = method.make_optimizer(model)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        method.loss(model, FORGET, RETAIN).backward()
+        gd = [p.grad.clone() for p in model.parameters()]
+        prev = {n: q.clone() for n, q in method.prev_params.items()}
+        method.before_step(model, opt, FORGET, step)
+        added = [p.grad - g for p, g in zip(model.parameters(), gd)]
+        if step == 0:  # no previous parameters yet: GradDiff alone, and theta^0 kept
+            assert all(float(a.abs().max()) == 0.0 for a in added) and method.step_metrics() == {}
+            opt.step()
+            continue
+        # the expected term, from the definition, in float64
+        params = [p for _, p in model.named_parameters()]
+        d_now = torch.autograd.grad(sequence_probability(model, FORGET), params)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for (n, p) in model.named_parameters():
+                p.copy_(prev[n])
+        d_prev = torch.autograd.grad(sequence_probability(model, FORGET), params)
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        for (n, p), a, dn, dp in zip(model.named_parameters(), added, d_now, d_prev):
+            attr, attr_prev = p.double() * dn.double(), prev[n].double() * dp.double()
+            expected = 0.5 * (attr < 0).double() * torch.sign(attr - attr_prev) * dn.double()
+            torch.testing.assert_close(a.double(), expected, rtol=1e-4, atol=1e-7, msg=n)
+    stats = method.step_metrics()
+    assert stats["reg_ratio"] > 0 and 0 < stats["negative_fraction"] < 1
     fresh = Ssiuu()
-    fresh.load_state_dict(state)
-    assert set(fresh.attr_prev) == set(method.attr_prev)
+    fresh.load_state_dict(method.state_dict())
+    assert set(fresh.prev_params) == {n for n, _ in model.named_parameters()}

@@ -9,9 +9,7 @@ Every rank trains on the same batch: FSDP2 averages identical gradients, so the 
 single run's gradients and a difference comes from the optimizer's sharding, not from data-parallel
 rounding (which could flip sign(m), and so a whole lr-sized step, where a gradient nearly cancels).
 """
-import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from simu_fast.optim import AdamW, GNBHessianSchedule, SophiaG
 from simu_fast.optim.sharded_params import Shard
 from simu_fast.select.neuron_mask import NeuronMask
+from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
 
 from tiny_models import tiny_llama
 
@@ -32,11 +31,6 @@ VOCAB = 61  # embedding and lm_head rows split 31 / 30
 STEPS, SAVE_AT = 5, 3
 SOPHIA = dict(lr=2e-2, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1, bs=16)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(seed=0):
@@ -128,15 +122,15 @@ def _single(seed):
         torch.set_num_threads(threads)
 
 
-def _worker(rank, world, port, seed, directory):
+def _worker(rank, world, store, seed, directory):
     torch.set_num_threads(1)  # 2 processes on a 2-core machine
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a timeout, so that a collective one rank misses fails the test instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    init_local_group(rank, world, store)
     try:
         _sharded_runs(rank, seed, directory)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group()
 
 
 def _shard(model):
@@ -328,7 +322,7 @@ def _small_placements(mesh):
 def runs(tmp_path_factory):
     seed = int.from_bytes(os.urandom(3), "little")
     directory = str(tmp_path_factory.mktemp("fsdp2"))
-    mp.start_processes(_worker, args=(2, _free_port(), seed, directory), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, new_store_file(), seed, directory), nprocs=2, join=True, start_method="spawn")
     sharded = [torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False) for r in range(2)]
     return seed, _single(seed), sharded
 

@@ -1,6 +1,5 @@
 """Distributed exact top-k: 2 gloo processes on the CPU agree with the single-process answer."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,17 +9,12 @@ import torch.multiprocessing as mp
 import simu_fast
 from simu_fast.ops.radix_select import reference_topk_mask
 from simu_fast.select import kth_largest, topk_mask
+from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _worker(rank, world, port, shards, cases, backend, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, store, shards, cases, backend, results):
+    init_local_group(rank, world, store)
     try:
         out = []
         for shard_pair in shards:
@@ -30,8 +24,10 @@ def _worker(rank, world, port, shards, cases, backend, results):
                 value = kth_largest(shard, k, absolute=absolute, backend=backend, group=dist.group.WORLD)
                 out.append((mask, float(value)))
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group()
 
 
 def _backends():
@@ -54,7 +50,7 @@ def test_two_ranks_match_single_process(backend):
     cases = [(1, False), (250, False), (500, True), (1001, False), (37, True)]
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(2, _free_port(), shards, cases, backend, results), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, new_store_file(), shards, cases, backend, results), nprocs=2, join=True,
                        start_method="spawn")
     i = 0
     for full in fulls:

@@ -27,9 +27,9 @@ def memorize(model, tokenizer, examples, *, lr: float = 3e-3, batch_size: int = 
     """Train `model` in place on the answers of `examples` (warmup + cosine AdamW) until their mean
     length-normalized answer probability reaches target_prob (checked every check_every_epochs epochs) or
     max_epochs pass. Returns {"parameters", "steps", "train_seconds", "answer_prob", "reached"}."""
-    from .data import make_loader, tokenize_examples
-    from .eval import answer_metrics
-    from .finetune import finetune
+    from ..data import make_loader, tokenize_examples
+    from ..eval import answer_metrics
+    from ..finetune import finetune
 
     examples = list(examples)
     features = tokenize_examples(examples, tokenizer, max_length=max_length)

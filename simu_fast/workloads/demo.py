@@ -64,7 +64,7 @@ def default_cache_dir() -> str:
 
 
 def demo_data(settings: DemoSettings) -> dict:
-    from .data import synthetic_people
+    from ..data import synthetic_people
     return synthetic_people(settings.n_people, seed=settings.seed)
 
 
@@ -101,7 +101,7 @@ def memorized_model(settings: DemoSettings, cache_dir: str | None = None, progre
 
 
 def train_memorized_model(settings: DemoSettings, progress: bool = False, log=print):
-    from .data.corpus_tokenizer import train_tokenizer
+    from ..data.corpus_tokenizer import train_tokenizer
     from .memorization import memorize, small_llama
 
     data = demo_data(settings)
@@ -117,7 +117,7 @@ def train_memorized_model(settings: DemoSettings, progress: bool = False, log=pr
 
 
 def evaluate_splits(model, tokenizer, data: dict) -> dict:
-    from .eval import answer_metrics
+    from ..eval import answer_metrics
     out = {}
     for split in ("forget", "retain", "holdout"):
         m = answer_metrics(model, tokenizer, data[split], batch_size=64)
@@ -126,10 +126,10 @@ def evaluate_splits(model, tokenizer, data: dict) -> dict:
 
 
 def unlearn_one(name: str, model, tokenizer, data: dict, settings: DemoSettings, tau: float, progress: bool = False):
-    from .data import make_loader, tokenize_examples
-    from .eval import rouge_eval_fn, stop_at_forget_rouge
-    from .methods import make_method
-    from .unlearner import Unlearner
+    from ..data import make_loader, tokenize_examples
+    from ..eval import rouge_eval_fn, stop_at_forget_rouge
+    from ..methods import make_method
+    from ..unlearner import Unlearner
 
     pad = tokenizer.pad_token_id
     args = {"lr": settings.unlearn_lr, **settings.method_args.get(name, {})}

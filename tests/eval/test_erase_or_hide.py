@@ -1,0 +1,98 @@
+"""erase_or_hide (the D+ / D- diagnostic of arXiv 2509.22263) and neuron_ablation on tiny Llamas: the reduction
+by hand, attribution extremes against a one-example brute force, known answers for unchanged and for
+fully erased models, and the ablation's hooks."""
+import copy
+
+import pytest
+import torch
+
+from simu_fast.eval.erase_or_hide import attribution_change, erase_or_hide, neuron_attribution_extremes
+from simu_fast.eval.neuron_ablation import neuron_ablation, zeroed_neurons
+
+pytest.importorskip("transformers")
+
+
+def test_attribution_change_by_hand():
+    # 2 examples, 2 neurons: (max_k A, min_k A) before and after
+    before = (torch.tensor([[3.0, 1.0], [1.0, 1.0]]), torch.tensor([[-1.0, 0.5], [-1.0, 0.5]]))
+    after = (torch.tensor([[1.0, -2.0], [1.0, 4.0]]), torch.tensor([[-3.0, 0.5], [-5.0, 1.5]]))
+    d_plus, d_minus = attribution_change(before, after)
+    # neuron 0: mean(3-1, 1-1) = 1; neuron 1: mean(1-max(-2,0), 1-4) = -1 -> clamped to 0
+    torch.testing.assert_close(d_plus, torch.tensor([1.0, 0.0]))
+    # neuron 0: mean(-1+3, -1+5) = 3; neuron 1: mean(0, -1) -> clamped to 0
+    torch.testing.assert_close(d_minus, torch.tensor([3.0, 0.0]))
+
+
+def test_extremes_match_a_one_example_brute_force(random_llama, people_tokenizer, people):
+    model, tok = random_llama, people_tokenizer
+    example = people["forget"][0]
+    got = neuron_attribution_extremes(model, tok, [example], max_length=64)
+    assert (0, "mlp.act") in got and (1, "attn.o_proj") in got and (0, "attn.q_proj") in got
+    # brute force for layer 1's MLP activation: A = a * dP/da, P the answer's sequence probability
+    from simu_fast.data import tokenize_examples
+    f = tokenize_examples([example], tok, 64)[0]
+    ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+    store = {}
+
+    def pre(module, args):
+        store["a"] = args[0].detach().requires_grad_(True)
+        return (store["a"],)
+
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(pre)
+    try:
+        logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        target = labels[0, 1:]
+        keep = target != -100
+        prob = logits[keep].gather(-1, target[keep][:, None]).sum().exp()
+        (grad,) = torch.autograd.grad(prob, store["a"])
+    finally:
+        handle.remove()
+    attribution = (store["a"] * grad)[0].double()
+    hi, lo = got[(1, "mlp.act")]
+    torch.testing.assert_close(hi[0].double(), attribution.max(dim=0).values, rtol=1e-3, atol=1e-8)
+    torch.testing.assert_close(lo[0].double(), attribution.min(dim=0).values, rtol=1e-3, atol=1e-8)
+
+
+def test_known_answers(random_llama, people_tokenizer, people):
+    model, tok, forget = random_llama, people_tokenizer, people["forget"]
+    same = erase_or_hide(model, copy.deepcopy(model), tok, forget, max_length=64)
+    assert same["d_plus"] == 0.0 and same["d_minus"] == 0.0
+    # an "unlearned" model whose answer probability no longer depends on anything (lm_head zero): every
+    # attribution after is 0, so D+ = sum of the positive mean maxima before, D- = sum of positive mean minima
+    erased = copy.deepcopy(model)
+    with torch.no_grad():
+        erased.lm_head.weight.zero_()
+    result = erase_or_hide(model, erased, tok, forget, max_length=64)
+    before = neuron_attribution_extremes(model, tok, forget, max_length=64)
+    expected_plus = sum(float(hi.mean(0).clamp(min=0).sum()) for hi, _ in before.values())
+    expected_minus = sum(float(lo.mean(0).clamp(min=0).sum()) for _, lo in before.values())
+    assert result["d_plus"] == pytest.approx(expected_plus, rel=1e-5) and result["d_plus"] > 0
+    assert result["d_minus"] == pytest.approx(expected_minus, rel=1e-5, abs=1e-12)
+    assert result["erase_share"] > 0.5
+    assert len(result["per_layer"]) == len(before) and {r["module"] for r in result["per_layer"]} >= {"mlp.act"}
+
+
+def test_neuron_ablation_zeroes_exactly_the_mask(random_llama, people_tokenizer, people):
+    model, tok = random_llama, people_tokenizer
+    forget, retain = people["forget"], people["retain"][:6]
+    width = model.config.intermediate_size
+    none = torch.zeros(2, width, dtype=torch.bool)
+    result = neuron_ablation(model, tok, none, forget, retain, random_sets=2, max_length=64)
+    assert result["mask"] == result["base"] and result["neurons"] == 0
+    # all of layer 1's neurons zeroed == layer 1's down projection zeroed
+    whole = none.clone()
+    whole[1] = True
+    result = neuron_ablation(model, tok, whole, forget, retain, random_sets=2, max_length=64)
+    cut = copy.deepcopy(model)
+    with torch.no_grad():
+        cut.model.layers[1].mlp.down_proj.weight.zero_()
+    again = neuron_ablation(cut, tok, none, forget, retain, random_sets=1, max_length=64)
+    assert result["mask"]["forget"] == pytest.approx(again["base"]["forget"], rel=1e-5)
+    assert result["random"] == result["mask"]  # a random set of all neurons is the same set
+    # the hooks are gone afterwards, also after an error
+    with pytest.raises(ValueError, match="out of range"):
+        with zeroed_neurons(model, {5: torch.tensor([0])}):
+            pass
+    assert not model.model.layers[1].mlp.down_proj._forward_pre_hooks
+    with pytest.raises(TypeError, match="NeuronMask"):
+        neuron_ablation(model, tok, [1, 2], forget, retain)
