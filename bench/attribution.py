@@ -30,7 +30,6 @@ memory (GPU) and time.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import gc
@@ -419,20 +418,10 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.attribution", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small model on the CPU / fewer cases on a GPU")
-    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)}")
-    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap = common.bench_parser("bench.attribution", __doc__, SIZES, "small model on the CPU / fewer cases on a GPU")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="model dtype (default: fp32 on the CPU, bf16 on a GPU)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not touch bench/results")
-    ap.add_argument("--time-limit", type=float, help="seconds; skip cases that would not finish in time")
     args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
-    deadline = time.time() + args.time_limit if args.time_limit else None
-    run(quick=args.quick, device=args.device, deadline=deadline, sizes=sizes, dtype=args.dtype, threads=args.threads,
-        write=not args.no_write)
-
+    run(dtype=args.dtype, **common.run_options(args))
 
 if __name__ == "__main__":
     main()

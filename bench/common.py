@@ -12,6 +12,7 @@ One row schema for all ops (ROW_FIELDS): a row is one (size, case, method) measu
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
@@ -369,3 +370,33 @@ def markdown_report(data: dict) -> str:
         out.append(markdown_table(entry.get("rows", [])))
         out.append("")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line every op bench shares
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_parser(module: str, doc: str, sizes, quick_help: str, threads: bool = True) -> argparse.ArgumentParser:
+    """`python -m bench.<op>`'s parser with the options every op bench takes: --quick, --sizes, --device,
+    --threads (CPU), --no-write, --time-limit. A bench adds its own options to it."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(sizes)}")
+    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    if threads:
+        ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not touch bench/results")
+    ap.add_argument("--time-limit", type=float, help="seconds; skip what would not finish in time")
+    return ap
+
+
+def run_options(args) -> dict:
+    """run() keyword arguments from bench_parser's options: quick, sizes, device, deadline, write (and
+    threads where the parser has it)."""
+    out = dict(quick=args.quick, device=args.device, write=not args.no_write,
+               sizes=[s.strip() for s in args.sizes.split(",")] if args.sizes else None,
+               deadline=time.time() + args.time_limit if args.time_limit else None)
+    if hasattr(args, "threads"):
+        out["threads"] = args.threads
+    return out

@@ -30,7 +30,6 @@ at the tensors' dtype sizes; GB/s = bytes / median time, whatever the method act
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import time
@@ -483,22 +482,13 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.optim", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the 10M size only, fewer repetitions")
-    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)}")
-    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap = common.bench_parser("bench.optim", __doc__, SIZES, "the 10M size only, fewer repetitions", threads=False)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter dtype (state is float32)")
     ap.add_argument("--hessian", default="gnb", choices=["gnb", "squared_grad"],
                     help="squared_grad also updates h inside the step (SOUL)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not touch bench/results")
-    ap.add_argument("--time-limit", type=float, help="seconds; skip sizes that would not finish in time")
     args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
-    deadline = time.time() + args.time_limit if args.time_limit else None
-    run(quick=args.quick, sizes=sizes, device=args.device, dtype=args.dtype, hessian=args.hessian,
-        compile=not args.no_compile, deadline=deadline, write=not args.no_write)
-
+    run(dtype=args.dtype, hessian=args.hessian, compile=not args.no_compile, **common.run_options(args))
 
 if __name__ == "__main__":
     main()

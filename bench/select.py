@@ -41,7 +41,6 @@ Per row, besides the common fields (median/min ms, speedup = torch.topk median /
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import time
@@ -498,19 +497,8 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.select", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
-    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)}")
-    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not touch bench/results")
-    ap.add_argument("--time-limit", type=float, help="seconds; skip sizes that would not finish in time")
-    args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
-    deadline = time.time() + args.time_limit if args.time_limit else None
-    run(quick=args.quick, device=args.device, deadline=deadline, sizes=sizes, threads=args.threads,
-        write=not args.no_write)
-
+    args = common.bench_parser("bench.select", __doc__, SIZES, "smaller sizes, fewer repetitions").parse_args(argv)
+    run(**common.run_options(args))
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ of differing elements and the largest difference in float32 ulps).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import time
@@ -202,19 +201,9 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.ssiuu_regularize", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the 1M size only, fewer repetitions")
-    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)}")
-    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not touch bench/results")
-    ap.add_argument("--time-limit", type=float, help="seconds; skip sizes that would not finish in time")
-    args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
-    deadline = time.time() + args.time_limit if args.time_limit else None
-    run(quick=args.quick, sizes=sizes, device=args.device, deadline=deadline, threads=args.threads,
-        write=not args.no_write)
-
+    args = common.bench_parser("bench.ssiuu_regularize", __doc__, SIZES,
+                               "the 1M size only, fewer repetitions").parse_args(argv)
+    run(**common.run_options(args))
 
 if __name__ == "__main__":
     main()

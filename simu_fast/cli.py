@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--retain", metavar="FILE", help="retain-set data file")
     e.add_argument("--holdout", metavar="FILE", help="holdout (never trained on) data file: the non-members of the "
                                                      "membership-inference attacks")
+    e.add_argument("--original", metavar="DIR", help="the model before unlearning: adds the erase-or-hide "
+                                                     "diagnostic (D+ / D- of the forget answers' attributions)")
     e.add_argument("--reference", metavar="DIR", help="a reference model (e.g. trained on retain data only): enables "
                                                       "the reference MIA attack and TOFU forget quality")
     e.add_argument("--utility-text", metavar="FILE", help="general text for perplexity: a .txt file (one text per "
@@ -334,6 +336,8 @@ def unlearn(args) -> int:
     parallel = opts["parallel"] or ("ddp" if dist.launched_distributed() else "none")
     if parallel == "fsdp2" and not dist.fsdp2_available():
         raise UsageError("--parallel fsdp2 needs FSDP2 (fully_shard), which this torch lacks; use --parallel ddp")
+    if parallel == "fsdp2" and not method.supports_fsdp2:
+        raise UsageError(f"method {opts['method']!r} does not support --parallel fsdp2 yet; use --parallel ddp")
     started_group = dist.launched_distributed() and not dist.is_initialized()
     try:
         code = _unlearn(opts, method, uses_retain, parallel)
@@ -407,13 +411,17 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     if parallel == "fsdp2":  # a collective: rank 0 gets the full weights to save
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    evaluation = None
-    if opts["eval"] and (main or parallel == "fsdp2"):  # a sharded model evaluates on every rank (collectives)
+    evaluation = original = None
+    retain_examples = _read_examples(opts["retain"], opts["format"], "retain") if opts["retain"] else None
+    evaluates = opts["eval"] and (main or parallel == "fsdp2")  # a sharded model evaluates on every rank
+    if evaluates or (main and getattr(method, "mask", None) is not None and retain_examples):
+        original = _load_model(opts["model"])[0].to(next(model.parameters()).device)  # the model before
+    if evaluates:
         from .eval.evaluate import evaluate_model
         holdout = _read_examples(opts["holdout"], opts["format"], "holdout") if opts["holdout"] else None
-        retain_examples = _read_examples(opts["retain"], opts["format"], "retain") if opts["retain"] else None
         evaluation = evaluate_model(model, tokenizer, forget_examples, retain_examples, holdout,
-                                    batch_size=opts["batch_size"], max_length=opts["max_length"])
+                                    original_model=original, batch_size=opts["batch_size"],
+                                    max_length=opts["max_length"])
     if not main:
         return 0  # rank 0 writes the outputs
 
@@ -435,17 +443,11 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
                "options": options, "method_args": opts["method_args"], "mask": mask_file,
                "history": result.get("history", []), "step_metrics": result.get("step_metrics", []),
                "eval": evaluation, "neuron_ablation": None}
-    if mask_file is not None:  # does the mask hold the forget set? checked on the model as it was before
+    if mask_file is not None and retain_examples:  # does the mask hold the forget set? on the model before
         from .eval.neuron_ablation import neuron_ablation
-        retain_examples = _read_examples(opts["retain"], opts["format"], "retain") if opts["retain"] else []
-        if retain_examples:
-            original, _ = _load_model(opts["model"])
-            if torch.cuda.is_available():
-                original = original.to(next(model.parameters()).device)
-            metrics["neuron_ablation"] = neuron_ablation(
-                original, tokenizer, method.mask, forget_examples[:ABLATION_EXAMPLES],
-                retain_examples[:ABLATION_EXAMPLES], batch_size=opts["batch_size"], max_length=opts["max_length"])
-            del original
+        metrics["neuron_ablation"] = neuron_ablation(
+            original, tokenizer, method.mask, forget_examples[:ABLATION_EXAMPLES], retain_examples[:ABLATION_EXAMPLES],
+            batch_size=opts["batch_size"], max_length=opts["max_length"])
     from .eval.report import to_jsonable
     _write_atomic(os.path.join(out, "metrics.json"),
                   json.dumps(to_jsonable(metrics), indent=2, default=repr, allow_nan=False) + "\n")
@@ -604,17 +606,19 @@ def evaluate(args) -> int:
 
     model, tokenizer = _load_model(args.model)
     reference = _load_model(args.reference)[0] if args.reference else None
+    original = _load_model(args.original)[0] if args.original else None
     ensure_pad_token(tokenizer)
     if torch.cuda.is_available():
         model = model.to("cuda")
         reference = reference.to("cuda") if reference is not None else None
+        original = original.to("cuda") if original is not None else None
     attacks = [{"kind": kind, "steps": args.relearn_steps, "lr": args.relearn_lr,
                 "eval_every": max(1, args.relearn_steps // 4),
                 **({"fraction": args.relearn_fraction} if kind == "harmful" else {})} for kind in args.relearn]
     start = time.time()
     try:
         result = evaluate_model(model, tokenizer, splits["forget"], splits.get("retain"), splits.get("holdout"),
-                                reference_model=reference, utility_texts=utility_texts,
+                                reference_model=reference, original_model=original, utility_texts=utility_texts,
                                 multiple_choice=args.multiple_choice, relearning=attacks, benign_examples=benign,
                                 batch_size=args.batch_size, max_length=args.max_length,
                                 progress=sys.stderr.isatty())

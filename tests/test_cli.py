@@ -94,6 +94,17 @@ def test_simu_writes_mask(model_dir, data, tmp_path):
     assert metrics["method_args"]["fraction"] == 0.2 and metrics["method_args"]["steps"] == 1
     assert (out / "mask.safetensors").is_file() and metrics["mask"] == "mask.safetensors"
     assert _weights_differ(model_dir, out)
+    check = metrics["neuron_ablation"]  # the mask's causal check, on the model before unlearning
+    assert check["neurons"] > 0 and len(check["random_sets"]) == 5 and check["base"]["forget"] > 0
+    assert "zeroed in the original model" in (out / "report.md").read_text()
+
+
+def test_ssiuu_logs_its_regularizer(model_dir, data, tmp_path):
+    out = tmp_path / "ssiuu"
+    assert main(_args(model_dir, data, out, "ssiuu", "--steps", "3", "--lr", "1e-2")) == 0
+    metrics = _check_outputs(out, "ssiuu", 3)
+    assert [m["step"] for m in metrics["step_metrics"]] == [2, 3]  # the first step has no previous parameters
+    assert all(m["reg_ratio"] >= 0 and 0 <= m["negative_fraction"] <= 1 for m in metrics["step_metrics"])
 
 
 def test_config_and_flag_override(model_dir, data, tmp_path):
@@ -141,6 +152,8 @@ def test_user_errors_exit_2(model_dir, data, tmp_path, capsys):
     bad.write_text("a: [1,\n")
     assert "not valid YAML" in _error(capsys, ["unlearn", "--config", str(bad)])
     assert "config file not found" in _error(capsys, ["unlearn", "--config", str(tmp_path / "x.yaml")])
+    err = _error(capsys, _args(model_dir, data, out, "ssiuu", "--steps", "1", "--parallel", "fsdp2"))
+    assert "'ssiuu' does not support --parallel fsdp2" in err
     assert not os.path.exists(out)
 
 
@@ -209,11 +222,12 @@ def test_eval_command_writes_metrics_report_and_plots(model_dir, data, tmp_path,
     out = tmp_path / "eval"
     args = ["eval", "--model", str(model_dir), "--forget", data["forget"], "--retain", data["retain"],
             "--holdout", data["retain"], "--format", "lume", "--max-length", "32", "--relearn", "harmful",
-            "--relearn-steps", "2", "--relearn-fraction", "0.5", "--out", str(out)]
+            "--relearn-steps", "2", "--relearn-fraction", "0.5", "--original", str(model_dir), "--out", str(out)]
     assert main(args) == 0
     assert "forget ROUGE-L" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())["model"]
-    assert {"forget", "retain", "holdout", "mia", "relearning"} <= set(metrics)
+    assert {"forget", "retain", "holdout", "mia", "relearning", "erase_or_hide"} <= set(metrics)
+    assert metrics["erase_or_hide"]["d_plus"] == metrics["erase_or_hide"]["d_minus"] == 0.0  # the same model
     assert metrics["forget"]["n"] == 3 and 0.0 <= metrics["forget"]["rougeL_recall"] <= 1.0
     assert (out / "report.md").is_file() and (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "relearning.png").is_file()
@@ -235,7 +249,8 @@ def test_unlearn_with_eval(model_dir, data, tmp_path):
     out = tmp_path / "ue"
     assert main(_args(model_dir, data, out, "graddiff", "--steps", "1", "--eval", "--holdout", data["retain"])) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"forget", "retain", "holdout", "mia"} <= set(metrics["eval"])
-    assert "Evaluation" in (out / "report.md").read_text()
+    assert {"forget", "retain", "holdout", "mia", "erase_or_hide"} <= set(metrics["eval"])
+    assert metrics["eval"]["erase_or_hide"]["d_plus"] >= 0 and metrics["eval"]["erase_or_hide"]["per_layer"]
+    assert "Evaluation" in (out / "report.md").read_text() and "D+ (erased)" in (out / "report.md").read_text()
     with pytest.raises(SystemExit):
         main(_args(model_dir, data, tmp_path / "x", "graddiff", "--steps", "1", "--holdout", data["retain"]))

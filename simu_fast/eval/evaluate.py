@@ -4,11 +4,13 @@ Per split (forget, retain, holdout): ROUGE-L recall, exact match, answer probabi
 ratio where the examples carry paraphrased/perturbed answers; with more than one task in a split, the same per
 task. Membership inference of forget (members) against holdout (non-members). Forget quality against a
 reference (retain-only) model's truth ratios. Utility: perplexity on general texts and multiple-choice
-accuracy. Relearning attacks, each a dict of relearning_attack arguments.
+accuracy. Relearning attacks, each a dict of relearning_attack arguments. With the model before unlearning
+(`original_model`): the erase-or-hide diagnostic (D+ positive influence removed, D- negative influence added).
 """
 from __future__ import annotations
 
 from .answer_metrics import METRICS, answer_metrics, nanmean
+from .erase_or_hide import erase_or_hide
 from .membership_inference import mia_report
 from .relearning import relearning_attack
 from .truth_ratio import FIELDS, forget_quality, truth_ratio_score, truth_ratios
@@ -18,11 +20,11 @@ SPLITS = ("forget", "retain", "holdout")
 
 
 def evaluate_model(model, tokenizer, forget, retain=None, holdout=None, *, reference_model=None,
-                   utility_texts=None, multiple_choice=None, relearning=(), benign_examples=None,
+                   original_model=None, utility_texts=None, multiple_choice=None, relearning=(), benign_examples=None,
                    batch_size: int = 16, max_length: int = 512, chat_template: bool = False,
                    progress: bool = False) -> dict:
     """{"forget": {...}, "retain": {...}, "holdout": {...}, "mia": {...}, "forget_quality": ...,
-    "utility": {...}, "relearning": [...]}; keys only for what was given."""
+    "utility": {...}, "relearning": [...], "erase_or_hide": {...}}; keys only for what was given."""
     splits = {"forget": _list(forget, "forget"), "retain": _list(retain, "retain"),
               "holdout": _list(holdout, "holdout")}
     if not splits["forget"]:
@@ -63,6 +65,9 @@ def evaluate_model(model, tokenizer, forget, retain=None, holdout=None, *, refer
                                          progress=progress, **options))
     if attacks:
         result["relearning"] = attacks
+    if original_model is not None:
+        result["erase_or_hide"] = erase_or_hide(original_model, model, tokenizer, splits["forget"],
+                                                batch_size=batch_size, max_length=max_length)
     return result
 
 

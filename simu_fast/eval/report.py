@@ -257,6 +257,8 @@ def _main_columns(results: dict) -> list:
         candidates.append((f"relearned max ({kind}, {metric})",
                            lambda e, k=kind, m=metric: _relearned_max(e, k, m)))
     candidates.append(("forget quality", lambda e: e.get("forget_quality")))
+    for key, header in (("d_plus", "D+ (erased)"), ("d_minus", "D- (hidden)"), ("erase_share", "D+ / (D+ + D-)")):
+        candidates.append((header, lambda e, k=key: (e.get("erase_or_hide") or {}).get(k)))
     candidates.append(("perplexity", lambda e: (e.get("utility") or {}).get("perplexity")))
     candidates.append(("MC accuracy", lambda e: (e.get("utility") or {}).get("mc_accuracy")))
     candidates.append(("time (s)", lambda e: _seconds(e.get("wall_seconds"))))

@@ -15,6 +15,7 @@ import torch
 class UnlearningMethod:
     name = "base"
     uses_retain = False  # whether loss() needs a retain batch
+    supports_fsdp2 = True  # whether the recipe runs on FSDP2-sharded (DTensor) parameters
 
     def setup(self, model: torch.nn.Module, forget_loader, retain_loader=None) -> None:
         """Everything computed once before training (called by the loop before the first step)."""

@@ -68,6 +68,7 @@ def swapped_data(params, values):
 class Ssiuu(GradDiff):
     name = "ssiuu"
     uses_retain = True
+    supports_fsdp2 = False  # swaps parameter storages for theta^(t-1), which DTensor shards do not allow
 
     def __init__(self, lam: float = 0.01, gamma: float = 1.0, lr: float = 1e-5, weight_decay: float = 0.01,
                  penalty: str = "norm", per_example: bool = False, log_every: int = 1, backend: str = "auto",
