@@ -7,6 +7,7 @@
   checkpoints as optimizer.rank<r>.pt): one process's result, and an exact resume;
 - make_distributed_loader: every rank the same number of batches, the union of batch i = one process's batch i."""
 import contextlib
+import gc
 import os
 import tempfile
 from unittest import mock
@@ -22,6 +23,7 @@ from simu_fast.integrations.distributed import (ShardedSampler, init_local_group
                                                 make_distributed_loader, new_store_file, shard_examples)
 from simu_fast.methods.baselines import GradDiff
 from simu_fast.methods.imu import IMU
+from simu_fast.methods.soul import SOGradDiff
 from tiny_models import tiny_llama
 
 pytest.importorskip("transformers")
@@ -101,6 +103,13 @@ def _worker(rank, world, store, out_root, results):
         # weighted loss through DDP: both ranks must still step together
         out["imu"], imu_result = _run(IMU(lr=1e-2), 1, 1, 6, make_distributed_loader)
         out["imu_steps"] = imu_result["step"]
+        # after a run nothing may keep the DDP wrapper (here: the recipe, which the caller still holds): its
+        # reducer holds the process group, which then outlives destroy_process_group and is torn down at
+        # interpreter exit, where gloo can abort the process (SIGABRT after a finished torchrun job)
+        so = SOGradDiff(lr=1e-2, hessian="gnb", hessian_every=1)
+        _run(so, 1, 1, 2, make_distributed_loader)
+        gc.collect()
+        out["ddp_alive"] = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
 
         full_dir, part_dir = os.path.join(out_root, "full"), os.path.join(out_root, "part")
         with contextlib.ExitStack() as stack:
@@ -146,6 +155,7 @@ def test_ddp_matches_one_process_and_resumes_exactly(tmp_path):
     for name in r0["noisy"]:
         assert torch.equal(r0["noisy"][name], r1["noisy"][name]), name
     assert r0["imu_steps"] == r1["imu_steps"] == 6
+    assert r0["ddp_alive"] == r1["ddp_alive"] == 0
     for name in r0["imu"]:
         assert torch.equal(r0["imu"][name], r1["imu"][name]), name
     for name in r0["full"]:
