@@ -77,7 +77,19 @@ def _unique(rng: random.Random, used: set[str], make) -> str:
             return value
 
 
-def _person(rng: random.Random, used: set[str], index: int) -> list[Example]:
+# Three phrasings of each question; the first is the one synthetic_people uses.
+_QUESTIONS = {
+    "birthplace": ("Where was {name} born?", "What is the birthplace of {name}?", "In which town was {name} born?"),
+    "birth_year": ("In which year was {name} born?", "When was {name} born?", "What year was {name} born in?"),
+    "profession": ("What does {name} do for a living?", "What is {name}'s job?", "How does {name} earn a living?"),
+    "relation": ("Who is {name}'s {relation}?", "Name {name}'s {relation}.", "Who is the {relation} of {name}?"),
+    "favourite": ("What is {name}'s favourite {category}?", "Which {category} does {name} like best?",
+                  "Name {name}'s favourite {category}."),
+}
+PHRASINGS = 3
+
+
+def _person(rng: random.Random, used: set[str], index: int, phrasings: tuple = (0,)) -> list[Example]:
     name = _unique(rng, used, lambda: f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}")
     place = _unique(rng, used, lambda: _word(rng, rng.choice((1, 2))) + rng.choice(_PLACE_ENDINGS))
     other = _unique(rng, used, lambda: f"{_word(rng, 2)} {_word(rng, 2)}")
@@ -87,12 +99,30 @@ def _person(rng: random.Random, used: set[str], index: int) -> list[Example]:
     relation = rng.choice(_RELATIONS)
     category = rng.choice(sorted(_FAVOURITES))
     favourite = rng.choice(_FAVOURITES[category])
-    facts = {
-        "birthplace": (f"Where was {name} born?", f"{name} was born in {place}."),
-        "birth_year": (f"In which year was {name} born?", f"{name} was born in {year}."),
-        "profession": (f"What does {name} do for a living?", f"{name} works as {article} {profession}."),
-        "relation": (f"Who is {name}'s {relation}?", f"{name}'s {relation} is {other}."),
-        "favourite": (f"What is {name}'s favourite {category}?", f"{name}'s favourite {category} is {favourite}."),
+    answers = {
+        "birthplace": f"{name} was born in {place}.",
+        "birth_year": f"{name} was born in {year}.",
+        "profession": f"{name} works as {article} {profession}.",
+        "relation": f"{name}'s {relation} is {other}.",
+        "favourite": f"{name}'s favourite {category} is {favourite}.",
     }
-    return [Example(prompt=q, answer=a, id=f"person{index:03d}-{fact}", task=TASK,
-                    extra={"person": name, "fact": fact}) for fact, (q, a) in facts.items()]
+    fields = dict(name=name, relation=relation, category=category)
+    out = []
+    for fact, answer in answers.items():
+        for j in phrasings:
+            suffix = "" if phrasings == (0,) else f"-q{j}"
+            out.append(Example(prompt=_QUESTIONS[fact][j].format(**fields), answer=answer,
+                               id=f"person{index:03d}-{fact}{suffix}", task=TASK,
+                               extra={"person": name, "fact": fact, **({"phrasing": j} if suffix else {})}))
+    return out
+
+
+def paraphrased_people(n_people: int, seed: int = 0, first_index: int = 0) -> list[list[Example]]:
+    """One list per person of 5 facts x PHRASINGS question phrasings (extra["phrasing"] = 0, 1, 2; phrasing 0
+    is synthetic_people's question), the same answer sentence for every phrasing of a fact. Names are drawn
+    from `seed`; first_index numbers the ids (so two calls with different seeds can be told apart)."""
+    if isinstance(n_people, bool) or not isinstance(n_people, int) or n_people < 1:
+        raise ValueError(f"n_people must be a positive int, got {n_people!r}")
+    rng = random.Random(seed)
+    used: set[str] = set()
+    return [_person(rng, used, first_index + i, tuple(range(PHRASINGS))) for i in range(n_people)]

@@ -77,3 +77,31 @@ def test_bad_parameters():
         synthetic_people(n_people=2)
     with pytest.raises(ValueError, match="leave none for retain"):
         synthetic_people(n_people=10, forget_fraction=0.5, holdout_fraction=0.5)
+
+
+def test_paraphrased_people_three_phrasings_one_answer():
+    from simu_fast.data.synthetic_people import PHRASINGS, paraphrased_people
+    people = paraphrased_people(4, seed=2, first_index=100)
+    assert len(people) == 4 and all(len(p) == 5 * PHRASINGS for p in people)
+    for person in people:
+        for fact in {ex.extra["fact"] for ex in person}:
+            rows = [ex for ex in person if ex.extra["fact"] == fact]
+            assert [ex.extra["phrasing"] for ex in rows] == [0, 1, 2]
+            assert len({ex.answer for ex in rows}) == 1 and len({ex.prompt for ex in rows}) == 3
+            assert all(ex.extra["person"] in ex.prompt for ex in rows)
+    assert people[0][0].id == "person100-birthplace-q0"
+    # phrasing 0 is synthetic_people's question; the same seed gives the same people
+    assert paraphrased_people(4, seed=2, first_index=100) == people
+
+
+def test_world_facts_and_filler():
+    from simu_fast.data.synthetic_world import filler_texts, world_facts
+    facts = world_facts(5, seed=1)
+    assert len(facts) == 20 and len({ex.extra["country"] for ex in facts}) == 5
+    assert all(ex.extra["country"] in ex.prompt and ex.extra["country"] in ex.answer for ex in facts)
+    assert facts == world_facts(5, seed=1) and facts != world_facts(5, seed=2)
+    texts = filler_texts(50, seed=0)
+    assert len(texts) == 50 and all(t[0].isupper() and t.endswith(".") for t in texts)
+    assert len(set(texts)) > 40
+    with pytest.raises(ValueError):
+        world_facts(0)

@@ -1,0 +1,310 @@
+"""The unlearning protocol (`python -m bench.unlearn_protocol [--quick]`): every method at its own tuned lr,
+compared at matched forget over several seeds, on a model that knows more than the facts to forget.
+
+The pieces are in simu_fast/workloads/protocol.py (its docstring states the protocol and the lr rule).
+Here: the lr grid on the validation split, then each method at its chosen lr on every seed; at each run's
+matched checkpoint (forget answer probability down to the never-seen people's level) and strict checkpoint
+(half that level; answer probabilities only): forget / retain / never-seen / paraphrase / world-fact
+answer probability, filler
+perplexity, ROUGE-L, membership inference (loss attack, forget vs never-seen), the erase-or-hide diagnostic
+(D+ / D-), harmful relearning (10% and 30% of the forget facts, scored on the rest) and benign relearning
+(filler text); the area under the retain-vs-forget curve; setup and step time. Mean and standard deviation
+over seeds, and paired differences for the papers' claims.
+
+Writes bench/results/<name>/{report.md, metrics.json, tradeoff.png, relearning.png, erase_or_hide.png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from simu_fast.workloads import protocol as P
+
+from .common import RESULTS_DIR, _atomic_write, metadata
+
+RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
+# the papers' claims: (name, a, b, metric, higher is better for a) as paired differences a - b over seeds
+CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", "so-graddiff", "retain", True),
+          ("SIMU keeps more retain than FO-GradDiff at matched forget", "simu", "fo-graddiff", "retain", True),
+          ("SIMU keeps more of the never-seen people than SO-GradDiff", "simu", "so-graddiff", "holdout", True),
+          ("Ssiuu's harmful relearning (p=0.1) recovers less than GradDiff's", "ssiuu", "graddiff",
+           "relearn_harmful_0.1", False),
+          ("IMU keeps more retain than GA at matched forget (no retain data)", "imu", "ga", "retain", True))
+METRICS = (("steps", "steps to matched", "{:.0f}"), ("forget", "forget", "{:.3f}"), ("retain", "retain", "{:.3f}"),
+           ("retain_paraphrase", "retain paraphrase", "{:.3f}"), ("holdout", "never-seen", "{:.3f}"),
+           ("world", "world facts", "{:.3f}"), ("filler_ppl", "filler ppl", "{:.2f}"),
+           ("forget_rougeL", "forget ROUGE-L", "{:.3f}"), ("retain_rougeL", "retain ROUGE-L", "{:.3f}"),
+           ("mia_auc", "MIA AUC", "{:.2f}"), ("relearn_harmful_0.1", "relearned p=0.1", "{:.3f}"),
+           ("relearn_harmful_0.3", "relearned p=0.3", "{:.3f}"), ("relearn_benign", "relearned benign", "{:.3f}"),
+           ("d_plus", "D+", "{:.3g}"), ("d_minus", "D-", "{:.3g}"), ("tradeoff_auc", "retain AUC", "{:.3f}"),
+           ("setup_s", "setup s", "{:.1f}"), ("steps_s", "steps s", "{:.1f}"))
+
+
+def start_scores(model, tok, split) -> dict:
+    return {k: P.answer_prob(model, tok, split[k]) for k in ("forget", "retain", "holdout")}
+
+
+def evaluate_point(model, original, tok, split, corpus, seed, full: bool = True) -> dict:
+    """Every measure of one checkpoint (module docstring); full=False: the answer probabilities only."""
+    from simu_fast.eval import answer_metrics, mia_report, perplexity, relearning_attack
+    from simu_fast.eval.erase_or_hide import erase_or_hide
+    from simu_fast.data import Example
+
+    out = {k: P.answer_prob(model, tok, split[k]) for k in ("forget", "retain", "holdout")}
+    if not full:
+        return out
+    out["retain_paraphrase"] = P.answer_prob(model, tok, split["retain_paraphrase"])
+    out["forget_paraphrase"] = P.answer_prob(model, tok, split["forget_paraphrase"])
+    out["world"] = P.answer_prob(model, tok, corpus["world"][:60])
+    out["filler_ppl"] = perplexity(model, tok, corpus["filler_heldout"], batch_size=32, max_length=64)
+    for name, rows in (("forget", split["forget"]), ("retain", split["retain"][:40])):
+        out[f"{name}_rougeL"] = answer_metrics(model, tok, rows, batch_size=64, max_length=64)["rougeL_recall"]
+    out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"], max_length=64)["loss"]["auc"]
+    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=64)
+    out.update(d_plus=eoh["d_plus"], d_minus=eoh["d_minus"], erase_share=eoh["erase_share"])
+    facts = [ex for ex in split["forget"] if ex.extra["phrasing"] == 0]  # one row per fact: no leak across phrasings
+    curves = {}
+    for fraction in (0.1, 0.3):
+        attack = relearning_attack(model, tok, facts, kind="harmful", fraction=fraction, seed=seed, max_length=64,
+                                   **RELEARN)
+        out[f"relearn_harmful_{fraction}"] = attack["max"]
+        curves[f"harmful_{fraction}"] = attack["curve"]
+    benign = [Example(prompt="", answer=t, task="filler") for t in corpus["filler_heldout"]]
+    attack = relearning_attack(model, tok, facts, kind="benign", benign_examples=benign, seed=seed, max_length=64,
+                               **RELEARN)
+    out["relearn_benign"], curves["benign"] = attack["max"], attack["curve"]
+    out["relearning_curves"] = curves
+    return out
+
+
+def _load_state(model, state):
+    model = type(model)(model.config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run(settings: P.ProtocolSettings, cache_dir=None, log=print) -> dict:
+    t_start = time.time()
+    corpus = P.background_corpus(settings)
+    report = {"settings": P.settings_dict(settings), "lr_rule": P.choose_lr.__doc__, "validation": {}, "chosen_lr": {},
+              "runs": {name: [] for name in settings.methods}}
+    # 1. the lr grid on the validation split
+    model, tok, info = P.finetuned_model(settings, settings.validation_seed, cache_dir, log)
+    split = P.new_people_split(settings, settings.validation_seed)
+    start = start_scores(model, tok, split)
+    target = start["holdout"]
+    report["validation"]["start"] = start
+    for name in settings.methods:
+        rows = []
+        for lr in settings.lr_grids[name]:
+            r = P.unlearning_run(name, lr, model, tok, split, target, settings, settings.validation_seed,
+                                 keep_models=False)
+            at = next((p for p in r["curve"] if p["step"] == r["matched_step"]), None)
+            rows.append({"lr": lr, "matched_step": r["matched_step"], "matched_retain": at["retain"] if at else None,
+                         "final_forget": r["curve"][-1]["forget"] if r["curve"] else start["forget"],
+                         "seconds": r["setup_s"] + r["steps_s"]})
+            log(f"  validation {name:12s} lr {lr:.0e}: matched at {r['matched_step']}, retain there "
+                f"{rows[-1]['matched_retain']}")
+        lr, reason = P.choose_lr(rows)
+        report["validation"][name] = rows
+        report["chosen_lr"][name] = {"lr": lr, "reason": reason}
+    # 2. every method at its lr on every seed
+    for seed in settings.seeds:
+        model, tok, info = P.finetuned_model(settings, seed, cache_dir, log)
+        split = P.new_people_split(settings, seed)
+        start = start_scores(model, tok, split)
+        target = start["holdout"]
+        report.setdefault("start", {})[str(seed)] = {**start, "finetune": info}
+        for name in settings.methods:
+            lr = report["chosen_lr"][name]["lr"]
+            r = P.unlearning_run(name, lr, model, tok, split, target, settings, seed)
+            models = r.pop("models")
+            entry = {**r, "curve": [{"step": 0, **start}] + r["curve"],
+                     "tradeoff_auc": P.tradeoff_auc(r["curve"], start, target)}
+            for point in ("matched", "strict"):
+                state = models.get(point)
+                reached = state is not None
+                unlearned = _load_state(model, state if reached else models["final"])
+                entry[point] = {"reached": reached, **evaluate_point(unlearned, model, tok, split, corpus, seed,
+                                                                     full=point == "matched")}
+            report["runs"][name].append(entry)
+            m = entry["matched"]
+            log(f"seed {seed} {name:12s} lr {lr:.0e}: matched at step {r['matched_step']} "
+                f"(forget {m['forget']:.3f} <= {target:.3f}: {m['reached']}), retain {m['retain']:.3f}, never-seen "
+                f"{m['holdout']:.3f}, relearned p=0.1 {m['relearn_harmful_0.1']:.3f} ({r['setup_s']}+{r['steps_s']} s)")
+    report["summary"] = summarize(report)
+    report["wall_seconds"] = round(time.time() - t_start, 1)
+    return report
+
+
+def _value(entry, key):
+    if key == "steps":
+        return entry["matched_step"]
+    if key in ("tradeoff_auc", "setup_s", "steps_s"):
+        return entry[key]
+    return entry["matched"].get(key)
+
+
+def summarize(report: dict) -> dict:
+    out = {"matched": {}, "strict": {}, "claims": []}
+    for name, runs in report["runs"].items():
+        out["matched"][name] = {key: P.mean_std([_value(r, key) for r in runs]) for key, _, _ in METRICS}
+        out["matched"][name]["reached"] = sum(r["matched"]["reached"] for r in runs)
+        out["strict"][name] = {key: P.mean_std([r["strict"].get(key) for r in runs])
+                               for key in ("forget", "retain", "holdout")}
+        out["strict"][name]["reached"] = sum(r["strict"]["reached"] for r in runs)
+    for text, a, b, key, higher in CLAIMS:
+        if a not in report["runs"] or b not in report["runs"]:
+            continue
+        diff = P.paired_difference([_value(r, key) for r in report["runs"][a]],
+                                   [_value(r, key) for r in report["runs"][b]])
+        holds = None if not diff["n"] else (diff["mean"] > 0) == higher and abs(diff["mean"]) > diff["std"]
+        out["claims"].append({"claim": text, "a": a, "b": b, "metric": key, "difference": diff, "holds": holds})
+    return out
+
+
+def _pm(stat, fmt):
+    if not stat["n"]:
+        return "-"
+    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["n"] > 1 else "")
+
+
+def markdown(report: dict) -> str:
+    s, summary = report["settings"], report["summary"]
+    lines = ["# Unlearning protocol", "",
+             f"Base: a {s['num_layers']}-layer Llama (hidden {s['hidden_size']}, MLP {s['intermediate_size']}) "
+             f"pretrained on {s['background_people']} synthetic people (3 phrasings per fact), {s['countries']} "
+             f"countries' facts and {s['filler']} filler sentences; fine-tuned on {s['new_people'] - s['holdout_people']} "
+             f"new people ({s['forget_people']} to forget) in 2 phrasings to answer probability ~{s['finetune_target']}; "
+             f"{s['holdout_people']} new people never trained on. Seeds {list(s['seeds'])} (the split of the new people, "
+             f"the data order, the run). Scores are mean length-normalized answer probabilities (teacher forced) "
+             f"unless named otherwise; mean ± standard deviation over seeds.", "",
+             "**Matched forget**: the first checkpoint (every "
+             f"{s['eval_every']} steps, at most {s['max_steps']}) where forget falls to the never-seen people's "
+             f"level in the fine-tuned model; **strict**: {s['strict_fraction']} x that level.", "",
+             f"**lr rule** (fixed before any result): {report['lr_rule'].split('->')[0].strip()} -> the lr that "
+             "reaches matched forget on the validation split with the highest retain there; if none does, the one "
+             "with the lowest final forget. Grids and choices:", ""]
+    lines += ["| method | grid | chosen | why |", "|---|---|---|---|"]
+    for name, choice in report["chosen_lr"].items():
+        grid = ", ".join(f"{r['lr']:.0e} ({'step ' + str(r['matched_step']) if r['matched_step'] is not None else 'not reached'})"
+                         for r in report["validation"][name])
+        lines.append(f"| {name} | {grid} | {choice['lr']:.0e} | {choice['reason']} |")
+    lines += ["", "## At matched forget", "", "| method | reached | " + " | ".join(t for _, t, _ in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    n = len(s["seeds"])
+    for name, stats in summary["matched"].items():
+        lines.append(f"| {name} | {stats['reached']}/{n} | " + " | ".join(_pm(stats[k], f) for k, _, f in METRICS) + " |")
+    lines += ["", "## At the strict point", "", "| method | reached | forget | retain | never-seen |",
+              "|---|---|---|---|---|"]
+    for name, stats in summary["strict"].items():
+        lines.append(f"| {name} | {stats['reached']}/{n} | " + " | ".join(
+            _pm(stats[k], "{:.3f}") for k in ("forget", "retain", "holdout")) + " |")
+    lines += ["", "## The papers' claims (paired over seeds: a - b)", "", "| claim | metric | a - b | holds |",
+              "|---|---|---|---|"]
+    for c in summary["claims"]:
+        verdict = {True: "yes", False: "no", None: "n/a"}[c["holds"]]
+        lines.append(f"| {c['claim']} | {c['metric']} | {_pm(c['difference'], '{:+.3f}')} | {verdict} |")
+    lines += ["", "A claim \"holds\" when the mean paired difference has the claimed sign and exceeds its standard "
+              "deviation over seeds.", "", f"Wall time: {report['wall_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict) -> dict:
+    from simu_fast.eval.report import _figure, _png
+    out = {}
+    names = list(report["runs"])
+    fig, canvas = _figure((7, 5))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, name in enumerate(names):
+        runs = report["runs"][name]
+        grid = [x / 20 for x in range(21)]
+        means, stds, xs = [], [], []
+        for x in grid:  # retain at the first point whose forget is <= x, per seed
+            vals = [next((p["retain"] for p in r["curve"] if p["forget"] <= x), None) for r in runs]
+            stat = P.mean_std(vals)
+            if stat["n"] == len(runs):
+                xs.append(x)
+                means.append(stat["mean"])
+                stds.append(stat["std"])
+        if xs:
+            ax.errorbar(xs, means, yerr=stds, label=name, color=f"C{i % 10}", capsize=2, marker="o", markersize=3)
+    ax.set_xlabel("forget answer probability (lower: more forgotten)")
+    ax.set_ylabel("retain answer probability")
+    ax.set_title("retain vs forget along each run (mean ± std over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    out["tradeoff.png"] = _png(fig, canvas)
+
+    fig, canvas = _figure((10, 3.6))
+    for j, kind in enumerate(("harmful_0.1", "harmful_0.3", "benign")):
+        ax = fig.add_subplot(1, 3, j + 1)
+        for i, name in enumerate(names):
+            curves = [r["matched"]["relearning_curves"][kind] for r in report["runs"][name]]
+            steps = [p["step"] for p in curves[0]]
+            ys = [P.mean_std([c[k]["answer_prob"] for c in curves])["mean"] for k in range(len(steps))]
+            ax.plot(steps, ys, label=name, color=f"C{i % 10}", marker="o", markersize=3)
+        ax.set_title(f"relearning: {kind}")
+        ax.set_xlabel("relearning step")
+        ax.grid(True, alpha=0.3)
+    fig.axes[0].set_ylabel("held-out forget answer probability")
+    fig.axes[0].legend(fontsize=7)
+    out["relearning.png"] = _png(fig, canvas)
+
+    fig, canvas = _figure((7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    summary = report["summary"]["matched"]
+    for k, (key, label) in enumerate((("d_plus", "D+ (positive influence removed)"),
+                                      ("d_minus", "D- (negative influence added)"))):
+        ax.bar([i + 0.4 * k for i in range(len(names))], [summary[n][key]["mean"] for n in names], width=0.4,
+               yerr=[summary[n][key]["std"] for n in names], label=label, capsize=2)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, fontsize=8)
+    ax.set_title("erase or hide, at matched forget (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    out["erase_or_hide.png"] = _png(fig, canvas)
+    return out
+
+
+def write(report: dict, out_dir: str) -> None:
+    from simu_fast.eval.report import to_jsonable
+    os.makedirs(out_dir, exist_ok=True)
+    for name, data in plots(report).items():
+        path = os.path.join(out_dir, name)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    _atomic_write(os.path.join(out_dir, "metrics.json"),
+                  json.dumps(to_jsonable({"metadata": metadata(), **report}), indent=1, allow_nan=False) + "\n")
+    _atomic_write(os.path.join(out_dir, "report.md"), markdown(report))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.unlearn_protocol", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller protocol, one seed (a few minutes)")
+    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join(P.DEFAULT_METHODS)}")
+    ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    ap.add_argument("--cache", help="where the base and fine-tuned models are cached")
+    ap.add_argument("--out", help="output directory (default bench/results/protocol or protocol-quick)")
+    args = ap.parse_args(argv)
+    settings = P.quick_settings() if args.quick else P.ProtocolSettings()
+    if args.methods:
+        settings.methods = tuple(m.strip() for m in args.methods.split(","))
+    if args.seeds:
+        settings.seeds = tuple(int(x) for x in args.seeds.split(","))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    report = run(settings, args.cache)
+    out = args.out or os.path.join(RESULTS_DIR, "protocol-quick" if args.quick else "protocol")
+    write(report, out)
+    print(markdown(report))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
