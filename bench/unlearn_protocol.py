@@ -41,7 +41,8 @@ METRICS = (("steps", "steps to matched", "{:.0f}"), ("forget", "forget", "{:.3f}
            ("forget_rougeL", "forget ROUGE-L", "{:.3f}"), ("retain_rougeL", "retain ROUGE-L", "{:.3f}"),
            ("mia_auc", "MIA AUC", "{:.2f}"), ("relearn_harmful_0.1", "relearned p=0.1", "{:.3f}"),
            ("relearn_harmful_0.3", "relearned p=0.3", "{:.3f}"), ("relearn_benign", "relearned benign", "{:.3f}"),
-           ("d_plus", "D+", "{:.3g}"), ("d_minus", "D-", "{:.3g}"), ("tradeoff_auc", "retain AUC", "{:.3f}"),
+           ("d_plus", "D+", "{:.3g}"), ("d_minus", "D-", "{:.3g}"), ("d_plus_log", "D+ (log P)", "{:.3g}"),
+           ("d_minus_log", "D- (log P)", "{:.3g}"), ("tradeoff_auc", "retain AUC", "{:.3f}"),
            ("setup_s", "setup s", "{:.1f}"), ("steps_s", "steps s", "{:.1f}"))
 
 
@@ -67,6 +68,8 @@ def evaluate_point(model, original, tok, split, corpus, seed, full: bool = True)
     out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"], max_length=64)["loss"]["auc"]
     eoh = erase_or_hide(original, model, tok, split["forget"], max_length=64)
     out.update(d_plus=eoh["d_plus"], d_minus=eoh["d_minus"], erase_share=eoh["erase_share"])
+    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=64, target="logprob")
+    out.update(d_plus_log=eoh["d_plus"], d_minus_log=eoh["d_minus"])
     facts = [ex for ex in split["forget"] if ex.extra["phrasing"] == 0]  # one row per fact: no leak across phrasings
     curves = {}
     for fraction in (0.1, 0.3):
@@ -151,18 +154,27 @@ def _value(entry, key):
 
 
 def summarize(report: dict) -> dict:
+    """Means over the seeds whose run reached the point (a run that never got there is not at matched forget:
+    its numbers would flatter it), the count that did, and the papers' claims paired over the seeds where
+    both methods reached matched forget."""
     out = {"matched": {}, "strict": {}, "claims": []}
     for name, runs in report["runs"].items():
-        out["matched"][name] = {key: P.mean_std([_value(r, key) for r in runs]) for key, _, _ in METRICS}
-        out["matched"][name]["reached"] = sum(r["matched"]["reached"] for r in runs)
-        out["strict"][name] = {key: P.mean_std([r["strict"].get(key) for r in runs])
+        reached = [r for r in runs if r["matched"]["reached"]]
+        out["matched"][name] = {key: P.mean_std([_value(r, key) for r in reached]) for key, _, _ in METRICS}
+        out["matched"][name]["reached"] = len(reached)
+        ratios = [m["reg_ratio"] for r in runs for m in r.get("step_metrics", []) if "reg_ratio" in m]
+        if ratios:
+            out["matched"][name]["reg_ratio_median"] = sorted(ratios)[len(ratios) // 2]
+        strict = [r for r in runs if r["strict"]["reached"]]
+        out["strict"][name] = {key: P.mean_std([r["strict"].get(key) for r in strict])
                                for key in ("forget", "retain", "holdout")}
-        out["strict"][name]["reached"] = sum(r["strict"]["reached"] for r in runs)
+        out["strict"][name]["reached"] = len(strict)
     for text, a, b, key, higher in CLAIMS:
         if a not in report["runs"] or b not in report["runs"]:
             continue
-        diff = P.paired_difference([_value(r, key) for r in report["runs"][a]],
-                                   [_value(r, key) for r in report["runs"][b]])
+        both = [(x, y) for x, y in zip(report["runs"][a], report["runs"][b])
+                if x["matched"]["reached"] and y["matched"]["reached"]]
+        diff = P.paired_difference([_value(x, key) for x, _ in both], [_value(y, key) for _, y in both])
         holds = None if not diff["n"] else (diff["mean"] > 0) == higher and abs(diff["mean"]) > diff["std"]
         out["claims"].append({"claim": text, "a": a, "b": b, "metric": key, "difference": diff, "holds": holds})
     return out
@@ -171,7 +183,7 @@ def summarize(report: dict) -> dict:
 def _pm(stat, fmt):
     if not stat["n"]:
         return "-"
-    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["n"] > 1 else "")
+    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std']).lstrip('+')}" if stat["n"] > 1 else "")
 
 
 def markdown(report: dict) -> str:
@@ -205,13 +217,20 @@ def markdown(report: dict) -> str:
     for name, stats in summary["strict"].items():
         lines.append(f"| {name} | {stats['reached']}/{n} | " + " | ".join(
             _pm(stats[k], "{:.3f}") for k in ("forget", "retain", "holdout")) + " |")
-    lines += ["", "## The papers' claims (paired over seeds: a - b)", "", "| claim | metric | a - b | holds |",
-              "|---|---|---|---|"]
+    lines += ["", "## The papers' claims (paired over seeds: a - b)", "", "| claim | metric | seeds | a - b | holds |",
+              "|---|---|---|---|---|"]
     for c in summary["claims"]:
         verdict = {True: "yes", False: "no", None: "n/a"}[c["holds"]]
-        lines.append(f"| {c['claim']} | {c['metric']} | {_pm(c['difference'], '{:+.3f}')} | {verdict} |")
+        lines.append(f"| {c['claim']} | {c['metric']} | {c['difference']['n']} | {_pm(c['difference'], '{:+.3f}')} | "
+                     f"{verdict} |")
     lines += ["", "A claim \"holds\" when the mean paired difference has the claimed sign and exceeds its standard "
-              "deviation over seeds.", "", f"Wall time: {report['wall_seconds']:.0f} s."]
+              "deviation over the seeds where both methods reached matched forget; a run that never reached it is "
+              "left out of every matched-forget mean (the reached column counts the others)."]
+    ratios = {n: st["reg_ratio_median"] for n, st in summary["matched"].items() if "reg_ratio_median" in st}
+    if ratios:
+        lines += ["", "Regularizer size, median over steps and seeds of ||g_reg|| / ||g_GD||: " +
+                  ", ".join(f"{n} {v:.3g}" for n, v in ratios.items()) + "."]
+    lines += ["", f"Wall time: {report['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -259,11 +278,13 @@ def plots(report: dict) -> dict:
     fig, canvas = _figure((7, 4))
     ax = fig.add_subplot(1, 1, 1)
     summary = report["summary"]["matched"]
-    for k, (key, label) in enumerate((("d_plus", "D+ (positive influence removed)"),
-                                      ("d_minus", "D- (negative influence added)"))):
-        ax.bar([i + 0.4 * k for i in range(len(names))], [summary[n][key]["mean"] for n in names], width=0.4,
+    bars = (("d_plus", "D+ (positive influence removed)"), ("d_minus", "D- (negative influence added)"),
+            ("d_plus_log", "D+ of log P"), ("d_minus_log", "D- of log P"))
+    for k, (key, label) in enumerate(bars):
+        ax.bar([i + 0.2 * k for i in range(len(names))], [summary[n][key]["mean"] for n in names], width=0.2,
                yerr=[summary[n][key]["std"] for n in names], label=label, capsize=2)
-    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, fontsize=8)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xticks([i + 0.3 for i in range(len(names))], names, rotation=30, fontsize=8)
     ax.set_title("erase or hide, at matched forget (mean ± std over seeds)")
     ax.legend(fontsize=8)
     out["erase_or_hide.png"] = _png(fig, canvas)

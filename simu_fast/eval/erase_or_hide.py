@@ -12,7 +12,12 @@ A_{i,k} = h_{i,k} * dP(y|x)/dh_{i,k}, with P(y|x) the answer's sequence probabil
     D-_i = max(0, (1/n) sum_(x,y) [ min_k A_theta,i,k - min_k A_theta',i,k ])
 
 (the clamps are the paper's: contradictory changes and over-unlearning do not count). Reported per layer and
-module as sums over its neurons, and in total; erase_share = D+ / (D+ + D-). A method that erases shows
+module as sums over its neurons, and in total; erase_share = D+ / (D+ + D-).
+
+target="logprob" attributes log P(y|x) instead of P: once an unlearned model gives the forget answers
+probability ~0, dP/dh vanishes with it, every attribution after is ~0, and the paper's D+ / D- say only
+"everything was removed" for any method (seen in bench/unlearn_protocol.py); the log-probability's gradient
+does not vanish, so its D- still shows negative influence grown to push the answer down. A method that erases shows
 D+ > D-; one that hides (grows neurons that push the answer down) shows D- > D+.
 """
 from __future__ import annotations
@@ -42,9 +47,15 @@ def _neuron_sites(model) -> list:
     return sites
 
 
-def neuron_attribution_extremes(model, tokenizer, examples, batch_size: int = 8, max_length: int = 512) -> dict:
+TARGETS = ("prob", "logprob")
+
+
+def neuron_attribution_extremes(model, tokenizer, examples, batch_size: int = 8, max_length: int = 512,
+                                target: str = "prob") -> dict:
     """{(layer, module name): (max_k A [n, width], min_k A [n, width])} for the n examples, float32 on the CPU,
     the extremes over the example's non-padding positions (module docstring)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     examples = list(examples)
     if not examples:
         raise ValueError("erase_or_hide needs forget examples")
@@ -73,7 +84,8 @@ def neuron_attribution_extremes(model, tokenizer, examples, batch_size: int = 8,
                 with torch.enable_grad():
                     logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
                     # rows are independent, so the gradient of the sum is each row's own
-                    prob = target_per_row(logits, batch["labels"], "logprob").exp().sum()
+                    logprob = target_per_row(logits, batch["labels"], "logprob")
+                    prob = (logprob.exp() if target == "prob" else logprob).sum()
                     grads = torch.autograd.grad(prob, captured, allow_unused=True)
             finally:
                 for h in handles:
@@ -98,12 +110,13 @@ def attribution_change(before: tuple, after: tuple) -> tuple:
     return d_plus, d_minus
 
 
-def erase_or_hide(model_before, model_after, tokenizer, forget, *, batch_size: int = 8, max_length: int = 512) -> dict:
+def erase_or_hide(model_before, model_after, tokenizer, forget, *, batch_size: int = 8, max_length: int = 512,
+                  target: str = "prob") -> dict:
     """D+ (positive influence removed) and D- (negative influence added) of `model_after` relative to
     `model_before` on the forget examples: {"d_plus", "d_minus", "erase_share", "per_layer": [{"layer",
     "module", "d_plus", "d_minus"}]} (module docstring). The two models must share the architecture."""
-    before = neuron_attribution_extremes(model_before, tokenizer, forget, batch_size, max_length)
-    after = neuron_attribution_extremes(model_after, tokenizer, forget, batch_size, max_length)
+    before = neuron_attribution_extremes(model_before, tokenizer, forget, batch_size, max_length, target)
+    after = neuron_attribution_extremes(model_after, tokenizer, forget, batch_size, max_length, target)
     if before.keys() != after.keys():
         raise ValueError("erase_or_hide: the two models have different layers or attention modules")
     rows = []
@@ -115,4 +128,4 @@ def erase_or_hide(model_before, model_after, tokenizer, forget, *, batch_size: i
         rows.append({"layer": key[0], "module": key[1], "d_plus": float(d_plus.sum()), "d_minus": float(d_minus.sum())})
     total_plus, total_minus = sum(r["d_plus"] for r in rows), sum(r["d_minus"] for r in rows)
     share = total_plus / (total_plus + total_minus) if total_plus + total_minus > 0 else float("nan")
-    return {"d_plus": total_plus, "d_minus": total_minus, "erase_share": share, "per_layer": rows}
+    return {"d_plus": total_plus, "d_minus": total_minus, "erase_share": share, "target": target, "per_layer": rows}

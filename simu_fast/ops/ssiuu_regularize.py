@@ -2,8 +2,8 @@
 
 The regularizer compares the attribution of the SAME forget examples at the previous parameters
 theta^(t-1) and at the current ones theta^t. Per parameter element, with phi the parameter, g the GradDiff
-gradient, d = dP/dphi (P: mean answer-token probability on the forget batch) at the current parameters and
-phi_prev, d_prev the same quantities at the previous parameters (same examples):
+gradient, d = dP/dphi (P: the forget batch's answer probability, as methods/ssiuu.py defines it) at the
+current parameters, and phi_prev, d_prev the same at the previous parameters (same examples):
 
     A      = phi * d                       (attribution now, float32)
     A_prev = phi_prev * d_prev             (attribution of the same examples at the previous parameters)

@@ -272,7 +272,7 @@ def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: 
     out = {"method": name, "lr": lr, "seed": seed, "curve": curve, "target": target, "strict_target": strict_target,
            "matched_step": matched_index(curve, target), "strict_step": matched_index(curve, strict_target),
            "setup_s": round(timing.get("setup_s", 0.0), 2), "steps_s": round(total - timing.get("setup_s", 0.0), 2),
-           "steps": int(result["step"])}
+           "steps": int(result["step"]), "step_metrics": result.get("step_metrics", [])}
     if keep_models:
         kept["final"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         out["models"] = kept

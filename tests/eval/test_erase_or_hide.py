@@ -96,3 +96,19 @@ def test_neuron_ablation_zeroes_exactly_the_mask(random_llama, people_tokenizer,
     assert not model.model.layers[1].mlp.down_proj._forward_pre_hooks
     with pytest.raises(TypeError, match="NeuronMask"):
         neuron_ablation(model, tok, [1, 2], forget, retain)
+
+
+def test_logprob_target_is_the_prob_attribution_over_p(random_llama, people_tokenizer, people):
+    """d log P / dh = (dP / dh) / P: for one example the log-P attributions are the P attributions / P."""
+    from simu_fast.eval import answer_token_logprobs
+    model, tok = random_llama, people_tokenizer
+    example = [people["forget"][1]]
+    prob = neuron_attribution_extremes(model, tok, example, max_length=64)
+    logp = neuron_attribution_extremes(model, tok, example, max_length=64, target="logprob")
+    p = float(answer_token_logprobs(model, tok, example, max_length=64)[0].double().sum().exp())
+    hi_p, lo_p = prob[(1, "mlp.act")]
+    hi_l, lo_l = logp[(1, "mlp.act")]
+    torch.testing.assert_close(hi_l.double() * p, hi_p.double(), rtol=1e-3, atol=1e-12)
+    torch.testing.assert_close(lo_l.double() * p, lo_p.double(), rtol=1e-3, atol=1e-12)
+    with pytest.raises(ValueError, match="target"):
+        neuron_attribution_extremes(model, tok, example, target="loss")
