@@ -23,10 +23,12 @@ t = 0.2 gives 0.882 (16.7x, 124 neurons) while retain moves 0.981 -> 0.951; "log
 What moves (the paper): the attention projections, fully (attention="full"), and in each MLP only the
 critical neurons' columns of the down projection (neuron_params=("down",); "up"/"gate" rows are options);
 everything else is frozen. Sophia with the Gauss-Newton-Bartlett Hessian (hessian="gnb", refreshed every
-`hessian_every` = 10 steps, Sophia's k); the mask applies to m, h and theta. loss(): GradDiff, gamma 1
-(the paper gives none). The rest of the Sophia setting and the schedule are SO-GradDiff's (SOUL's TOFU
-config: betas (0.9, 0.95), rho 0.04, weight decay 0.1, lr 5e-6, linear schedule with 10% warmup), since
-SIMU is SO-GradDiff restricted to the critical neurons. The paper gives no t and no lr: ratio 0.2 is the t
+`hessian_every` = 10 steps, Sophia's k); the mask applies to m, h and theta. loss(): GradDiff. The paper
+gives no gamma; SIMU is SO-GradDiff restricted to the critical neurons, so the rest is SO-GradDiff's (SOUL's
+TOFU config: gamma 2, betas (0.9, 0.95), rho 0.04, weight decay 0.1, lr 5e-6, linear schedule with 10%
+warmup). Evidence for gamma 2 (bench/unlearn_protocol.py --ablation, 3 seeds at lr 3e-4,
+bench/results/protocol/ablation.md): retain answer probability at matched forget 0.642 +- 0.058 with gamma 1,
+0.829 +- 0.065 with gamma 2; the Hessian kind barely matters (0.831 with SOUL's squared gradient). The paper gives no t and no lr: ratio 0.2 is the t
 with the largest forget drop relative to random same-size sets in the selection benchmark above (of t in
 {0.1, 0.2, 0.3, 0.5}); on the demo it selects about 6% of
 the neurons (t = 0.3: 3%, 13x; t = 0.5: 1%, 11x). Tune lr per model (DESIGN.md, "Evaluating unlearning
@@ -58,7 +60,7 @@ class SIMU(SOGradDiff):
     def __init__(self, steps: int = 5, ratio: float | None = None, fraction: float | None = None,
                  k: int | None = None, scope: str | None = None, include_dual: bool = True,
                  neuron_params=("down",), attention: str = "full", target: str = DEFAULT_TARGET,
-                 gamma: float = 1.0, hessian: str = "gnb", mask: NeuronMask | None = None,
+                 gamma: float = 2.0, hessian: str = "gnb", mask: NeuronMask | None = None,
                  attribution: dict | None = None, progress: bool = False, **sophia_kwargs):
         super().__init__(gamma=gamma, hessian=hessian, **sophia_kwargs)
         given = {name: v for name, v in (("ratio", ratio), ("fraction", fraction), ("k", k)) if v is not None}

@@ -104,7 +104,7 @@ def test_registry_and_defaults():
     s = SIMU()  # the paper: per-layer t * max rule, down-projection columns + attention, GNB Sophia
     assert (s.steps, s.rule, s.scope, s.include_dual, s.neuron_params, s.attention, s.hessian) == (
         5, {"ratio": 0.2}, "per_layer", True, ("down",), "full", "gnb")
-    assert s.attribution["target"] == "prob" and s.hessian_every == 10
+    assert s.attribution["target"] == "prob" and s.hessian_every == 10 and s.gamma == 2.0
     assert SIMU(fraction=0.01).scope == "global" and SIMU(k=3).rule == {"k": 3}
     assert make_method("simu", ratio=0.5).rule == {"ratio": 0.5}
     assert make_method("fo_graddiff", gamma=0.5).gamma == 0.5 and isinstance(make_method("FO-GradDiff"), FOGradDiff)
