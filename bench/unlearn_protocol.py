@@ -292,14 +292,10 @@ def plots(report: dict) -> dict:
 
 
 def write(report: dict, out_dir: str) -> None:
-    from simu_fast.eval.report import to_jsonable
+    from simu_fast.eval.report import to_jsonable, write_atomic
     os.makedirs(out_dir, exist_ok=True)
     for name, data in plots(report).items():
-        path = os.path.join(out_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(os.path.join(out_dir, name), data)
     _atomic_write(os.path.join(out_dir, "metrics.json"),
                   json.dumps(to_jsonable({"metadata": metadata(), **report}), indent=1, allow_nan=False) + "\n")
     _atomic_write(os.path.join(out_dir, "report.md"), markdown(report))

@@ -19,12 +19,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 DEFAULT_METHODS = ("simu", "so-graddiff", "fo-graddiff", "npo", "ga", "imu", "ssiuu")
 
@@ -70,34 +67,10 @@ def demo_data(settings: DemoSettings) -> dict:
 
 def memorized_model(settings: DemoSettings, cache_dir: str | None = None, progress: bool = False, log=print):
     """(model, tokenizer, info): loaded from the cache when there, else trained and saved there atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, f"memorized-{settings.model_key()}")
-    info_file = os.path.join(path, "memorization.json")
-    if os.path.isfile(info_file):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        with open(info_file, encoding="utf-8") as f:
-            info = json.load(f)
-        log(f"loaded the memorized model from {path}")
-        return model.eval(), tokenizer, {**info, "cached": True}
-
-    model, tokenizer, info = train_memorized_model(settings, progress=progress, log=log)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".memorized.tmp-")
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "memorization.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-        if os.path.isdir(path):  # a concurrent run finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return model, tokenizer, {**info, "cached": False}
+    from .memorization import cached_model
+    path = os.path.join(cache_dir or default_cache_dir(), f"memorized-{settings.model_key()}")
+    return cached_model(path, lambda: train_memorized_model(settings, progress=progress, log=log), log,
+                        info_name="memorization.json", what="the memorized model")
 
 
 def train_memorized_model(settings: DemoSettings, progress: bool = False, log=print):

@@ -3,6 +3,10 @@ trained until it has memorized a set of examples (the demo and the LUME benchmar
 fine-tuned checkpoint can be downloaded)."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -55,3 +59,34 @@ def memorize(model, tokenizer, examples, *, lr: float = 3e-3, batch_size: int = 
     model.eval()
     return {"parameters": n_params, "steps": result["steps"], "train_seconds": round(seconds, 1),
             "answer_prob": reached, "reached": reached >= target_prob}
+
+
+def cached_model(path: str, build, log=print, info_name: str = "info.json", what: str = "the model"):
+    """(model, tokenizer, info): loaded from the directory `path` when it holds `info_name`, else built by
+    build() -> (model, tokenizer, info) and saved there atomically (a temporary directory beside it, renamed
+    into place; a concurrent run that finished first keeps its copy). info gets "cached": True / False."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    info_file = os.path.join(path, info_name)
+    if os.path.isfile(info_file):
+        with open(info_file, encoding="utf-8") as f:
+            info = json.load(f)
+        log(f"loaded {what} from {path}")
+        return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval(),
+                AutoTokenizer.from_pretrained(path, local_files_only=True), {**info, "cached": True})
+    model, tokenizer, info = build()
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, info_name), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+        if os.path.isdir(path):
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model.eval(), tokenizer, {**info, "cached": False}

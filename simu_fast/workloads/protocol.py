@@ -28,13 +28,11 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-import torch
+from .memorization import cached_model
 
 DEFAULT_METHODS = ("simu", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "ga", "imu", "npo")
 # lr grids: each paper's lr (5e-6 SOUL, 1e-5 TOFU) scaled up for a model of a few million parameters
@@ -135,34 +133,6 @@ def _filler_examples(texts):
 
 
 # ---- models -----------------------------------------------------------------------------------------------
-def _cached(path: str, build, log):
-    """(model, tokenizer, info) from `path`, or built by build() and saved there atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    info_file = os.path.join(path, "info.json")
-    if os.path.isfile(info_file):
-        with open(info_file, encoding="utf-8") as f:
-            info = json.load(f)
-        log(f"loaded {path}")
-        return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval(),
-                AutoTokenizer.from_pretrained(path, local_files_only=True), {**info, "cached": True})
-    model, tokenizer, info = build()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "info.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-        if os.path.isdir(path):  # a concurrent run finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return model.eval(), tokenizer, {**info, "cached": False}
-
-
 def base_model(settings: ProtocolSettings, cache_dir: str | None = None, log=print):
     """(model, tokenizer, info): the pretrained base (module docstring, 1.)."""
     path = os.path.join(cache_dir or default_cache_dir(), f"base-{settings.base_key()}")
@@ -189,7 +159,7 @@ def base_model(settings: ProtocolSettings, cache_dir: str | None = None, log=pri
                           warmup_steps=50, schedule="cosine")
         return model, tokenizer, {"steps": result["steps"], "seconds": round(time.time() - start, 1),
                                   "settings_key": settings.base_key()}
-    return _cached(path, build, log)
+    return cached_model(path, build, log)
 
 
 def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None = None, log=print):
@@ -217,7 +187,7 @@ def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None
         log(f"fine-tuned seed {seed}: {result['steps']} steps, answer probability {reached:.3f}")
         return model, tokenizer, {"steps": result["steps"], "answer_prob": reached,
                                   "seconds": round(time.time() - start, 1), "seed": int(seed)}
-    return _cached(path, build, log)
+    return cached_model(path, build, log)
 
 
 # ---- one unlearning run -----------------------------------------------------------------------------------
