@@ -175,7 +175,7 @@ def summarize(report: dict) -> dict:
         both = [(x, y) for x, y in zip(report["runs"][a], report["runs"][b])
                 if x["matched"]["reached"] and y["matched"]["reached"]]
         diff = P.paired_difference([_value(x, key) for x, _ in both], [_value(y, key) for _, y in both])
-        holds = None if not diff["n"] else (diff["mean"] > 0) == higher and abs(diff["mean"]) > diff["std"]
+        holds = None if diff["n"] < 2 else (diff["mean"] > 0) == higher and abs(diff["mean"]) > diff["std"]
         out["claims"].append({"claim": text, "a": a, "b": b, "metric": key, "difference": diff, "holds": holds})
     return out
 
@@ -224,13 +224,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {c['claim']} | {c['metric']} | {c['difference']['n']} | {_pm(c['difference'], '{:+.3f}')} | "
                      f"{verdict} |")
     lines += ["", "A claim \"holds\" when the mean paired difference has the claimed sign and exceeds its standard "
-              "deviation over the seeds where both methods reached matched forget; a run that never reached it is "
+              "deviation over the (at least 2) seeds where both methods reached matched forget; a run that never reached it is "
               "left out of every matched-forget mean (the reached column counts the others)."]
     ratios = {n: st["reg_ratio_median"] for n, st in summary["matched"].items() if "reg_ratio_median" in st}
     if ratios:
         lines += ["", "Regularizer size, median over steps and seeds of ||g_reg|| / ||g_GD||: " +
                   ", ".join(f"{n} {v:.3g}" for n, v in ratios.items()) + "."]
-    lines += ["", f"Wall time: {report['wall_seconds']:.0f} s."]
+    lines += ["", f"Wall time: {report['wall_seconds']:.0f} s."] + (["", report["note"]] if report.get("note") else [])
     return "\n".join(lines) + "\n"
 
 
