@@ -400,3 +400,16 @@ def run_options(args) -> dict:
     if hasattr(args, "threads"):
         out["threads"] = args.threads
     return out
+
+
+def out_of_time(size: str, seconds_per_unit, units: int, deadline, log, notes: list) -> bool:
+    """True (and logged, and noted) when the size would not finish before `deadline`, estimated as 1.2 x the
+    last size's seconds per unit (element, parameter) x this size's units; False with no deadline or estimate."""
+    if deadline is None or seconds_per_unit is None:
+        return False
+    estimate = 1.2 * seconds_per_unit * units
+    if time.time() + estimate <= deadline:
+        return False
+    log(f"skipping {size}: about {estimate:.0f}s needed, {deadline - time.time():.0f}s left")
+    notes.append(f"{size} skipped: not enough time left in the run")
+    return True

@@ -444,12 +444,8 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     t_per_param = None
     for size in sizes:
         n = count_params(size)
-        if deadline is not None and t_per_param is not None:
-            estimate = 1.2 * t_per_param * n
-            if time.time() + estimate > deadline:
-                log(f"skipping {size}: about {estimate:.0f}s needed, {deadline - time.time():.0f}s left")
-                notes.append(f"{size} skipped: not enough time left in the run")
-                continue
+        if common.out_of_time(size, t_per_param, n, deadline, log, notes):
+            continue
         t0 = time.time()
         d, f, layers, vocab = SIZES[size]
         log(f"\n[{size}] {n / 1e6:.1f}M parameters (d={d}, F={f}, layers={layers}, V={vocab}); "

@@ -162,12 +162,8 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     t_start = time.time()
     for size in sizes:
         n = SIZES[size]
-        if deadline is not None and s_per_element is not None:
-            estimate = 1.2 * s_per_element * n
-            if time.time() + estimate > deadline:
-                log(f"skipping {size}: about {estimate:.0f}s needed, {deadline - time.time():.0f}s left")
-                notes.append(f"{size} skipped: not enough time left in the run")
-                continue
+        if common.out_of_time(size, s_per_element, n, deadline, log, notes):
+            continue
         t0 = time.time()
         data = make_data(n, dev)
         log(f"\n[{size}] n={n:,} float32 ({BYTES_PER_ELEMENT * n / 1e9:.2f} GB moved per call); "

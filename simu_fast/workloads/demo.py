@@ -56,8 +56,8 @@ class DemoSettings:
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("SIMU_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "simu_fast")
-    return os.path.join(root, "demo")
+    from .memorization import cache_dir
+    return cache_dir("demo")
 
 
 def demo_data(settings: DemoSettings) -> dict:

@@ -61,6 +61,12 @@ def memorize(model, tokenizer, examples, *, lr: float = 3e-3, batch_size: int = 
             "answer_prob": reached, "reached": reached >= target_prob}
 
 
+def cache_dir(name: str) -> str:
+    """Where a workload caches its models: $SIMU_FAST_CACHE/<name>, default ~/.cache/simu_fast/<name>."""
+    root = os.environ.get("SIMU_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "simu_fast")
+    return os.path.join(root, name)
+
+
 def cached_model(path: str, build, log=print, info_name: str = "info.json", what: str = "the model"):
     """(model, tokenizer, info): loaded from the directory `path` when it holds `info_name`, else built by
     build() -> (model, tokenizer, info) and saved there atomically (a temporary directory beside it, renamed

@@ -93,8 +93,8 @@ def _key(obj) -> str:
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("SIMU_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "simu_fast")
-    return os.path.join(root, "protocol")
+    from .memorization import cache_dir
+    return cache_dir("protocol")
 
 
 # ---- data -------------------------------------------------------------------------------------------------
