@@ -413,3 +413,12 @@ def out_of_time(size: str, seconds_per_unit, units: int, deadline, log, notes: l
     log(f"skipping {size}: about {estimate:.0f}s needed, {deadline - time.time():.0f}s left")
     notes.append(f"{size} skipped: not enough time left in the run")
     return True
+
+
+def bench_start(device, threads=None, log=None):
+    """(log, device) for an op bench's run(): print with flush unless a log is given, the named device or the
+    default one, and torch's CPU thread count when `threads` is set."""
+    if threads:
+        torch.set_num_threads(threads)
+    return (log or functools.partial(print, flush=True),
+            torch.device(device) if device else default_device())

@@ -30,7 +30,6 @@ at the tensors' dtype sizes; GB/s = bytes / median time, whatever the method act
 """
 from __future__ import annotations
 
-import functools
 import gc
 import time
 from dataclasses import dataclass, field
@@ -396,8 +395,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
         hessian: str = "gnb", compile: bool = True, deadline: Optional[float] = None, write: bool = True,
         log: Optional[Callable] = None) -> list[dict]:
     """Run the benchmark; returns the rows (and writes them via bench.common unless write=False)."""
-    log = log or functools.partial(print, flush=True)
-    dev = torch.device(device) if device else common.default_device()
+    log, dev = common.bench_start(device, log=log)
     if sizes is None:
         sizes = QUICK_SIZES if quick else DEFAULT_SIZES["cuda" if dev.type == "cuda" else "cpu"]
     for s in sizes:

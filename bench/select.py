@@ -41,7 +41,6 @@ Per row, besides the common fields (median/min ms, speedup = torch.topk median /
 """
 from __future__ import annotations
 
-import functools
 import gc
 import time
 from dataclasses import dataclass
@@ -360,11 +359,8 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         sizes: Optional[list] = None, threads: Optional[int] = None, write: bool = True,
         log: Optional[Callable] = None) -> list[dict]:
     """Run the benchmark; returns the rows (and writes them via bench.common unless write=False)."""
-    log = log or functools.partial(print, flush=True)
-    dev = torch.device(device) if device else common.default_device()
+    log, dev = common.bench_start(device, threads, log)
     kind = "cuda" if dev.type == "cuda" else "cpu"
-    if threads:
-        torch.set_num_threads(threads)
     if sizes is None:
         sizes = (QUICK_SIZES if quick else DEFAULT_SIZES)[kind]
     for s in sizes:

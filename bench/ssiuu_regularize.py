@@ -21,7 +21,6 @@ of differing elements and the largest difference in float32 ulps).
 """
 from __future__ import annotations
 
-import functools
 import gc
 import time
 from typing import Callable, Optional
@@ -123,10 +122,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
         deadline: Optional[float] = None, threads: Optional[int] = None, write: bool = True,
         log: Optional[Callable] = None) -> list[dict]:
     """Run the benchmark; returns the rows (and writes them via bench.common unless write=False)."""
-    log = log or functools.partial(print, flush=True)
-    dev = torch.device(device) if device else common.default_device()
-    if threads:
-        torch.set_num_threads(threads)
+    log, dev = common.bench_start(device, threads, log)
     if sizes is None:
         sizes = QUICK_SIZES if quick else DEFAULT_SIZES
     for s in sizes:
