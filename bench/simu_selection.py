@@ -1,6 +1,7 @@
 """Which neurons does SIMU's attribution select, and do they hold the forget set? (`python -m bench.simu_selection`)
 
-On the demo's memorized model (simu_fast.workloads.demo: 60 synthetic people, 6 to forget), for each
+On the unlearning protocol's fine-tuned model (simu_fast.workloads.protocol, default settings, seed 0: a base
+pretrained on synthetic people, world facts and filler, fine-tuned on 27 new people, 3 to forget), for each
 attribution target (loss, logprob, prob) and selection rule (top 1% global, the paper's per-layer
 score > t * max for several t), SIMU's setup picks its mask (forget-only + dual neurons) and
 eval.neuron_ablation zeroes those neurons' activations: forget / retain answer probability against random
@@ -30,14 +31,14 @@ def run(targets=TARGETS, rules=RULES, steps: int = 5, random_sets: int = 10, log
     from simu_fast.data import make_loader, tokenize_examples
     from simu_fast.eval.neuron_ablation import neuron_ablation
     from simu_fast.select.critical_sets import select_neurons
-    from simu_fast.workloads.demo import DemoSettings, demo_data, memorized_model
+    from simu_fast.workloads import protocol
 
     torch.manual_seed(0)
-    settings = DemoSettings()
-    model, tokenizer, _ = memorized_model(settings, log=log)
-    data = demo_data(settings)
+    settings = protocol.ProtocolSettings()
+    model, tokenizer, _ = protocol.finetuned_model(settings, 0, log=log)
+    data = protocol.new_split(settings, 0)
     pad = tokenizer.pad_token_id
-    loaders = {split: make_loader(tokenize_examples(data[split], tokenizer, 128), 16, pad_token_id=pad)
+    loaders = {split: make_loader(tokenize_examples(data[split], tokenizer, settings.max_length), 16, pad_token_id=pad)
                for split in ("forget", "retain")}
     rows = []
     for target in targets:
@@ -52,7 +53,7 @@ def run(targets=TARGETS, rules=RULES, steps: int = 5, random_sets: int = 10, log
                 rows.append({"target": target, "rule": f"{kind}={value}", "scope": scope, "neurons": 0})
                 continue
             check = neuron_ablation(model, tokenizer, mask, data["forget"], data["retain"], random_sets=random_sets,
-                                    batch_size=64, max_length=128)
+                                    batch_size=64, max_length=settings.max_length)
             row = {"target": target, "rule": f"{kind}={value}", "scope": scope, "neurons": check["neurons"],
                    "dual": int(mask.dual.sum()), "attribution_s": round(seconds, 2),
                    **{k: check[k] for k in ("base", "mask", "random", "forget_drop", "retain_drop",
@@ -66,7 +67,7 @@ def run(targets=TARGETS, rules=RULES, steps: int = 5, random_sets: int = 10, log
 
 def report(rows: list) -> str:
     lines = ["# SIMU neuron selection: does the mask hold the forget set?", "",
-             "Demo memorized model; the neurons zeroed are SIMU's mask (forget-only + dual). Probabilities are mean "
+             "The protocol's fine-tuned model (seed 0); the neurons zeroed are SIMU's mask (forget-only + dual). Probabilities are mean "
              "length-normalized answer probabilities; random = mean over random same-size per-layer sets.", "",
              "| target | rule | neurons | forget: base -> mask | forget with random | drop / random drop | "
              "retain: base -> mask | forget drop > retain drop |", "|---|---|---|---|---|---|---|---|"]

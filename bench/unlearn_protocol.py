@@ -46,40 +46,46 @@ METRICS = (("steps", "steps to matched", "{:.0f}"), ("forget", "forget", "{:.3f}
            ("setup_s", "setup s", "{:.1f}"), ("steps_s", "steps s", "{:.1f}"))
 
 
-def start_scores(model, tok, split) -> dict:
-    return {k: P.answer_prob(model, tok, split[k]) for k in ("forget", "retain", "holdout")}
+def start_scores(model, tok, split, settings) -> dict:
+    return {k: P.answer_prob(model, tok, split[k], settings.max_length) for k in ("forget", "retain", "holdout")}
 
 
-def evaluate_point(model, original, tok, split, corpus, seed, full: bool = True) -> dict:
-    """Every measure of one checkpoint (module docstring); full=False: the answer probabilities only."""
+def evaluate_point(model, original, tok, split, corpus, seed, settings, full: bool = True, extra=None) -> dict:
+    """Every measure of one checkpoint (module docstring); full=False: the answer probabilities only.
+    extra(model, original, tok, split, corpus) -> {name: value}: a workload's own measures (bench/unlearn_lume.py)."""
     from simu_fast.eval import answer_metrics, mia_report, perplexity, relearning_attack
     from simu_fast.eval.erase_or_hide import erase_or_hide
     from simu_fast.data import Example
 
-    out = {k: P.answer_prob(model, tok, split[k]) for k in ("forget", "retain", "holdout")}
+    length = settings.max_length
+    out = {k: P.answer_prob(model, tok, split[k], length) for k in ("forget", "retain", "holdout")}
     if not full:
         return out
-    out["retain_paraphrase"] = P.answer_prob(model, tok, split["retain_paraphrase"])
-    out["forget_paraphrase"] = P.answer_prob(model, tok, split["forget_paraphrase"])
-    out["world"] = P.answer_prob(model, tok, corpus["world"][:60])
-    out["filler_ppl"] = perplexity(model, tok, corpus["filler_heldout"], batch_size=32, max_length=64)
+    for name in ("retain_paraphrase", "forget_paraphrase"):
+        out[name] = P.answer_prob(model, tok, split[name], length)  # None: the workload has no paraphrases
+    out["world"] = P.answer_prob(model, tok, corpus["world"][:60], length)
+    out["filler_ppl"] = perplexity(model, tok, corpus["filler_heldout"], batch_size=32, max_length=length)
     for name, rows in (("forget", split["forget"]), ("retain", split["retain"][:40])):
-        out[f"{name}_rougeL"] = answer_metrics(model, tok, rows, batch_size=64, max_length=64)["rougeL_recall"]
-    out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"], max_length=64)["loss"]["auc"]
-    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=64)
+        out[f"{name}_rougeL"] = answer_metrics(model, tok, rows, batch_size=64, max_length=length)["rougeL_recall"]
+    out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"],
+                                max_length=length)["loss"]["auc"]
+    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length)
     out.update(d_plus=eoh["d_plus"], d_minus=eoh["d_minus"], erase_share=eoh["erase_share"])
-    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=64, target="logprob")
+    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length, target="logprob")
     out.update(d_plus_log=eoh["d_plus"], d_minus_log=eoh["d_minus"])
-    facts = [ex for ex in split["forget"] if ex.extra["phrasing"] == 0]  # one row per fact: no leak across phrasings
+    if extra is not None:
+        out.update(extra(model, original, tok, split, corpus))
+    # one row per fact (phrasing 0 of the synthetic people), so that no fact leaks across the attack's halves
+    facts = [ex for ex in split["forget"] if ex.extra.get("phrasing", 0) == 0]
     curves = {}
     for fraction in (0.1, 0.3):
-        attack = relearning_attack(model, tok, facts, kind="harmful", fraction=fraction, seed=seed, max_length=64,
-                                   **RELEARN)
+        attack = relearning_attack(model, tok, facts, kind="harmful", fraction=fraction, seed=seed,
+                                   max_length=length, **RELEARN)
         out[f"relearn_harmful_{fraction}"] = attack["max"]
         curves[f"harmful_{fraction}"] = attack["curve"]
     benign = [Example(prompt="", answer=t, task="filler") for t in corpus["filler_heldout"]]
-    attack = relearning_attack(model, tok, facts, kind="benign", benign_examples=benign, seed=seed, max_length=64,
-                               **RELEARN)
+    attack = relearning_attack(model, tok, facts, kind="benign", benign_examples=benign, seed=seed,
+                               max_length=length, **RELEARN)
     out["relearn_benign"], curves["benign"] = attack["max"], attack["curve"]
     out["relearning_curves"] = curves
     return out
@@ -91,15 +97,16 @@ def _load_state(model, state):
     return model.eval()
 
 
-def run(settings: P.ProtocolSettings, cache_dir=None, log=print) -> dict:
+def run(settings: P.ProtocolSettings, cache_dir=None, log=print, extra=None) -> dict:
+    """The protocol (module docstring) -> the report; extra: evaluate_point's workload measures."""
     t_start = time.time()
     corpus = P.background_corpus(settings)
     report = {"settings": P.settings_dict(settings), "lr_rule": P.choose_lr.__doc__, "validation": {}, "chosen_lr": {},
               "runs": {name: [] for name in settings.methods}}
     # 1. the lr grid on the validation split
     model, tok, info = P.finetuned_model(settings, settings.validation_seed, cache_dir, log)
-    split = P.new_people_split(settings, settings.validation_seed)
-    start = start_scores(model, tok, split)
+    split = P.new_split(settings, settings.validation_seed)
+    start = start_scores(model, tok, split, settings)
     target = start["holdout"]
     report["validation"]["start"] = start
     for name in settings.methods:
@@ -113,14 +120,14 @@ def run(settings: P.ProtocolSettings, cache_dir=None, log=print) -> dict:
                          "seconds": r["setup_s"] + r["steps_s"]})
             log(f"  validation {name:12s} lr {lr:.0e}: matched at {r['matched_step']}, retain there "
                 f"{rows[-1]['matched_retain']}")
-        lr, reason = P.choose_lr(rows)
+        lr, reason = P.choose_lr(rows, settings.max_steps)
         report["validation"][name] = rows
         report["chosen_lr"][name] = {"lr": lr, "reason": reason}
     # 2. every method at its lr on every seed
     for seed in settings.seeds:
         model, tok, info = P.finetuned_model(settings, seed, cache_dir, log)
-        split = P.new_people_split(settings, seed)
-        start = start_scores(model, tok, split)
+        split = P.new_split(settings, seed)
+        start = start_scores(model, tok, split, settings)
         target = start["holdout"]
         report.setdefault("start", {})[str(seed)] = {**start, "finetune": info}
         for name in settings.methods:
@@ -134,7 +141,7 @@ def run(settings: P.ProtocolSettings, cache_dir=None, log=print) -> dict:
                 reached = state is not None
                 unlearned = _load_state(model, state if reached else models["final"])
                 entry[point] = {"reached": reached, **evaluate_point(unlearned, model, tok, split, corpus, seed,
-                                                                     full=point == "matched")}
+                                                                     settings, full=point == "matched", extra=extra)}
             report["runs"][name].append(entry)
             m = entry["matched"]
             log(f"seed {seed} {name:12s} lr {lr:.0e}: matched at step {r['matched_step']} "
@@ -188,20 +195,32 @@ def _pm(stat, fmt):
 
 def markdown(report: dict) -> str:
     s, summary = report["settings"], report["summary"]
-    lines = ["# Unlearning protocol", "",
-             f"Base: a {s['num_layers']}-layer Llama (hidden {s['hidden_size']}, MLP {s['intermediate_size']}) "
-             f"pretrained on {s['background_people']} synthetic people (3 phrasings per fact), {s['countries']} "
-             f"countries' facts and {s['filler']} filler sentences; fine-tuned on {s['new_people'] - s['holdout_people']} "
-             f"new people ({s['forget_people']} to forget) in 2 phrasings to answer probability ~{s['finetune_target']}; "
-             f"{s['holdout_people']} new people never trained on. Seeds {list(s['seeds'])} (the split of the new people, "
-             f"the data order, the run). Scores are mean length-normalized answer probabilities (teacher forced) "
-             f"unless named otherwise; mean ± standard deviation over seeds.", "",
+    if s["workload"] == "lume":
+        data = (f"LUME (forget.jsonl / retain.jsonl, passages cut to the input's last {s['prompt_words']} and the "
+                f"output's first {s['answer_words']} words). Base: a {s['num_layers']}-layer Llama (hidden "
+                f"{s['hidden_size']}, MLP {s['intermediate_size']}) pretrained on {6 * s['lume_background_per_group']} "
+                f"held-out retain.jsonl passages and {s['filler']} filler sentences; fine-tuned on "
+                f"{6 * s['lume_per_group']} forget.jsonl and {12 * s['lume_per_group']} other retain.jsonl items "
+                f"(balanced over the 3 tasks x sentence completion / QA) to answer probability ~{s['finetune_target']}; "
+                f"{6 * s['lume_per_group']} more forget.jsonl items never trained on (never-seen). World facts: the "
+                "base's own passages. No paraphrases.")
+    else:
+        data = (f"Base: a {s['num_layers']}-layer Llama (hidden {s['hidden_size']}, MLP {s['intermediate_size']}) "
+                f"pretrained on {s['background_people']} synthetic people (3 phrasings per fact), {s['countries']} "
+                f"countries' facts and {s['filler']} filler sentences; fine-tuned on "
+                f"{s['new_people'] - s['holdout_people']} new people ({s['forget_people']} to forget) in 2 phrasings "
+                f"to answer probability ~{s['finetune_target']}; {s['holdout_people']} new people never trained on.")
+    lines = [f"# Unlearning protocol{' on LUME' if s['workload'] == 'lume' else ''}", "",
+             data + f" Seeds {list(s['seeds'])} (the split of the new items, the data order, the run). Scores are "
+             "mean length-normalized answer probabilities (teacher forced) unless named otherwise; mean ± "
+             "standard deviation over seeds.", "",
              "**Matched forget**: the first checkpoint (every "
-             f"{s['eval_every']} steps, at most {s['max_steps']}) where forget falls to the never-seen people's "
+             f"{s['eval_every']} steps, at most {s['max_steps']}) where forget falls to the never-seen items' "
              f"level in the fine-tuned model; **strict**: {s['strict_fraction']} x that level.", "",
-             f"**lr rule** (fixed before any result): {report['lr_rule'].split('->')[0].strip()} -> the lr that "
-             "reaches matched forget on the validation split with the highest retain there; if none does, the one "
-             "with the lowest final forget. Grids and choices:", ""]
+             "**lr rule** (protocol.py's docstring, 4.): on the validation split (seed "
+             f"{s['validation_seed']}), of the lrs that reach matched forget within half the budget, the one with "
+             "the highest retain there; else the soonest to matched forget; else the lowest final forget. "
+             "Grids and choices:", ""]
     lines += ["| method | grid | chosen | why |", "|---|---|---|---|"]
     for name, choice in report["chosen_lr"].items():
         grid = ", ".join(f"{r['lr']:.0e} ({'step ' + str(r['matched_step']) if r['matched_step'] is not None else 'not reached'})"
@@ -266,9 +285,10 @@ def plots(report: dict) -> dict:
         for i, name in enumerate(names):
             curves = [r["matched"]["relearning_curves"][kind] for r in report["runs"][name]]
             steps = [p["step"] for p in curves[0]]
-            ys = [P.mean_std([c[k]["answer_prob"] for c in curves])["mean"] for k in range(len(steps))]
-            ax.plot(steps, ys, label=name, color=f"C{i % 10}", marker="o", markersize=3)
-        ax.set_title(f"relearning: {kind}")
+            stats = [P.mean_std([c[k]["answer_prob"] for c in curves]) for k in range(len(steps))]
+            ax.errorbar(steps, [st["mean"] for st in stats], yerr=[st["std"] for st in stats], label=name,
+                        color=f"C{i % 10}", marker="o", markersize=3, capsize=2)
+        ax.set_title(f"relearning: {kind} (mean ± std over seeds)", fontsize=9)
         ax.set_xlabel("relearning step")
         ax.grid(True, alpha=0.3)
     fig.axes[0].set_ylabel("held-out forget answer probability")
@@ -291,61 +311,88 @@ def plots(report: dict) -> dict:
     return out
 
 
-def write(report: dict, out_dir: str) -> None:
+def write(report: dict, out_dir: str, appendix: str = "") -> None:
     from simu_fast.eval.report import to_jsonable, write_atomic
     os.makedirs(out_dir, exist_ok=True)
     for name, data in plots(report).items():
         write_atomic(os.path.join(out_dir, name), data)
     _atomic_write(os.path.join(out_dir, "metrics.json"),
                   json.dumps(to_jsonable({"metadata": metadata(), **report}), indent=1, allow_nan=False) + "\n")
-    _atomic_write(os.path.join(out_dir, "report.md"), markdown(report))
+    figures = "\n".join(f"![{name[:-4]}]({name})" for name in ("tradeoff.png", "relearning.png", "erase_or_hide.png"))
+    _atomic_write(os.path.join(out_dir, "report.md"), markdown(report) + (f"\n{appendix}" if appendix else "") +
+                  f"\n{figures}\n")
 
 
-# Where SIMU's claim fails, what locates why: one change at a time from SIMU's defaults, at its chosen lr.
-SIMU_ABLATION = (("SIMU defaults", "simu", {}), ("gamma 1", "simu", {"gamma": 1.0}),
-                 ("squared-grad Hessian (SO-GradDiff on SIMU's mask)", "simu", {"hessian": "squared_grad"}),
-                 ("attention frozen", "simu", {"attention": "frozen"}),
-                 ("gate/up rows move too", "simu", {"neuron_params": ("down", "up", "gate")}),
-                 ("top 1% global instead of t * max", "simu", {"fraction": 0.01}),
-                 ("t = 0.5", "simu", {"ratio": 0.5}),
-                 ("loss-signed target (the old default)", "simu", {"target": "loss"}),
-                 ("SO-GradDiff (everything moves)", "so-graddiff", {}))
+# Where a claim fails, what locates why: one change at a time from the method's defaults, at its chosen lr
+# (an lr factor as the 4th element scales that lr). Rows: (label, method, arguments[, lr factor]).
+ABLATIONS = {
+    "simu": (("SIMU defaults", "simu", {}), ("lr / 3", "simu", {}, 1 / 3), ("lr x 3", "simu", {}, 3.0),
+             ("gamma 1", "simu", {"gamma": 1.0}),
+             ("squared-grad Hessian (SO-GradDiff on SIMU's mask)", "simu", {"hessian": "squared_grad"}),
+             ("attention frozen", "simu", {"attention": "frozen"}),
+             ("gate/up rows move too", "simu", {"neuron_params": ("down", "up", "gate")}),
+             ("top 1% global instead of t * max", "simu", {"fraction": 0.01}),
+             ("t = 0.5", "simu", {"ratio": 0.5}),
+             ("loss-signed target (the old default)", "simu", {"target": "loss"}),
+             ("SO-GradDiff (everything moves)", "so-graddiff", {})),
+    "ssiuu": (("Ssiuu defaults (lam 0.01)", "ssiuu", {}), ("lam 0.1", "ssiuu", {"lam": 0.1}),
+              ("lam 1", "ssiuu", {"lam": 1.0}), ("squared penalty (Algorithm 1)", "ssiuu", {"penalty": "squared"}),
+              ("per-example norm", "ssiuu", {"per_example": True}), ("GradDiff (lam 0)", "graddiff", {})),
+    "imu": (("IMU defaults (q/k/v/o, last 3 layers)", "imu", {}), ("lr x 3", "imu", {}, 3.0),
+            ("all layers", "imu", {"layers": 1000}),
+            ("attention out + MLP down", "imu", {"modules": ("self_attn.o_proj", "mlp.down_proj")}),
+            ("no quantile clip", "imu", {"clip_quantile": None}), ("GA at the same lr", "ga", {})),
+}
 
 
-def ablation(settings: P.ProtocolSettings, lr: float, variants=SIMU_ABLATION, cache_dir=None, log=print) -> list:
-    """Each variant on every seed at `lr`: steps to matched forget, and retain / never-seen there."""
+def ablation(settings: P.ProtocolSettings, lr: float, variants, cache_dir=None, log=print) -> list:
+    """Each variant on every seed at `lr` (times its factor): steps to matched forget, retain / never-seen
+    there, the retain-vs-forget area, and harmful relearning (p = 0.1) from the matched checkpoint."""
     import dataclasses
+    from simu_fast.eval import relearning_attack
     rows = []
-    for label, name, args in variants:
+    for label, name, args, *factor in variants:
+        run_lr = lr * (factor[0] if factor else 1.0)
         per_seed = []
         for seed in settings.seeds:
             model, tok, _ = P.finetuned_model(settings, seed, cache_dir, log)
-            split = P.new_people_split(settings, seed)
-            start = start_scores(model, tok, split)
+            split = P.new_split(settings, seed)
+            start = start_scores(model, tok, split, settings)
             varied = dataclasses.replace(settings, method_args={name: args})
-            r = P.unlearning_run(name, lr, model, tok, split, start["holdout"], varied, seed, keep_models=False)
+            r = P.unlearning_run(name, run_lr, model, tok, split, start["holdout"], varied, seed)
             at = next((p for p in r["curve"] if p["step"] == r["matched_step"]), None)
+            relearned = None
+            if "matched" in r["models"]:
+                facts = [ex for ex in split["forget"] if ex.extra.get("phrasing", 0) == 0]
+                relearned = relearning_attack(_load_state(model, r["models"]["matched"]), tok, facts, kind="harmful",
+                                              fraction=0.1, seed=seed, max_length=settings.max_length,
+                                              **RELEARN)["max"]
             per_seed.append({"seed": seed, "matched_step": r["matched_step"], "retain": at and at["retain"],
-                             "holdout": at and at["holdout"], "tradeoff_auc": P.tradeoff_auc(r["curve"], start, start["holdout"]),
+                             "holdout": at and at["holdout"], "relearn_harmful_0.1": relearned,
+                             "tradeoff_auc": P.tradeoff_auc(r["curve"], start, start["holdout"]),
                              "seconds": r["setup_s"] + r["steps_s"]})
         row = {"variant": label, "method": name, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()},
-               "lr": lr, "seeds": per_seed, "reached": sum(x["matched_step"] is not None for x in per_seed),
-               **{k: P.mean_std([x[k] for x in per_seed]) for k in ("matched_step", "retain", "holdout", "tradeoff_auc")}}
+               "lr": run_lr, "seeds": per_seed, "reached": sum(x["matched_step"] is not None for x in per_seed),
+               **{k: P.mean_std([x[k] for x in per_seed])
+                  for k in ("matched_step", "retain", "holdout", "tradeoff_auc", "relearn_harmful_0.1")}}
         rows.append(row)
         log(f"ablation {label}: reached {row['reached']}/{len(per_seed)}, retain {row['retain']['mean']:.3f} "
             f"± {row['retain']['std']:.3f}, retain AUC {row['tradeoff_auc']['mean']:.3f}")
     return rows
 
 
-def ablation_markdown(rows: list) -> str:
-    lines = ["# Why SIMU's claim fails here: one change at a time", "",
-             f"Each variant at lr {rows[0]['lr']:.0e} (SIMU's chosen lr) on every seed; retain and never-seen are at "
-             "matched forget (mean ± std over the seeds that reached it); retain AUC: the mean retain over the "
-             "forget range from the start to matched forget (unreached range counts 0).", "",
-             "| variant | reached | steps | retain at matched | never-seen at matched | retain AUC |", "|---|---|---|---|---|---|"]
+def ablation_markdown(rows: list, method: str) -> str:
+    lines = [f"# {method}: one change at a time", "",
+             f"Each variant at lr {rows[0]['lr']:.0e} ({method}'s chosen lr) unless the row scales it, on every seed; "
+             "retain, never-seen and relearned (harmful, p = 0.1) are at matched forget (mean ± std over the seeds "
+             "that reached it); retain AUC: the mean retain over the forget range from the start to matched "
+             "forget (unreached range counts 0).", "",
+             "| variant | lr | reached | steps | retain at matched | never-seen at matched | retain AUC | relearned p=0.1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['reached']}/{len(r['seeds'])} | {_pm(r['matched_step'], '{:.0f}')} | "
-                     f"{_pm(r['retain'], '{:.3f}')} | {_pm(r['holdout'], '{:.3f}')} | {_pm(r['tradeoff_auc'], '{:.3f}')} |")
+        lines.append(f"| {r['variant']} | {r['lr']:.1e} | {r['reached']}/{len(r['seeds'])} | "
+                     f"{_pm(r['matched_step'], '{:.0f}')} | {_pm(r['retain'], '{:.3f}')} | {_pm(r['holdout'], '{:.3f}')} | "
+                     f"{_pm(r['tradeoff_auc'], '{:.3f}')} | {_pm(r['relearn_harmful_0.1'], '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -356,8 +403,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
     ap.add_argument("--cache", help="where the base and fine-tuned models are cached")
     ap.add_argument("--out", help="output directory (default bench/results/protocol or protocol-quick)")
-    ap.add_argument("--ablation", action="store_true", help="only the SIMU ablation (at --lr), into OUT/ablation.md")
-    ap.add_argument("--lr", type=float, default=3e-4, help="the lr of the ablation (default 3e-4)")
+    ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="only that method's ablation (at --lr), into "
+                                                                  "OUT/ablation-METHOD.md")
+    ap.add_argument("--lr", type=float, help="the lr of the ablation (default: the method's chosen lr in "
+                                             "OUT/metrics.json, from the protocol's run)")
     args = ap.parse_args(argv)
     settings = P.quick_settings() if args.quick else P.ProtocolSettings()
     if args.methods:
@@ -368,11 +417,19 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(RESULTS_DIR, "protocol-quick" if args.quick else "protocol")
     if args.ablation:
         from simu_fast.eval.report import to_jsonable
-        rows = ablation(settings, args.lr, cache_dir=args.cache)
+        lr = args.lr
+        if lr is None:
+            path = os.path.join(out, "metrics.json")
+            if not os.path.isfile(path):
+                ap.error(f"--ablation needs --lr, or the protocol's {path} to take the chosen lr from")
+            with open(path) as f:
+                lr = json.load(f)["chosen_lr"][args.ablation]["lr"]
+        rows = ablation(settings, lr, ABLATIONS[args.ablation], cache_dir=args.cache)
         os.makedirs(out, exist_ok=True)
-        _atomic_write(os.path.join(out, "ablation.json"), json.dumps(to_jsonable(rows), indent=1) + "\n")
-        _atomic_write(os.path.join(out, "ablation.md"), ablation_markdown(rows))
-        print(ablation_markdown(rows))
+        text = ablation_markdown(rows, args.ablation)
+        _atomic_write(os.path.join(out, f"ablation-{args.ablation}.json"), json.dumps(to_jsonable(rows), indent=1) + "\n")
+        _atomic_write(os.path.join(out, f"ablation-{args.ablation}.md"), text)
+        print(text)
         return 0
     report = run(settings, args.cache)
     write(report, out)

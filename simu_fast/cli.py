@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -131,30 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default="model", help="the model's row name in the report (default 'model')")
     e.add_argument("--out", metavar="DIR", required=True, help="output directory for metrics.json, report.md, plots")
 
-    d = sub.add_parser("demo", help="unlearning demo on built-in synthetic data: SIMU against the baselines",
-                       description="Generate the synthetic people data, train a small Llama from random weights until "
-                                   "it has memorized them (cached), unlearn the forget people with SIMU and the "
-                                   "baselines at matched forget ROUGE-L, and print a table of forget / retain ROUGE-L "
-                                   "and answer probability per method.")
+    d = sub.add_parser("demo", help="the unlearning protocol in miniature on built-in synthetic people: SIMU "
+                                     "against the baselines at matched forget",
+                       description="Pretrain a small Llama on synthetic people, countries and filler text, fine-tune it "
+                                   "on new people (both cached), unlearn the forget people with SIMU and the baselines, "
+                                   "each at its own tuned lr, until forget falls to the level of people the model never "
+                                   "saw, and print forget / retain / paraphrase / never-seen / world-fact scores and "
+                                   "time per method.")
     d.add_argument("--methods", metavar="LIST", help="comma-separated methods (default: " +
-                   ",".join(_demo_defaults().methods) + ")")
-    d.add_argument("--lr", type=float, metavar="X", help=f"unlearning learning rate of every method "
-                                                         f"(default {_demo_defaults().unlearn_lr})")
+                   ",".join(_demo().DEFAULT_METHODS) + ")")
+    d.add_argument("--lr", type=float, metavar="X", help="one unlearning lr for every method (default: each "
+                                                         "method's own, chosen by the protocol's lr rule)")
     d.add_argument("--max-steps", type=int, metavar="N", help=f"step budget per method "
-                                                              f"(default {_demo_defaults().max_steps})")
-    d.add_argument("--tau-fraction", type=float, metavar="F", help="stop a method once its forget ROUGE-L is <= F "
-                   f"x the memorized model's (default {_demo_defaults().tau_fraction})")
-    d.add_argument("--people", type=int, metavar="N", help=f"number of synthetic people "
-                                                           f"(default {_demo_defaults().n_people})")
-    d.add_argument("--cache", metavar="DIR", help="where the memorized model is cached (default $SIMU_FAST_CACHE/demo "
-                                                  "or ~/.cache/simu_fast/demo)")
+                                                              f"(default {_demo().demo_settings().max_steps})")
+    d.add_argument("--seed", type=int, metavar="N", help="the split of the new people, the data order and the run "
+                                                         "(default 0)")
+    d.add_argument("--cache", metavar="DIR", help="where the base and fine-tuned models are cached (default "
+                                                  "$SIMU_FAST_CACHE/protocol or ~/.cache/simu_fast/protocol)")
     d.add_argument("--out", metavar="DIR", help="also write report.md and metrics.json here")
     return parser
 
 
-def _demo_defaults():
-    from .workloads.demo import DemoSettings
-    return DemoSettings()
+def _demo():
+    from .workloads import demo
+    return demo
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -502,33 +503,29 @@ def _fully_shard(model) -> None:
 
 
 def demo(args) -> int:
-    import dataclasses
-
-    from .workloads.demo import DemoSettings, format_table, run_demo
-    changes = {}
+    demo_module = _demo()
+    methods = demo_module.DEFAULT_METHODS
     if args.methods:
         from .methods.recipes import METHODS
-        names = tuple(m.strip().lower().replace("_", "-") for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in names if m not in METHODS]
-        if unknown or not names:
+        methods = tuple(m.strip().lower().replace("_", "-") for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
             raise UsageError(f"unknown method(s) {unknown or args.methods!r}; choose from {', '.join(sorted(METHODS))}")
-        changes["methods"] = names
-    for flag, key, minimum in (("lr", "unlearn_lr", None), ("max_steps", "max_steps", 1), ("people", "n_people", 5),
-                               ("tau_fraction", "tau_fraction", None)):
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if minimum is not None and value < minimum:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
-        changes[key] = value
-    if "unlearn_lr" in changes and not changes["unlearn_lr"] > 0:
-        raise UsageError(f"--lr must be positive, got {changes['unlearn_lr']}")
-    if "tau_fraction" in changes and not 0.0 <= changes["tau_fraction"] <= 1.0:
-        raise UsageError(f"--tau-fraction must be in [0, 1], got {changes['tau_fraction']}")
-    settings = dataclasses.replace(DemoSettings(), **changes)
-    report = run_demo(settings, cache_dir=args.cache, progress=sys.stderr.isatty(),
-                      log=lambda line: print(line, flush=True))
-    table = format_table(report)
+    changes = {}
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+        changes["max_steps"] = args.max_steps
+    if args.seed is not None:
+        changes["seeds"] = (args.seed,)
+    lrs = None
+    if args.lr is not None:
+        if not (args.lr > 0 and math.isfinite(args.lr)):
+            raise UsageError(f"--lr must be a positive number, got {args.lr}")
+        lrs = {name: args.lr for name in methods}
+    report = demo_module.run_demo(demo_module.demo_settings(**changes), methods=methods, lrs=lrs,
+                                  cache_dir=args.cache, log=lambda line: print(line, flush=True))
+    table = demo_module.format_table(report)
     print()
     print(table)
     print(f"\ntotal {report['wall_seconds']:.0f} s")

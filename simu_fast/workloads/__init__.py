@@ -1,2 +1,2 @@
-"""Applications built on the library, not part of it: the unlearning demo (`simu-fast demo`) and the models
-that know the data to forget, trained locally (memorization), which the demo and the benchmarks start from."""
+"""Applications built on the library, not part of it: the unlearning protocol (its corpora, its base and
+fine-tuned models, its pieces) and the demo (`simu-fast demo`), the protocol in miniature."""

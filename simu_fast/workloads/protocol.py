@@ -1,20 +1,24 @@
 """The unlearning protocol's model builders and its pieces (DESIGN.md, "Evaluating unlearning fairly").
 
-1. A base model that knows things: a small Llama pretrained on a background corpus (synthetic people, each
-   fact in 3 question phrasings; made-up countries' facts; filler sentences). Cached atomically, keyed by
-   the settings it depends on.
-2. Facts to forget, learned like fine-tuning data: the base fine-tuned on new people (forget + retain; the
-   holdout people are never trained on) in phrasings 0 and 1 until their answer probability reaches about
-   0.9 (unsaturated); phrasing 2 stays unseen and measures paraphrase retention. Which new people are forget,
-   retain and holdout is drawn from the seed; one fine-tuned model per seed, cached.
+1. A base model that knows things: a small Llama pretrained on a background corpus (workloads/corpora.py:
+   synthetic people, each fact in 3 question phrasings, made-up countries' facts and filler sentences; or
+   for LUME, held-out LUME passages plus the filler). Cached atomically, keyed by the settings it depends on.
+2. Facts to forget, learned like fine-tuning data: the base fine-tuned on new items (forget + retain; the
+   holdout items are never trained on) until their answer probability reaches about 0.9 (unsaturated); for
+   the synthetic people in phrasings 0 and 1, phrasing 2 staying unseen to measure paraphrase retention.
+   Which new items are forget, retain and holdout is drawn from the seed; one fine-tuned model per seed, cached.
 3. One unlearning run (unlearning_run): a method at an lr from the fine-tuned model, logging teacher-forced
    forget / retain / holdout answer probability every `eval_every` steps; the first checkpoint where forget
    reaches the never-seen level (the fine-tuned model's holdout score) is the matched checkpoint, kept in
    memory, and one at `strict_fraction` of that level the strict checkpoint.
-4. The lr rule, fixed before any result (choose_lr): on a validation split (seed `validation_seed`, not one
-   of the reported seeds), each method's grid is run; the chosen lr is the one that reaches matched forget
-   with the highest retain answer probability there; if none reaches it, the one with the lowest final
-   forget probability.
+4. The lr rule (choose_lr): on a validation split (seed `validation_seed`, not one of the reported seeds),
+   each method's grid is run; the chosen lr is, of those that reach matched forget within half the step
+   budget, the one with the highest retain answer probability there; if none does so within half, the one
+   that reaches it soonest; if none reaches it at all, the one with the lowest final forget probability.
+   Why half: the first rule (no margin) picked, for five of eight methods, the smallest lr that reached
+   matched forget on the validation split near the end of the budget, and at those lrs GradDiff and Ssiuu
+   reached it on 1 of 3 reported seeds, GA on 2 and IMU on none, so their rows compared nothing. The
+   margin is the same for every method and was set before the rerun, without regard to which method wins.
 5. Pure pieces the report needs: matched_index, tradeoff_auc, mean_std, paired_difference.
 
 bench/unlearn_protocol.py runs the protocol and writes the report; `simu-fast demo` runs it in miniature.
@@ -32,16 +36,25 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .memorization import cached_model
+from . import corpora
+from .small_models import cached_model
 
 DEFAULT_METHODS = ("simu", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "ga", "imu", "npo")
 # lr grids: each paper's lr (5e-6 SOUL, 1e-5 TOFU) scaled up for a model of a few million parameters
-# trained for tens of steps, and a factor of 3 either side.
-LR_GRIDS = {name: (3e-5, 1e-4, 3e-4) for name in DEFAULT_METHODS}
+# trained for tens of steps (1e-4), a factor of 3 below, and factors of 3 and 10 above (IMU and SIMU move a
+# small part of the model, so their good lrs can lie higher; the same grid for every method).
+LR_GRIDS = {name: (3e-5, 1e-4, 3e-4, 1e-3) for name in DEFAULT_METHODS}
 
 
 @dataclass
 class ProtocolSettings:
+    workload: str = "synthetic"  # or "lume" (workloads/corpora.py)
+    data_dir: str | None = None  # lume: the directory holding forget.jsonl and retain.jsonl
+    lume_per_group: int = 4  # lume: forget (and holdout) items per (task, kind) group; retain 2x
+    lume_background_per_group: int = 40  # lume: retain.jsonl items per group in the base's corpus
+    prompt_words: int = 40  # lume: passages cut to the prompt's last and the answer's first words
+    answer_words: int = 16
+    max_length: int = 64
     background_people: int = 150
     countries: int = 30
     filler: int = 1200
@@ -71,6 +84,9 @@ class ProtocolSettings:
     def base_key(self) -> str:
         fields = ("background_people", "countries", "filler", "vocab_size", "hidden_size", "intermediate_size",
                   "num_layers", "num_heads", "pretrain_lr", "pretrain_epochs")
+        if self.workload != "synthetic":
+            fields += ("workload", "lume_per_group", "lume_background_per_group", "prompt_words", "answer_words",
+                       "max_length")
         return _key({f: getattr(self, f) for f in fields})
 
     def finetune_key(self, seed: int) -> str:
@@ -88,43 +104,30 @@ def quick_settings(**overrides) -> ProtocolSettings:
     return ProtocolSettings(**base)
 
 
+def lume_settings(data_dir: str, quick: bool = False, **overrides) -> ProtocolSettings:
+    """The protocol on LUME (workloads/corpora.py): longer texts than the synthetic facts, so a larger
+    vocabulary and max_length; quick: fewer items, a smaller model, one seed."""
+    base = dict(workload="lume", data_dir=data_dir, vocab_size=3000, max_length=128, background_people=0,
+                countries=0, filler=1200)
+    if quick:
+        base.update(lume_per_group=2, lume_background_per_group=20, filler=500, hidden_size=96,
+                    intermediate_size=384, num_layers=3, pretrain_epochs=10, max_steps=80, seeds=(0,))
+    base.update(overrides)
+    return ProtocolSettings(**base)
+
+
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> str:
-    from .memorization import cache_dir
+    from .small_models import cache_dir
     return cache_dir("protocol")
 
 
 # ---- data -------------------------------------------------------------------------------------------------
-def background_corpus(settings: ProtocolSettings) -> dict:
-    """{"people": [Examples, all phrasings], "world": [...], "filler": [texts], "filler_heldout": [texts]}."""
-    from ..data.synthetic_people import paraphrased_people
-    from ..data.synthetic_world import filler_texts, world_facts
-    people = [ex for person in paraphrased_people(settings.background_people, seed=1) for ex in person]
-    filler = filler_texts(settings.filler + 100, seed=2)
-    return {"people": people, "world": world_facts(settings.countries, seed=3), "filler": filler[:settings.filler],
-            "filler_heldout": filler[settings.filler:]}
-
-
-def new_people_split(settings: ProtocolSettings, seed: int) -> dict:
-    """The new people split by `seed`: {"forget", "retain", "holdout"} in phrasings 0 and 1 (the trained
-    ones), {"forget_paraphrase", "retain_paraphrase", "holdout_paraphrase"} in phrasing 2 (never trained)."""
-    from ..data.synthetic_people import paraphrased_people
-    people = paraphrased_people(settings.new_people, seed=7, first_index=10_000)
-    order = list(range(len(people)))
-    random.Random(seed).shuffle(order)
-    n_f, n_h = settings.forget_people, settings.holdout_people
-    if n_f + n_h >= len(people):
-        raise ValueError(f"{len(people)} new people leave none to retain with {n_f} forget and {n_h} holdout")
-    groups = {"forget": order[:n_f], "holdout": order[n_f:n_f + n_h], "retain": order[n_f + n_h:]}
-    out = {}
-    for name, idx in groups.items():
-        rows = [ex for i in sorted(idx) for ex in people[i]]
-        out[name] = [ex for ex in rows if ex.extra["phrasing"] < 2]
-        out[f"{name}_paraphrase"] = [ex for ex in rows if ex.extra["phrasing"] == 2]
-    return out
+background_corpus = corpora.background_corpus
+new_split = corpora.new_split
 
 
 def _filler_examples(texts):
@@ -141,16 +144,13 @@ def base_model(settings: ProtocolSettings, cache_dir: str | None = None, log=pri
         from ..data import make_loader, tokenize_examples
         from ..data.corpus_tokenizer import train_tokenizer
         from ..finetune import finetune
-        from .memorization import small_llama
+        from .small_models import small_llama
         corpus = background_corpus(settings)
-        split = new_people_split(settings, 0)
-        texts = [t for ex in corpus["people"] + corpus["world"] for t in (ex.prompt, " " + ex.answer)]
-        texts += corpus["filler"] + [t for rows in split.values() for ex in rows for t in (ex.prompt, " " + ex.answer)]
-        tokenizer = train_tokenizer(texts, vocab_size=settings.vocab_size)
+        tokenizer = train_tokenizer(corpora.tokenizer_texts(settings), vocab_size=settings.vocab_size)
         model = small_llama(tokenizer, settings.hidden_size, settings.intermediate_size, settings.num_layers,
-                            settings.num_heads, max_positions=128, seed=0)
-        train = corpus["people"] + corpus["world"] + _filler_examples(corpus["filler"])
-        loader = make_loader(tokenize_examples(train, tokenizer, 64), 32, shuffle=True, seed=0,
+                            settings.num_heads, max_positions=max(128, settings.max_length), seed=0)
+        train = corpus["facts"] + _filler_examples(corpus["filler"])
+        loader = make_loader(tokenize_examples(train, tokenizer, settings.max_length), 32, shuffle=True, seed=0,
                              pad_token_id=tokenizer.pad_token_id)
         log(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter base on "
             f"{len(train)} examples for {settings.pretrain_epochs} epochs")
@@ -162,23 +162,27 @@ def base_model(settings: ProtocolSettings, cache_dir: str | None = None, log=pri
     return cached_model(path, build, log)
 
 
+def finetuned_path(settings: ProtocolSettings, seed: int, cache_dir: str | None = None) -> str:
+    """The directory the fine-tuned model of `seed` is cached in (a transformers model directory)."""
+    return os.path.join(cache_dir or default_cache_dir(), f"finetuned-{settings.finetune_key(seed)}")
+
+
 def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None = None, log=print):
     """(model, tokenizer, info): the base fine-tuned on seed's forget + retain people (module docstring, 2.)."""
-    path = os.path.join(cache_dir or default_cache_dir(), f"finetuned-{settings.finetune_key(seed)}")
+    path = finetuned_path(settings, seed, cache_dir)
 
     def build():
         from ..data import make_loader, tokenize_examples
-        from ..eval import answer_metrics
         from ..finetune import finetune
         model, tokenizer, _ = base_model(settings, cache_dir, log)
-        split = new_people_split(settings, seed)
+        split = new_split(settings, seed)
         train = split["forget"] + split["retain"]
-        loader = make_loader(tokenize_examples(train, tokenizer, 64), 16, shuffle=True, seed=seed,
+        loader = make_loader(tokenize_examples(train, tokenizer, settings.max_length), 16, shuffle=True, seed=seed,
                              pad_token_id=tokenizer.pad_token_id)
         probe = split["forget"] + split["retain"][:40]
 
         def prob(m):
-            return {"p": answer_metrics(m, tokenizer, probe, batch_size=64, max_length=64, generate=False)["answer_prob"]}
+            return {"p": answer_prob(m, tokenizer, probe, settings.max_length)}
         start = time.time()
         result = finetune(model, loader, lr=settings.finetune_lr, max_epochs=settings.finetune_max_epochs,
                           warmup_steps=10, eval_fn=prob, eval_every=len(loader),
@@ -191,9 +195,13 @@ def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None
 
 
 # ---- one unlearning run -----------------------------------------------------------------------------------
-def answer_prob(model, tokenizer, examples) -> float:
+def answer_prob(model, tokenizer, examples, max_length: int = 64):
+    """Mean length-normalized answer probability, teacher forced (None for no examples)."""
     from ..eval import answer_metrics
-    return answer_metrics(model, tokenizer, examples, batch_size=64, max_length=64, generate=False)["answer_prob"]
+    if not examples:
+        return None
+    return answer_metrics(model, tokenizer, examples, batch_size=64, max_length=max_length,
+                          generate=False)["answer_prob"]
 
 
 def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: float, settings: ProtocolSettings,
@@ -209,9 +217,9 @@ def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: 
     model = copy.deepcopy(model)
     pad = tokenizer.pad_token_id
     method = make_method(name, lr=lr, **settings.method_args.get(name, {}))
-    forget = make_loader(tokenize_examples(split["forget"], tokenizer, 64), settings.batch_size, shuffle=True,
-                         seed=seed, pad_token_id=pad)
-    retain = (make_loader(tokenize_examples(split["retain"], tokenizer, 64), settings.batch_size, shuffle=True,
+    forget = make_loader(tokenize_examples(split["forget"], tokenizer, settings.max_length), settings.batch_size,
+                         shuffle=True, seed=seed, pad_token_id=pad)
+    retain = (make_loader(tokenize_examples(split["retain"], tokenizer, settings.max_length), settings.batch_size, shuffle=True,
                           seed=seed + 1, pad_token_id=pad) if method.uses_retain else None)
     timing = {}
     setup = method.setup
@@ -225,7 +233,7 @@ def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: 
     strict_target = settings.strict_fraction * target
 
     def scores(m):
-        s = {k: answer_prob(m, tokenizer, split[k]) for k in ("forget", "retain", "holdout")}
+        s = {k: answer_prob(m, tokenizer, split[k], settings.max_length) for k in ("forget", "retain", "holdout")}
         if keep_models:
             if "matched" not in kept and s["forget"] <= target:
                 kept["matched"] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
@@ -277,13 +285,17 @@ def tradeoff_auc(curve: list, start: dict, target: float) -> float:
     return area / (f0 - target)
 
 
-def choose_lr(runs: list):
+def choose_lr(runs: list, max_steps: int):
     """The lr rule (module docstring, 4.): runs of one method [{"lr", "matched_step", "matched_retain",
-    "final_forget"}] -> (lr, reason)."""
+    "final_forget"}] with a budget of max_steps -> (lr, reason)."""
+    early = [r for r in runs if r["matched_step"] is not None and r["matched_step"] <= max_steps / 2]
+    if early:
+        best = max(early, key=lambda r: (r["matched_retain"], -r["lr"]))
+        return best["lr"], "highest retain at matched forget (reached within half the budget)"
     reached = [r for r in runs if r["matched_step"] is not None]
     if reached:
-        best = max(reached, key=lambda r: (r["matched_retain"], -r["lr"]))
-        return best["lr"], "highest retain at matched forget"
+        best = min(reached, key=lambda r: (r["matched_step"], r["lr"]))
+        return best["lr"], "none within half the budget: the soonest to matched forget"
     best = min(runs, key=lambda r: (r["final_forget"], r["lr"]))
     return best["lr"], "none reached matched forget: lowest final forget"
 

@@ -37,11 +37,15 @@ def test_choose_lr_rule():
     runs = [{"lr": 1e-5, "matched_step": None, "matched_retain": None, "final_forget": 0.5},
             {"lr": 1e-4, "matched_step": 40, "matched_retain": 0.8, "final_forget": 0.1},
             {"lr": 3e-4, "matched_step": 10, "matched_retain": 0.6, "final_forget": 0.05}]
-    assert P.choose_lr(runs) == (1e-4, "highest retain at matched forget")
+    assert P.choose_lr(runs, 100) == (1e-4, "highest retain at matched forget (reached within half the budget)")
+    # with a budget of 60 the lr that reached matched forget at step 40 has no margin left: it is passed over
+    assert P.choose_lr(runs, 60)[0] == 3e-4
     tie = [dict(runs[1]), dict(runs[2], matched_retain=0.8)]
-    assert P.choose_lr(tie)[0] == 1e-4  # a tie goes to the smaller lr
+    assert P.choose_lr(tie, 100)[0] == 1e-4  # a tie goes to the smaller lr
+    late = [dict(runs[1], matched_step=70), dict(runs[2], matched_step=90), runs[0]]
+    assert P.choose_lr(late, 100) == (1e-4, "none within half the budget: the soonest to matched forget")
     none = [dict(r, matched_step=None) for r in runs]
-    assert P.choose_lr(none) == (3e-4, "none reached matched forget: lowest final forget")
+    assert P.choose_lr(none, 100) == (3e-4, "none reached matched forget: lowest final forget")
 
 
 def test_mean_std_and_paired_difference():
@@ -54,9 +58,9 @@ def test_mean_std_and_paired_difference():
         P.paired_difference([1.0], [1.0, 2.0])
 
 
-def test_new_people_split_by_seed_and_phrasing():
+def test_new_split_by_seed_and_phrasing():
     settings = P.quick_settings()
-    a, b = P.new_people_split(settings, 0), P.new_people_split(settings, 1)
+    a, b = P.new_split(settings, 0), P.new_split(settings, 1)
     people = {name: {ex.extra["person"] for ex in rows} for name, rows in a.items()}
     assert len(people["forget"]) == settings.forget_people and len(people["holdout"]) == settings.holdout_people
     assert not (people["forget"] & people["retain"]) and not (people["holdout"] & people["retain"])
@@ -65,7 +69,7 @@ def test_new_people_split_by_seed_and_phrasing():
     assert {ex.extra["phrasing"] for ex in a["retain_paraphrase"]} == {2}
     assert {ex.extra["person"] for ex in b["forget"]} != people["forget"]  # the seed draws the split
     with pytest.raises(ValueError, match="none to retain"):
-        P.new_people_split(P.quick_settings(forget_people=8, holdout_people=8), 0)
+        P.new_split(P.quick_settings(forget_people=8, holdout_people=8), 0)
 
 
 def test_a_tiny_protocol_run_end_to_end(tmp_path):
@@ -78,9 +82,42 @@ def test_a_tiny_protocol_run_end_to_end(tmp_path):
     assert not info["cached"] and {p.name.split("-")[0] for p in tmp_path.iterdir()} == {"base", "finetuned"}
     again = P.finetuned_model(settings, 0, str(tmp_path), log=logs.append)
     assert again[2]["cached"] and any("loaded" in line for line in logs)
-    split = P.new_people_split(settings, 0)
+    split = P.new_split(settings, 0)
     run = P.unlearning_run("ga", 1e-2, model, tok, split, target=1.0, settings=settings, seed=0)
     # forget is below 1.0 and below the strict 0.5 at the first evaluation: matched, strict, and the run stops
     assert [p["step"] for p in run["curve"]] == [2] and run["curve"][0]["forget"] <= 0.5
     assert run["matched_step"] == run["strict_step"] == 2 and set(run["models"]) == {"matched", "strict", "final"}
     assert run["steps_s"] >= 0 and run["setup_s"] >= 0
+
+
+def write_lume(directory, per_group: int):
+    """LUME-format forget.jsonl / retain.jsonl with per_group items of every (task, kind) group."""
+    import json
+    directory.mkdir()
+    for name in ("forget", "retain"):
+        rows = [{"id": f'"{name}-{task}-{i}"{kind}{i}', "input": f"{name} {task} passage {i} " + "word " * 50,
+                 "output": f"continuation {i} of {task} " + "more " * 20, "task": task}
+                for task in ("Task1", "Task2", "Task3") for kind in ("sc", "qa") for i in range(per_group)]
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(directory)
+
+
+def test_lume_split_is_balanced_disjoint_and_apart_from_the_base_corpus(tmp_path):
+    settings = P.lume_settings(write_lume(tmp_path / "lume", 12), lume_per_group=2, lume_background_per_group=3)
+    corpus = P.background_corpus(settings)
+    a, b = P.new_split(settings, 0), P.new_split(settings, 1)
+    ids = {name: {ex.id for ex in rows} for name, rows in a.items()}
+    assert (len(ids["forget"]), len(ids["holdout"]), len(ids["retain"])) == (12, 12, 24)
+    assert not ids["forget"] & ids["holdout"] and all(i.startswith('"forget') for i in ids["forget"] | ids["holdout"])
+    base_ids = {ex.id for ex in corpus["facts"]}
+    assert len(base_ids) == 18 and all(i.startswith('"retain') for i in base_ids) and not base_ids & ids["retain"]
+    assert a["retain_paraphrase"] == [] and {ex.id for ex in b["forget"]} != ids["forget"]  # the seed draws
+    assert all(len(ex.prompt.split()) <= settings.prompt_words and len(ex.answer.split()) <= settings.answer_words
+               for ex in a["forget"])
+    with pytest.raises(FileNotFoundError, match="retain.jsonl"):
+        (tmp_path / "lume" / "retain.jsonl").unlink()
+        P.new_split(P.lume_settings(str(tmp_path / "lume"), lume_background_per_group=4), 0)
+    with pytest.raises(ValueError, match="data_dir"):
+        P.new_split(P.ProtocolSettings(workload="lume"), 0)
+    with pytest.raises(ValueError, match="ask for fewer"):
+        P.new_split(P.lume_settings(write_lume(tmp_path / "small", 3), lume_per_group=2), 0)

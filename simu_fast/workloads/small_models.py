@@ -1,13 +1,11 @@
-"""Models that know the data to be forgotten, made locally: a small Llama-style model from random weights,
-trained until it has memorized a set of examples (the demo and the LUME benchmark start from this, since no
-fine-tuned checkpoint can be downloaded)."""
+"""Small models made locally (no checkpoint can be downloaded): a Llama-style model from random weights sized
+to a tokenizer, and the atomic on-disk cache the protocol's base and fine-tuned models live in."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
-import time
 
 import torch
 
@@ -23,42 +21,6 @@ def small_llama(tokenizer, hidden_size: int = 128, intermediate_size: int = 512,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
-
-
-def memorize(model, tokenizer, examples, *, lr: float = 3e-3, batch_size: int = 16, max_epochs: int = 60,
-             target_prob: float = 0.98, check_every_epochs: int = 5, max_length: int = 512, seed: int = 0,
-             progress: bool = False, log=print) -> dict:
-    """Train `model` in place on the answers of `examples` (warmup + cosine AdamW) until their mean
-    length-normalized answer probability reaches target_prob (checked every check_every_epochs epochs) or
-    max_epochs pass. Returns {"parameters", "steps", "train_seconds", "answer_prob", "reached"}."""
-    from ..data import make_loader, tokenize_examples
-    from ..eval import answer_metrics
-    from ..finetune import finetune
-
-    examples = list(examples)
-    features = tokenize_examples(examples, tokenizer, max_length=max_length)
-    loader = make_loader(features, batch_size, shuffle=True, seed=seed, pad_token_id=tokenizer.pad_token_id)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"training a {n_params / 1e6:.2f}M-parameter model to memorize {len(examples)} examples "
-        f"(answer probability >= {target_prob})")
-
-    def answer_prob(m):
-        return {"answer_prob": answer_metrics(m, tokenizer, examples, batch_size=64, max_length=max_length,
-                                              generate=False)["answer_prob"]}
-
-    start = time.time()
-    result = finetune(model, loader, lr=lr, max_epochs=max_epochs, warmup_steps=20, schedule="cosine",
-                      eval_fn=answer_prob, eval_every=check_every_epochs * len(loader),
-                      until=lambda m: m["answer_prob"] >= target_prob, progress=progress, desc="memorizing")
-    seconds = time.time() - start
-    reached = result["history"][-1]["answer_prob"]
-    log(f"  {result['steps']} steps, {seconds:.0f} s, answer probability {reached:.3f}")
-    if reached < target_prob:
-        log(f"  warning: memorization stopped at answer probability {reached:.3f} < {target_prob} "
-            f"after {max_epochs} epochs")
-    model.eval()
-    return {"parameters": n_params, "steps": result["steps"], "train_seconds": round(seconds, 1),
-            "answer_prob": reached, "reached": reached >= target_prob}
 
 
 def cache_dir(name: str) -> str:
