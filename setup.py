@@ -45,11 +45,30 @@ def _pip_cuda_includes():
     return sorted(set(dirs))
 
 
+def _gpu_targets(cpp_extension) -> str:
+    """The -gencode targets torch's build will use, as "sm_90,compute_90" (machine code, PTX)."""
+    targets = []
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except Exception:  # a private helper of torch: without it the extension reports no targets
+        return ""
+    for flag in flags:
+        for part in flag.split("code=")[-1].strip("[]").split(","):
+            if part.startswith(("sm_", "compute_")) and part not in targets:
+                targets.append(part)
+    return ",".join(targets)
+
+
 def _extensions():
     if os.environ.get("SIMU_FAST_NO_EXTENSION") == "1":
         return [], {}
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("simu_fast builds its kernels against torch, which is not installed here: install torch first "
+                 "(pip install torch), then pip install --no-build-isolation -e . ; or set "
+                 "SIMU_FAST_NO_EXTENSION=1 for the pure-Python package")
 
     cuda = _want_cuda(torch)
     if cuda:
@@ -72,6 +91,11 @@ def _extensions():
             # No GPU to query (CI): one architecture proves the kernels compile and link, at half the
             # build time. A machine with a GPU builds for its own architecture.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            print("simu_fast: no GPU to build for and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for "
+                  "sm_90 (Hopper) only; on another GPU they fall back to Triton. Set TORCH_CUDA_ARCH_LIST to "
+                  "choose.", file=sys.stderr)
+        targets = _gpu_targets(cpp_extension)
+        macros.append(("SIMU_FAST_CUDA_ARCHS", f'"{targets}"'))
         extra["nvcc"] = ["-O3", "-lineinfo"]  # no fast-math: kernels must match the reference
         ext_cls = cpp_extension.CUDAExtension
     else:

@@ -14,11 +14,21 @@ bool with_cuda() {
   return false;
 #endif
 }
+
+// The GPU code the CUDA kernels were compiled to ("sm_90" machine code, "compute_90" PTX), set by setup.py.
+std::string cuda_archs() {
+#ifdef SIMU_FAST_CUDA_ARCHS
+  return SIMU_FAST_CUDA_ARCHS;
+#else
+  return "";
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "simu_fast compiled kernels (C++ OpenMP; CUDA when built with it)";
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("cuda_archs", &cuda_archs, "comma-separated GPU targets of the CUDA kernels (sm_XY code, compute_XY PTX)");
   m.def("sophia_step_cpu", &simu_fast::sophia_step_cpu);
   m.def("hessian_ema_cpu", &simu_fast::hessian_ema_cpu);
   m.def("count_nonfinite_cpu", &simu_fast::count_nonfinite_cpu);

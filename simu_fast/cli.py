@@ -252,6 +252,9 @@ def resolve_options(args) -> dict:
             opts["lr"] = float(opts["lr"])
         except (TypeError, ValueError):
             raise UsageError(f"lr must be a number, got {opts['lr']!r}")
+        if not (math.isfinite(opts["lr"]) and opts["lr"] > 0):
+            raise UsageError(f"lr must be a positive finite number, got {opts['lr']}")
+    _check_out_dir(opts["out"])
     if opts["parallel"] is not None and opts["parallel"] not in PARALLEL_CHOICES:
         raise UsageError(f"unknown parallel {opts['parallel']!r}; choose one of {', '.join(PARALLEL_CHOICES)}")
     if opts["format"] not in FORMATS:
@@ -273,6 +276,20 @@ def resolve_options(args) -> dict:
         raise UsageError(f"unknown method {opts['method']!r}; choose one of {', '.join(sorted(METHODS))}")
     opts["method"] = key
     return opts
+
+
+def _check_out_dir(out: str) -> None:
+    """UsageError unless --out is a directory there, or one that can be made (its nearest existing ancestor
+    a writable directory)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, so the directory cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -315,12 +332,27 @@ def _write_atomic(path: str, text: str) -> None:
     write_atomic(path, text.encode("utf-8"))
 
 
+def _save_staged(out: str, write) -> None:
+    """write(directory) into a fresh staging directory inside `out`, then each file moved into `out` with
+    os.replace: an interrupted save (Ctrl-C, a full disk) leaves no half-written file in `out`, and the
+    staging directory is removed either way."""
+    import shutil
+    import tempfile
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=out)
+    try:
+        write(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def unlearn(args) -> int:
     opts = resolve_options(args)
     from .methods.recipes import make_method
     try:
         method = make_method(opts["method"], **opts["method_args"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, FileNotFoundError) as e:
         raise UsageError(' '.join(str(e).split()))
     uses_retain = bool(getattr(method, "uses_retain", False))
     if uses_retain and not opts["retain"]:
@@ -374,7 +406,15 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         except ImportError:  # pragma: no cover
             pass
     model, tokenizer = _load_model(opts["model"])
-    pad = ensure_pad_token(tokenizer)
+    try:
+        pad = ensure_pad_token(tokenizer)
+    except ValueError as e:
+        raise UsageError(f"{opts['model']}: {' '.join(str(e).split())}")
+    if getattr(method, "mask", None) is not None:  # a mask given with --set mask=FILE
+        try:
+            method.mask.check_fits(model)
+        except ValueError as e:
+            raise UsageError(f"{opts['model']}: {e}")
     forget_examples, forget = _load_data(opts["forget"], opts["format"], tokenizer, opts["max_length"], "forget")
     retain = (_load_data(opts["retain"], opts["format"], tokenizer, opts["max_length"], "retain")[1]
               if uses_retain else None)
@@ -399,14 +439,24 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     retain_loader = (loader(retain, opts["batch_size"], shuffle=True, seed=opts["seed"] + 1, pad_token_id=pad)
                      if retain is not None else None)
     out = opts["out"]
+    made_out = main and not os.path.isdir(out)
     if main:
         os.makedirs(out, exist_ok=True)
     start = time.time()
-    result = Unlearner(model, method, forget_loader, retain_loader, max_steps=opts["steps"], epochs=opts["epochs"],
-                       grad_accum=opts["grad_accum"], eval_fn=eval_fn, eval_every=opts["eval_every"],
-                       stop_when=stop_when, out_dir=out, save_every=opts["save_every"],
-                       resume=opts["resume"], seed=opts["seed"], progress=main and sys.stderr.isatty(),
-                       parallel="ddp" if parallel == "ddp" else None).run()
+    from .optim.masked_optimizer import NonFiniteGradientError
+    try:
+        result = Unlearner(model, method, forget_loader, retain_loader, max_steps=opts["steps"],
+                           epochs=opts["epochs"], grad_accum=opts["grad_accum"], eval_fn=eval_fn,
+                           eval_every=opts["eval_every"], stop_when=stop_when, out_dir=out,
+                           save_every=opts["save_every"], resume=opts["resume"], seed=opts["seed"],
+                           progress=main and sys.stderr.isatty(), parallel="ddp" if parallel == "ddp" else None).run()
+    except BaseException as e:
+        if made_out and not os.listdir(out):  # leave no empty --out behind a failed run
+            os.rmdir(out)
+        if isinstance(e, NonFiniteGradientError):
+            raise UsageError(f"the loss or its gradient became NaN/inf ({' '.join(str(e).split())}); nothing was "
+                             "saved. Try a lower --lr, or check the model's weights and the data")
+        raise
     wall = time.time() - start
     full_state = None
     if parallel == "fsdp2":  # a collective: rank 0 gets the full weights to save
@@ -426,15 +476,14 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     if not main:
         return 0  # rank 0 writes the outputs
 
-    if full_state is not None:
-        model.save_pretrained(out, state_dict=full_state)
-    else:
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    mask_file = None
-    if getattr(method, "mask", None) is not None:
-        mask_file = "mask.safetensors"
-        method.mask.save(os.path.join(out, mask_file))
+    mask_file = "mask.safetensors" if getattr(method, "mask", None) is not None else None
+
+    def write_model(directory):
+        model.save_pretrained(directory, **({"state_dict": full_state} if full_state is not None else {}))
+        tokenizer.save_pretrained(directory)
+        if mask_file:
+            method.mask.save(os.path.join(directory, mask_file))
+    _save_staged(out, write_model)
     train_loss = [float(x) for x in result.get("train_loss", [])]
     options = {k: v for k, v in opts.items() if k != "method_args"}
     options.update(parallel=parallel, world_size=world)

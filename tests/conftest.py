@@ -5,6 +5,7 @@
 - Tests marked `gpu` skip when torch.cuda.is_available() is False; tests marked `slow` (stress loops) run
   only when selected with `-m slow`.
 """
+import json
 import os
 
 import pytest
@@ -35,3 +36,46 @@ def memorized():
     pytest.importorskip("transformers")
     from tiny_models import memorized_people
     return memorized_people(10, seed=0)
+
+
+# ---- a tiny local model directory and data files for the command line (tests/test_cli.py, test_bad_inputs.py)
+CLI_SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
+CLI_WORDS = ["alice", "bob", "lives", "in", "paris", "rome", "works", "as", "a", "baker", "pilot", "who", "where",
+         "does", "is", "?"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("cli") / "model"
+    vocab = {w: i for i, w in enumerate(CLI_SPECIALS + CLI_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data(model_dir):
+    root = model_dir.parent
+    forget = [("where does alice live ?", "alice lives in paris"), ("who is alice ?", "alice works as a baker"),
+              ("where does alice work ?", "in paris")]
+    retain = [("where does bob live ?", "bob lives in rome"), ("who is bob ?", "bob works as a pilot"),
+              ("where does bob work ?", "in rome")]
+    files = {}
+    for name, rows in (("forget", forget), ("retain", retain)):
+        p = root / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"id": f"{name}{i}", "input": q, "output": a, "task": "t"}) + "\n"
+                             for i, (q, a) in enumerate(rows)))
+        files[name] = str(p)
+    return files

@@ -5,48 +5,8 @@ import os
 import pytest
 import torch
 
+from conftest import CLI_WORDS
 from simu_fast.cli import main
-
-SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
-WORDS = ["alice", "bob", "lives", "in", "paris", "rome", "works", "as", "a", "baker", "pilot", "who", "where",
-         "does", "is", "?"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("cli") / "model"
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(model_dir):
-    root = model_dir.parent
-    forget = [("where does alice live ?", "alice lives in paris"), ("who is alice ?", "alice works as a baker"),
-              ("where does alice work ?", "in paris")]
-    retain = [("where does bob live ?", "bob lives in rome"), ("who is bob ?", "bob works as a pilot"),
-              ("where does bob work ?", "in rome")]
-    files = {}
-    for name, rows in (("forget", forget), ("retain", retain)):
-        p = root / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"id": f"{name}{i}", "input": q, "output": a, "task": "t"}) + "\n"
-                             for i, (q, a) in enumerate(rows)))
-        files[name] = str(p)
-    return files
 
 
 def _args(model_dir, data, out, method, *extra):
@@ -83,7 +43,7 @@ def test_graddiff(model_dir, data, tmp_path):
     assert not (out / "mask.safetensors").exists()
     assert _weights_differ(model_dir, out)
     from transformers import AutoTokenizer
-    assert AutoTokenizer.from_pretrained(out, local_files_only=True)("alice")["input_ids"][-1] == 4 + WORDS.index("alice")
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True)("alice")["input_ids"][-1] == 4 + CLI_WORDS.index("alice")
 
 
 def test_simu_writes_mask(model_dir, data, tmp_path):

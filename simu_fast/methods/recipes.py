@@ -2,6 +2,8 @@
 one with its defaults overridden by keyword arguments."""
 from __future__ import annotations
 
+import inspect
+
 from .baselines import GA, NPO, GradDiff
 from .imu import IMU
 from .simu import SIMU
@@ -12,13 +14,31 @@ METHODS = {"ga": GA, "graddiff": GradDiff, "npo": NPO, "so-graddiff": SOGradDiff
            "imu": IMU, "ssiuu": Ssiuu, "simu": SIMU}
 
 
+def method_options(cls) -> list:
+    """The keyword options a recipe class takes: its __init__'s, and those its **kwargs pass up the MRO."""
+    names = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def make_method(name: str, **overrides):
-    """METHODS[name](**overrides); a clear ValueError for an unknown name, TypeError for an unknown option."""
+    """METHODS[name](**overrides); a clear ValueError for an unknown name, TypeError naming the method's
+    options for an unknown option."""
     key = str(name).lower().replace("_", "-")
     if key not in METHODS:
         raise ValueError(f"unknown unlearning method {name!r}; choose one of {sorted(METHODS)}")
     cls = METHODS[key]
-    try:
-        return cls(**overrides)
-    except TypeError as e:
-        raise TypeError(f"method {key!r} ({cls.__name__}): {e}") from e
+    options = method_options(cls)
+    unknown = [k for k in overrides if k not in options]
+    if unknown:
+        raise TypeError(f"method {key!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(options)}")
+    return cls(**overrides)

@@ -43,6 +43,7 @@ drop the terms that earlier positions contribute to later tokens. Not compared b
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ..attribution.integrated_gradients import NeuronAttributor
 from ..select.critical_sets import select_neurons
@@ -60,7 +61,7 @@ class SIMU(SOGradDiff):
     def __init__(self, steps: int = 5, ratio: float | None = None, fraction: float | None = None,
                  k: int | None = None, scope: str | None = None, include_dual: bool = True,
                  neuron_params=("down",), attention: str = "full", target: str = DEFAULT_TARGET,
-                 gamma: float = 2.0, hessian: str = "gnb", mask: NeuronMask | None = None,
+                 gamma: float = 2.0, hessian: str = "gnb", mask: NeuronMask | str | None = None,
                  attribution: dict | None = None, progress: bool = False, **sophia_kwargs):
         super().__init__(gamma=gamma, hessian=hessian, **sophia_kwargs)
         given = {name: v for name, v in (("ratio", ratio), ("fraction", fraction), ("k", k)) if v is not None}
@@ -77,6 +78,10 @@ class SIMU(SOGradDiff):
         self.neuron_params, self.attention = tuple(neuron_params), attention
         self.attribution = {"target": target, **dict(attribution or {})}  # NeuronAttributor arguments
         self.progress = progress
+        if isinstance(mask, (str, os.PathLike)):  # a file written by NeuronMask.save (`mask.safetensors`)
+            mask = NeuronMask.load(os.fspath(mask))
+        if mask is not None and not isinstance(mask, NeuronMask):
+            raise TypeError(f"mask must be a NeuronMask or the path of a saved one, got {type(mask).__name__}")
         self.mask = mask
         self.forget_scores = self.retain_scores = None
         self.counts: dict = {}

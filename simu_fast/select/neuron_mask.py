@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..attribution.architectures import architecture_of, layer_part
+from ..attribution.architectures import architecture_of, decoder_layers, intermediate_size, layer_part
 
 NEURON_PARTS = ("down", "up", "gate")
 ATTENTION_MODES = ("full", "frozen")
@@ -51,9 +51,24 @@ class NeuronMask:
         return self.mask[layer_slot].nonzero().flatten()
 
     # ---- the optimizer -------------------------------------------------------------------------------
+    def check_fits(self, model: torch.nn.Module) -> None:
+        """ValueError unless the mask's layers and width are the model's (a mask saved for another model)."""
+        n_layers = len(decoder_layers(model))
+        bad = [layer for layer in self.layers if not 0 <= int(layer) < n_layers]
+        if bad:
+            raise ValueError(f"the neuron mask names layers {bad}, but the model has {n_layers} decoder layers: "
+                             "a mask made for another model")
+        width = self.mask.shape[1]
+        for layer in self.layers:
+            f = intermediate_size(layer_part(model, int(layer), "down"))
+            if f != width:
+                raise ValueError(f"the neuron mask has {width} neurons per layer, but layer {layer} of the model has "
+                                 f"{f} MLP neurons: a mask made for another model")
+
     def apply_to(self, optimizer, model: torch.nn.Module, neuron_params=("down",), attention: str = "full") -> dict:
         """Mask the selected neurons' weights on `optimizer`, freeze everything else (attention stays fully
         trainable with attention="full"). Returns counts: moving parameters by kind and in total."""
+        self.check_fits(model)
         parts = tuple(neuron_params)
         if not parts or any(p not in NEURON_PARTS for p in parts):
             raise ValueError(f"neuron_params must be a non-empty subset of {NEURON_PARTS}, got {neuron_params!r}")
@@ -124,12 +139,17 @@ class NeuronMask:
     def load(cls, path: str) -> "NeuronMask":
         if not os.path.exists(path):
             raise FileNotFoundError(f"no neuron mask file at {path}")
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("neuron_mask")
-            if raw is None:
-                raise ValueError(f"{path} is not a NeuronMask file (no 'neuron_mask' metadata)")
-            meta = json.loads(raw)
-            forget_only, dual = f.get_tensor("forget_only").bool(), f.get_tensor("dual").bool()
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get("neuron_mask")
+                if raw is None:
+                    raise ValueError(f"{path} is not a NeuronMask file (no 'neuron_mask' metadata)")
+                meta = json.loads(raw)
+                forget_only, dual = f.get_tensor("forget_only").bool(), f.get_tensor("dual").bool()
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own error types: not a safetensors file, a truncated one
+            raise ValueError(f"cannot read the neuron mask {path}: {' '.join(str(e).split())}") from e
         return cls(forget_only, dual, meta["layers"], meta["include_dual"], meta.get("settings", {}))
 
     # ---- reporting ------------------------------------------------------------------------------------
