@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 FULL, ROWS, COLS, DENSE = 0, 1, 2, 3
-KIND_NAMES = {FULL: "full", ROWS: "rows", COLS: "cols", DENSE: "dense"}
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,6 @@ class UpdateMask:
         if self.kind == COLS:
             return (numel // self.row_len) * int(self.index.numel())
         return self.selected
-
-    def work_items(self, numel: int) -> int:
-        """Elements a kernel visits (DENSE visits all and skips the unselected)."""
-        if self.kind in (FULL, DENSE):
-            return numel
-        return self.selected_of(numel)
 
     def kernel_tensor(self, device: torch.device) -> torch.Tensor:
         """The tensor handed to kernels: index (ROWS/COLS), dense (DENSE) or an empty int64 (FULL)."""
