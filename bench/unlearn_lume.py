@@ -34,7 +34,8 @@ from simu_fast.data.corpus_tokenizer import train_tokenizer
 from simu_fast.eval import answer_metrics
 from simu_fast.eval.membership_inference import mia_report
 from simu_fast.eval.relearning import relearning_attack
-from simu_fast.eval.report import format_markdown, report, write_atomic
+from simu_fast.eval.report import format_markdown, report
+from simu_fast.io import write_atomic
 from simu_fast.eval.utility import perplexity
 from simu_fast.workloads.memorization import memorize, small_llama
 from simu_fast.methods import make_method

@@ -23,9 +23,10 @@ import time
 
 import torch
 
+from simu_fast.io import write_atomic as _atomic_write
 from simu_fast.workloads import protocol as P
 
-from .common import RESULTS_DIR, _atomic_write, metadata
+from .common import RESULTS_DIR, metadata
 
 RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
 # the papers' claims: (name, a, b, metric, higher is better for a) as paired differences a - b over seeds
@@ -292,7 +293,8 @@ def plots(report: dict) -> dict:
 
 
 def write(report: dict, out_dir: str) -> None:
-    from simu_fast.eval.report import to_jsonable, write_atomic
+    from simu_fast.eval.report import to_jsonable
+    from simu_fast.io import write_atomic
     os.makedirs(out_dir, exist_ok=True)
     for name, data in plots(report).items():
         write_atomic(os.path.join(out_dir, name), data)

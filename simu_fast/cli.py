@@ -27,6 +27,7 @@ import time
 from typing import Optional
 
 from .data.load import FORMATS
+from .io import write_atomic as _write_atomic
 
 PROG = "simu-fast"
 ABLATION_EXAMPLES = 256  # the neuron-mask check after a SIMU run scores at most this many forget / retain rows
@@ -307,11 +308,6 @@ def _load_data(path, fmt, tokenizer, max_length, role):
     if not features:
         raise UsageError(f"{role} file {path}: no example fits in max-length {max_length}")
     return examples, features
-
-
-def _write_atomic(path: str, text: str) -> None:
-    from .eval.report import write_atomic
-    write_atomic(path, text.encode("utf-8"))
 
 
 def unlearn(args) -> int:
