@@ -328,7 +328,7 @@ def unlearn(args) -> int:
         if latest_checkpoint(opts["out"]) is None:
             raise UsageError(f"--resume: no checkpoint in {opts['out']}")
 
-    from .integrations import distributed as dist
+    from . import distributed as dist
     parallel = opts["parallel"] or ("ddp" if dist.launched_distributed() else "none")
     if parallel == "fsdp2" and not dist.fsdp2_available():
         raise UsageError("--parallel fsdp2 needs FSDP2 (fully_shard), which this torch lacks; use --parallel ddp")
@@ -352,8 +352,9 @@ def unlearn(args) -> int:
 
 def _unlearn(opts, method, uses_retain, parallel) -> int:
     import torch
+    from . import distributed as dist
     from .data import ensure_pad_token, make_loader
-    from .integrations import distributed as dist
+    from .data.sharding import make_distributed_loader
     from .unlearner import Unlearner
 
     device = dist.init_from_env() if dist.launched_distributed() else None
@@ -387,7 +388,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         _fully_shard(model)
     if world > 1:  # each rank its share (the same examples every epoch: NPO/IMU keep per-example state from
         # their setup pass over them), the same number of batches on every rank
-        loader = functools.partial(dist.make_distributed_loader, fixed_shards=True)
+        loader = functools.partial(make_distributed_loader, fixed_shards=True)
     else:
         loader = make_loader
     forget_loader = loader(forget, opts["batch_size"], shuffle=True, seed=opts["seed"], pad_token_id=pad)
@@ -486,7 +487,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
 def _fully_shard(model) -> None:
     """FSDP2: fully_shard every decoder layer, then the root (the layout simu_fast's optimizers support)."""
     from .attribution.architectures import decoder_layers
-    from .integrations.distributed import fully_shard_fn
+    from .distributed import fully_shard_fn
     fully_shard = fully_shard_fn()
     try:
         layers = decoder_layers(model)

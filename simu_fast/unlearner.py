@@ -30,7 +30,7 @@ states from the checkpoint; the run then continues so that its final model equal
 for bit. With resume=True and no checkpoint in out_dir, run() raises FileNotFoundError (it does not
 silently start over).
 
-Distributed (torchrun / accelerate launch; simu_fast.integrations.distributed). Every rank runs the same
+Distributed (torchrun / accelerate launch; simu_fast.distributed, simu_fast.data.sharding). Every rank runs the same
 Unlearner on its share of the data (make_distributed_loader: the same number of batches on every rank).
 - The model: pass the plain model with parallel="ddp" and the loop wraps it in DistributedDataParallel after
   method.setup and make_optimizer (so parameters a recipe freezes, as SIMU does, never enter DDP's reducer);
@@ -67,8 +67,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from .integrations import distributed as _dist
-from .optim.sharded_params import is_dtensor
+from . import distributed as _dist
+from .data.sharding import unpadded_shard_loader
+from .distributed.dtensor import is_dtensor
 
 if TYPE_CHECKING:  # not imported at run time, so `import simu_fast` does not pull in every recipe
     from .methods.base import UnlearningMethod
@@ -141,7 +142,7 @@ class Unlearner:
         if parallel == "ddp":
             if not _dist.is_initialized():
                 raise ValueError("parallel='ddp' needs an initialized torch.distributed process group (start with "
-                                 "torchrun and call simu_fast.integrations.distributed.init_from_env())")
+                                 "torchrun and call simu_fast.distributed.init_from_env())")
             if _dist.is_ddp(model):
                 raise ValueError("parallel='ddp' wraps the model itself: pass the unwrapped model")
             if _dist.is_fsdp2(model):
@@ -187,8 +188,8 @@ class Unlearner:
                 raise FileNotFoundError(f"resume=True but no checkpoint in {self.out_dir!r}")
         else:
             _seed_everything(self.seed)
-        method.setup(module, _dist.unpadded_shard_loader(self.forget_loader),
-                     None if self.retain_loader is None else _dist.unpadded_shard_loader(self.retain_loader))
+        method.setup(module, unpadded_shard_loader(self.forget_loader),
+                     None if self.retain_loader is None else unpadded_shard_loader(self.retain_loader))
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = method.make_optimizer(module)
         for g in self.optimizer.param_groups:  # the rate method.lr_factor scales (as torch's LR schedulers)
@@ -334,7 +335,7 @@ class Unlearner:
             g["lr"] = g["initial_lr"] * factor
         method.before_step(module, opt, last_forget, self.step)
         if _distributed() and _overrides(method, "before_step") and not _dist.is_fsdp2(module):
-            _average_grads(module)  # what before_step did from this rank's batch, averaged as DDP does
+            _dist.average_gradients(module)  # what before_step did from this rank's batch, averaged as DDP does
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -538,23 +539,6 @@ def _raise_rank_error(error, what: str):
 def _overrides(method, name: str) -> bool:
     from .methods.base import UnlearningMethod
     return getattr(type(method), name, None) is not getattr(UnlearningMethod, name)
-
-
-def _average_grads(module) -> None:
-    """All-reduce (mean) the gradients of replicated parameters, one flat buffer per dtype and device."""
-    import torch.distributed as dist
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault((g.dtype, g.device), []).append(g)
-    for bucket in groups.values():
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        flat.div_(_dist.world_size())
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def _sharded_optimizer(optimizer) -> bool:

@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 
 from simu_fast import Unlearner
 from simu_fast.data.collate import make_loader
-from simu_fast.integrations.distributed import (ShardedSampler, init_local_group, leave_process_group,
-                                                make_distributed_loader, new_store_file, shard_examples)
+from simu_fast.data.sharding import ShardedSampler, make_distributed_loader, shard_examples
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
 from simu_fast.methods.baselines import GradDiff
 from simu_fast.methods.imu import IMU
 from simu_fast.methods.soul import SOGradDiff

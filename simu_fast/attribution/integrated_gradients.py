@@ -33,7 +33,7 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..integrations import distributed as _dist
+from .. import distributed as _dist
 from ..lm import IGNORE_INDEX, logits_of
 from ..ops.ig_accumulate import ig_accumulate
 from .architectures import MlpModulesFn, intermediate_size, mlp_down_projections, model_type_of
