@@ -39,7 +39,7 @@ from simu_fast.io import write_atomic
 from simu_fast.eval.utility import perplexity
 from simu_fast.workloads.memorization import memorize, small_llama
 from simu_fast.methods import make_method
-from simu_fast.unlearner import Unlearner
+from simu_fast.training.unlearner import Unlearner
 
 METHODS = ("simu", "so-graddiff", "fo-graddiff", "graddiff", "imu", "ssiuu", "npo")
 TASKS = ("Task1", "Task2", "Task3")

@@ -324,7 +324,7 @@ def unlearn(args) -> int:
         if opts[role] and not os.path.isfile(opts[role]):
             raise UsageError(f"{role} file not found: {opts[role]}")
     if opts["resume"]:
-        from .unlearner import latest_checkpoint
+        from .training.checkpoints import latest_checkpoint
         if latest_checkpoint(opts["out"]) is None:
             raise UsageError(f"--resume: no checkpoint in {opts['out']}")
 
@@ -355,7 +355,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     from . import distributed as dist
     from .data import ensure_pad_token, make_loader
     from .data.sharding import make_distributed_loader
-    from .unlearner import Unlearner
+    from .training.unlearner import Unlearner
 
     device = dist.init_from_env() if dist.launched_distributed() else None
     world = dist.world_size()

@@ -102,7 +102,7 @@ def unlearn_one(name: str, model, tokenizer, data: dict, settings: DemoSettings,
     from ..data import make_loader, tokenize_examples
     from ..eval import rouge_eval_fn, stop_at_forget_rouge
     from ..methods import make_method
-    from ..unlearner import Unlearner
+    from ..training.unlearner import Unlearner
 
     pad = tokenizer.pad_token_id
     args = {"lr": settings.unlearn_lr, **settings.method_args.get(name, {})}

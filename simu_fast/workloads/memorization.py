@@ -33,7 +33,7 @@ def memorize(model, tokenizer, examples, *, lr: float = 3e-3, batch_size: int = 
     max_epochs pass. Returns {"parameters", "steps", "train_seconds", "answer_prob", "reached"}."""
     from ..data import make_loader, tokenize_examples
     from ..eval import answer_metrics
-    from ..finetune import finetune
+    from ..training.finetune import finetune
 
     examples = list(examples)
     features = tokenize_examples(examples, tokenizer, max_length=max_length)

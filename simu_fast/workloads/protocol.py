@@ -140,7 +140,7 @@ def base_model(settings: ProtocolSettings, cache_dir: str | None = None, log=pri
     def build():
         from ..data import make_loader, tokenize_examples
         from ..data.corpus_tokenizer import train_tokenizer
-        from ..finetune import finetune
+        from ..training.finetune import finetune
         from .memorization import small_llama
         corpus = background_corpus(settings)
         split = new_people_split(settings, 0)
@@ -169,7 +169,7 @@ def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None
     def build():
         from ..data import make_loader, tokenize_examples
         from ..eval import answer_metrics
-        from ..finetune import finetune
+        from ..training.finetune import finetune
         model, tokenizer, _ = base_model(settings, cache_dir, log)
         split = new_people_split(settings, seed)
         train = split["forget"] + split["retain"]
