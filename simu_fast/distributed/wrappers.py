@@ -5,6 +5,8 @@ is_ddp(model), is_fsdp2(model), unwrap_model(model), fsdp2_available(), fully_sh
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .dtensor import is_dtensor
@@ -14,16 +16,14 @@ def is_ddp(model) -> bool:
     return isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
 
 
-def _fsdp2_class():
-    try:  # torch >= 2.6
-        from torch.distributed.fsdp import FSDPModule
-        return FSDPModule
-    except ImportError:  # pragma: no cover - older torch
+def _fsdp2(name: str):
+    """torch's FSDP2 `name` (fully_shard, FSDPModule), or None where this torch has none."""
+    for module in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):  # torch >= 2.6, older
         try:
-            from torch.distributed._composable.fsdp import FSDPModule
-            return FSDPModule
-        except ImportError:
-            return None
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # pragma: no cover - older torch
+            continue
+    return None  # pragma: no cover
 
 
 def fsdp2_available() -> bool:
@@ -32,20 +32,12 @@ def fsdp2_available() -> bool:
 
 def fully_shard_fn():
     """torch's fully_shard (FSDP2), or None where this torch has none."""
-    try:  # torch >= 2.6
-        from torch.distributed.fsdp import fully_shard
-        return fully_shard
-    except ImportError:  # pragma: no cover - older torch
-        try:
-            from torch.distributed._composable.fsdp import fully_shard
-            return fully_shard
-        except ImportError:
-            return None
+    return _fsdp2("fully_shard")
 
 
 def is_fsdp2(model) -> bool:
     """True for a model sharded with fully_shard (FSDP2): its forward all-gathers parameters, a collective."""
-    cls = _fsdp2_class()
+    cls = _fsdp2("FSDPModule")
     if cls is not None and isinstance(model, cls):
         return True
     return any(is_dtensor(p) for p in model.parameters())
