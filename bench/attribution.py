@@ -154,7 +154,8 @@ def bare_fn(model, batch: dict, steps: int, max_rows: Optional[int]) -> Callable
     from simu_fast.attribution import mlp_down_projections
     from simu_fast.attribution.batches import prepare_batch
     from simu_fast.attribution.model_state import attribution_mode
-    from simu_fast.attribution.targets import logits_of, target_per_row
+    from simu_fast.attribution.targets import target_per_row
+    from simu_fast.lm import logits_of
 
     modules = mlp_down_projections(model)
     passes = bare_passes(model, batch, steps, max_rows)

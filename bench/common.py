@@ -21,12 +21,13 @@ import platform
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from importlib import metadata as importlib_metadata
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from simu_fast.io import write_atomic
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,21 +243,6 @@ def results_paths(host: str, results_dir: str = RESULTS_DIR) -> tuple[str, str]:
     return os.path.join(results_dir, f"{host}.json"), os.path.join(results_dir, f"{host}.md")
 
 
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_results(path: str) -> dict:
     try:
         with open(path) as f:
@@ -280,8 +266,8 @@ def write_results(op: str, rows: list[dict], meta: dict, *, results_dir: str = R
     if extra:
         entry.update(extra)
     data["ops"][op] = entry
-    _atomic_write(json_path, json.dumps(data, indent=1, sort_keys=False) + "\n")
-    _atomic_write(md_path, markdown_report(data))
+    write_atomic(json_path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+    write_atomic(md_path, markdown_report(data))
     return json_path, md_path
 
 

@@ -4,7 +4,7 @@
 
 The script spawns the processes itself (torch.multiprocessing, gloo, one process group per run). Each
 process builds the same random-weight Llama (nothing is downloaded) and the same synthetic forget and retain
-sets, takes its share (simu_fast.integrations.distributed.make_distributed_loader, --batch examples per
+sets, takes its share (simu_fast.data.sharding.make_distributed_loader, --batch examples per
 process per step: weak scaling, 2 processes do twice the examples per step) and runs simu_fast's Unlearner
 with the SIMU recipe and parallel="ddp" (one process: a process group of one, no DDP wrapper, the plain
 loop). Per rank it reports:
@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
 
 from . import common
 
@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, store: str, size: Size, cfg: dict, threads: i
         from transformers import LlamaConfig, LlamaForCausalLM
 
         from simu_fast import Unlearner
-        from simu_fast.integrations.distributed import make_distributed_loader
+        from simu_fast.data.sharding import make_distributed_loader
         from simu_fast.methods.simu import SIMU
 
         marks: list[float] = []

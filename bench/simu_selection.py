@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from .common import RESULTS_DIR, _atomic_write, metadata
+from simu_fast.io import write_atomic
+
+from .common import RESULTS_DIR, metadata
 
 RULES = (("fraction", 0.01, "global"), ("ratio", 0.1, "per_layer"), ("ratio", 0.2, "per_layer"),
          ("ratio", 0.3, "per_layer"), ("ratio", 0.5, "per_layer"))
@@ -89,9 +91,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = run(random_sets=args.random_sets)
     os.makedirs(args.out, exist_ok=True)
-    _atomic_write(os.path.join(args.out, "results.json"),
+    write_atomic(os.path.join(args.out, "results.json"),
                       json.dumps({"metadata": metadata(), "rows": rows}, indent=2) + "\n")
-    _atomic_write(os.path.join(args.out, "report.md"), report(rows))
+    write_atomic(os.path.join(args.out, "report.md"), report(rows))
     print(report(rows))
     return 0
 

@@ -23,9 +23,10 @@ import time
 
 import torch
 
+from simu_fast.io import write_atomic
 from simu_fast.workloads import protocol as P
 
-from .common import RESULTS_DIR, _atomic_write, metadata
+from .common import RESULTS_DIR, metadata
 
 RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
 # the papers' claims: (name, a, b, metric, higher is better for a) as paired differences a - b over seeds
@@ -312,14 +313,14 @@ def plots(report: dict) -> dict:
 
 
 def write(report: dict, out_dir: str, appendix: str = "") -> None:
-    from simu_fast.eval.report import to_jsonable, write_atomic
+    from simu_fast.eval.report import to_jsonable
     os.makedirs(out_dir, exist_ok=True)
     for name, data in plots(report).items():
         write_atomic(os.path.join(out_dir, name), data)
-    _atomic_write(os.path.join(out_dir, "metrics.json"),
+    write_atomic(os.path.join(out_dir, "metrics.json"),
                   json.dumps(to_jsonable({"metadata": metadata(), **report}), indent=1, allow_nan=False) + "\n")
     figures = "\n".join(f"![{name[:-4]}]({name})" for name in ("tradeoff.png", "relearning.png", "erase_or_hide.png"))
-    _atomic_write(os.path.join(out_dir, "report.md"), markdown(report) + (f"\n{appendix}" if appendix else "") +
+    write_atomic(os.path.join(out_dir, "report.md"), markdown(report) + (f"\n{appendix}" if appendix else "") +
                   f"\n{figures}\n")
 
 
@@ -427,8 +428,8 @@ def main(argv=None) -> int:
         rows = ablation(settings, lr, ABLATIONS[args.ablation], cache_dir=args.cache)
         os.makedirs(out, exist_ok=True)
         text = ablation_markdown(rows, args.ablation)
-        _atomic_write(os.path.join(out, f"ablation-{args.ablation}.json"), json.dumps(to_jsonable(rows), indent=1) + "\n")
-        _atomic_write(os.path.join(out, f"ablation-{args.ablation}.md"), text)
+        write_atomic(os.path.join(out, f"ablation-{args.ablation}.json"), json.dumps(to_jsonable(rows), indent=1) + "\n")
+        write_atomic(os.path.join(out, f"ablation-{args.ablation}.md"), text)
         print(text)
         return 0
     report = run(settings, args.cache)

@@ -28,6 +28,7 @@ import time
 from typing import Optional
 
 from .data.load import FORMATS
+from .io import write_atomic
 
 PROG = "simu-fast"
 ABLATION_EXAMPLES = 256  # the neuron-mask check after a SIMU run scores at most this many forget / retain rows
@@ -327,11 +328,6 @@ def _load_data(path, fmt, tokenizer, max_length, role):
     return examples, features
 
 
-def _write_atomic(path: str, text: str) -> None:
-    from .eval.report import write_atomic
-    write_atomic(path, text.encode("utf-8"))
-
-
 def _save_staged(out: str, write) -> None:
     """write(directory) into a fresh staging directory inside `out`, then each file moved into `out` with
     os.replace: an interrupted save (Ctrl-C, a full disk) leaves no half-written file in `out`, and the
@@ -361,11 +357,11 @@ def unlearn(args) -> int:
         if opts[role] and not os.path.isfile(opts[role]):
             raise UsageError(f"{role} file not found: {opts[role]}")
     if opts["resume"]:
-        from .unlearner import latest_checkpoint
+        from .training.checkpoints import latest_checkpoint
         if latest_checkpoint(opts["out"]) is None:
             raise UsageError(f"--resume: no checkpoint in {opts['out']}")
 
-    from .integrations import distributed as dist
+    from . import distributed as dist
     parallel = opts["parallel"] or ("ddp" if dist.launched_distributed() else "none")
     if parallel == "fsdp2" and not dist.fsdp2_available():
         raise UsageError("--parallel fsdp2 needs FSDP2 (fully_shard), which this torch lacks; use --parallel ddp")
@@ -389,9 +385,10 @@ def unlearn(args) -> int:
 
 def _unlearn(opts, method, uses_retain, parallel) -> int:
     import torch
+    from . import distributed as dist
     from .data import ensure_pad_token, make_loader
-    from .integrations import distributed as dist
-    from .unlearner import Unlearner
+    from .data.sharding import make_distributed_loader
+    from .training.unlearner import Unlearner
 
     device = dist.init_from_env() if dist.launched_distributed() else None
     world = dist.world_size()
@@ -432,7 +429,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         _fully_shard(model)
     if world > 1:  # each rank its share (the same examples every epoch: NPO/IMU keep per-example state from
         # their setup pass over them), the same number of batches on every rank
-        loader = functools.partial(dist.make_distributed_loader, fixed_shards=True)
+        loader = functools.partial(make_distributed_loader, fixed_shards=True)
     else:
         loader = make_loader
     forget_loader = loader(forget, opts["batch_size"], shuffle=True, seed=opts["seed"], pad_token_id=pad)
@@ -499,7 +496,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
             original, tokenizer, method.mask, forget_examples[:ABLATION_EXAMPLES], retain_examples[:ABLATION_EXAMPLES],
             batch_size=opts["batch_size"], max_length=opts["max_length"])
     from .eval.report import to_jsonable
-    _write_atomic(os.path.join(out, "metrics.json"),
+    write_atomic(os.path.join(out, "metrics.json"),
                   json.dumps(to_jsonable(metrics), indent=2, default=repr, allow_nan=False) + "\n")
 
     lines = [f"# simu-fast unlearn: {opts['method']}", "",
@@ -532,7 +529,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         from .eval.report import format_markdown
         lines += ["", format_markdown({opts["method"]: evaluation}, title="Evaluation").strip()]
     lines += ["", "Outputs: the unlearned model and tokenizer (save_pretrained), metrics.json, report.md."]
-    _write_atomic(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     print(f"{PROG}: unlearned with {opts['method']} in {result['step']} steps; wrote {out}")
     return 0
 
@@ -540,7 +537,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
 def _fully_shard(model) -> None:
     """FSDP2: fully_shard every decoder layer, then the root (the layout simu_fast's optimizers support)."""
     from .attribution.architectures import decoder_layers
-    from .integrations.distributed import fully_shard_fn
+    from .distributed import fully_shard_fn
     fully_shard = fully_shard_fn()
     try:
         layers = decoder_layers(model)
@@ -581,9 +578,9 @@ def demo(args) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         from .eval.report import to_jsonable
-        _write_atomic(os.path.join(args.out, "metrics.json"),
+        write_atomic(os.path.join(args.out, "metrics.json"),
                       json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
-        _write_atomic(os.path.join(args.out, "report.md"), "# simu-fast demo\n\n" + table + "\n")
+        write_atomic(os.path.join(args.out, "report.md"), "# simu-fast demo\n\n" + table + "\n")
     return 0
 
 

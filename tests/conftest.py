@@ -39,15 +39,11 @@ def memorized():
 
 
 # ---- a tiny local model directory and data files for the command line (tests/test_cli.py, test_bad_inputs.py)
-CLI_SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
-CLI_WORDS = ["alice", "bob", "lives", "in", "paris", "rome", "works", "as", "a", "baker", "pilot", "who", "where",
-         "does", "is", "?"]
-
-
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import CLI_SPECIALS, CLI_WORDS
 
     path = tmp_path_factory.mktemp("cli") / "model"
     vocab = {w: i for i, w in enumerate(CLI_SPECIALS + CLI_WORDS)}

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from conftest import CLI_WORDS
 from simu_fast.cli import main
+from tiny_models import CLI_WORDS
 
 
 def _args(model_dir, data, out, method, *extra):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from test_cli import _args, data, model_dir  # noqa: F401  (fixtures)
+from test_cli import _args
 
 pytest.importorskip("transformers")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ def memorized_people(n_people: int = 10, seed: int = 0, target_prob: float = 0.9
     from simu_fast.data import make_loader, synthetic_people, tokenize_examples
     from simu_fast.data.corpus_tokenizer import train_tokenizer
     from simu_fast.eval import answer_metrics
-    from simu_fast.finetune import finetune
+    from simu_fast.training.finetune import finetune
 
     data = synthetic_people(n_people, seed=seed, forget_fraction=0.2, holdout_fraction=0.1)
     tok = train_tokenizer([t for split in data.values() for ex in split for t in (ex.prompt, " " + ex.answer)],
@@ -39,3 +39,9 @@ def memorized_people(n_people: int = 10, seed: int = 0, target_prob: float = 0.9
              eval_fn=lambda m: {"p": answer_metrics(m, tok, train, batch_size=64, generate=False)["answer_prob"]},
              eval_every=20, until=lambda m: m["p"] >= target_prob)
     return model.eval(), tok, data
+
+
+# The vocabulary of the command-line tests' tiny word-level tokenizer (conftest.py: model_dir)
+CLI_SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
+CLI_WORDS = ["alice", "bob", "lives", "in", "paris", "rome", "works", "as", "a", "baker", "pilot", "who", "where",
+             "does", "is", "?"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..lm import IGNORE_INDEX
+
 
 def prepare_batch(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not isinstance(batch, dict) or "input_ids" not in batch:
@@ -21,5 +23,5 @@ def prepare_batch(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if attn.shape != ids.shape or labels.shape != ids.shape:
         raise ValueError(f"input_ids {list(ids.shape)}, attention_mask {list(attn.shape)} and labels "
                          f"{list(labels.shape)} must have the same shape")
-    labels = labels.masked_fill(attn == 0, -100)  # padding never counts
+    labels = labels.masked_fill(attn == 0, IGNORE_INDEX)  # padding never counts
     return ids, attn, labels

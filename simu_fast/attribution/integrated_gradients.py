@@ -33,16 +33,17 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..integrations import distributed as _dist
+from .. import distributed as _dist
+from ..lm import IGNORE_INDEX, logits_of
 from ..ops.ig_accumulate import ig_accumulate
 from .architectures import MlpModulesFn, intermediate_size, mlp_down_projections, model_type_of
 from .batches import prepare_batch
 from .model_state import attribution_mode
 from .quadrature import RULES, quadrature
 from .scores import NeuronScores
-from .targets import POSITIONS, TARGETS, logits_of, position_mask, target_per_row
+from .targets import POSITIONS, TARGETS, position_mask, target_per_row
 
-METHODS = ("ig", "gradxact")
+ATTRIBUTION_METHODS = ("ig", "gradxact")
 
 
 class NeuronAttributor:
@@ -50,8 +51,8 @@ class NeuronAttributor:
                  rule: str = "riemann_right", target: str = "loss", positions: str = "answer",
                  max_rows: Optional[int] = None, backend: str = "auto", method: str = "ig",
                  mlp_modules: Optional[MlpModulesFn] = None, group=None, all_reduce: bool = True):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method not in ATTRIBUTION_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {ATTRIBUTION_METHODS}")
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
         if target not in TARGETS:
@@ -134,7 +135,7 @@ class NeuronAttributor:
         """A pass that adds nothing (lock-step FSDP2 ranks without work): one row, no answer positions."""
         ids = torch.zeros(1, 2, dtype=torch.long, device=device)
         self._run_pass([(li, 0, 0) for li in range(len(self.layers))], ids, torch.ones_like(ids),
-                       torch.full_like(ids, -100), scores)
+                       torch.full_like(ids, IGNORE_INDEX), scores)
 
     def _passes(self, batch_size: int) -> list[list[tuple[int, int, int]]]:
         """Work items (layer slot, step, example) ordered by layer, split into as few equal passes as fit."""

@@ -7,11 +7,12 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..lm import logits_of
 from .architectures import MlpModulesFn, intermediate_size, mlp_down_projections
 from .batches import prepare_batch
 from .model_state import attribution_mode
 from .quadrature import quadrature
-from .targets import logits_of, position_mask, target_per_row
+from .targets import position_mask, target_per_row
 
 
 def reference_neuron_attribution(model: torch.nn.Module, batches: Iterable[dict], *, layers: Optional[list] = None,

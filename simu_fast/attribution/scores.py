@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..io import write_atomic
 
 
 @dataclass
@@ -28,17 +29,9 @@ class NeuronScores:
 
     def save(self, path: str) -> None:
         """Write atomically: a temporary file in the same directory, then rename."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         meta = {"layers": json.dumps(self.layers), "metadata": json.dumps(self.metadata)}
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"scores": self.scores.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        tensors = {"scores": self.scores.detach().to("cpu", torch.float32).contiguous()}
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str) -> "NeuronScores":

@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-IGNORE_INDEX = -100
+from ..lm import IGNORE_INDEX
 
 
 def collate(batch_features, pad_token_id: int) -> dict:

@@ -6,9 +6,8 @@ with format "auto", "jsonl" or "lume". Fields that are None are left out.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
+from ..io import write_atomic
 from .example import Example
 
 _RESERVED = ("id", "input", "output", "task")
@@ -38,15 +37,4 @@ def save_examples(examples, path) -> None:
             if isinstance(example, Example):
                 raise TypeError(f"example {i} (id {example.id!r}) cannot be written as JSON: {e}") from e
             raise
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, "".join(line + "\n" for line in lines))

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import warnings
 
+from ..lm import IGNORE_INDEX
 from .example import checked_examples
-
-IGNORE_INDEX = -100
 
 
 def tokenize_examples(examples, tokenizer, max_length: int = 512, chat_template: bool = False,

@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from ..attribution.targets import logits_of
 from ..data.collate import collate
 from ..data.tokenization import ensure_pad_token, tokenize_examples
-from .batching import in_eval_mode, model_device, progress_bar
+from ..lm import answer_logprobs, answer_positions, logits_of, model_device
+from .batching import in_eval_mode, progress_bar
 
 
 @torch.no_grad()
@@ -33,10 +33,8 @@ def answer_token_logprobs(model, tokenizer, examples, batch_size: int = 16, max_
             chunk = features[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
             logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            labels = batch["labels"][:, 1:]
-            answer = labels != -100
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            picked = answer_logprobs(logits, batch["labels"])
+            answer = answer_positions(batch["labels"])
             for row, feature in enumerate(chunk):
                 out[feature["example_index"]] = picked[row][answer[row]].cpu()
             bar.update(len(chunk))

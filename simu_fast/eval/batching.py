@@ -1,15 +1,7 @@
-"""Small pieces every evaluation pass shares: the model's device, eval mode, an optional tqdm bar."""
+"""Small pieces every evaluation pass shares: eval mode, an optional tqdm bar."""
 from __future__ import annotations
 
 import contextlib
-
-import torch
-
-
-def model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -25,10 +25,11 @@ from __future__ import annotations
 import torch
 
 from ..attribution.architectures import decoder_layers, layer_part, mlp_down_projections
-from ..attribution.targets import logits_of, target_per_row
+from ..attribution.targets import target_per_row
 from ..data.collate import collate
 from ..data.tokenization import ensure_pad_token, tokenize_examples
-from .batching import in_eval_mode, model_device
+from ..lm import logits_of, model_device
+from .batching import in_eval_mode
 
 _PROJECTIONS = ("Linear", "Conv1D")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..data.tokenization import ensure_pad_token, tokenize_examples
-from .batching import in_eval_mode, model_device, progress_bar
+from ..lm import IGNORE_INDEX, model_device
+from .batching import in_eval_mode, progress_bar
 
 
 @torch.no_grad()
@@ -51,6 +52,6 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int | None = No
 
 def _prompt_length(labels) -> int:
     n = 0
-    while n < len(labels) and labels[n] == -100:
+    while n < len(labels) and labels[n] == IGNORE_INDEX:
         n += 1
     return n

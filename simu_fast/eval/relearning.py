@@ -3,7 +3,7 @@
 An unlearned model that only *hides* knowledge gets it back after a few steps of training on a small part of
 the forget set ("harmful" relearning: the first round(fraction * n) examples after a seeded shuffle), or even
 on unrelated data ("benign" relearning). The attack fine-tunes a deep copy of the model (the model passed in
-is never touched) with AdamW (simu_fast.finetune.finetune) and scores the forget examples it did NOT train
+is never touched) with AdamW (simu_fast.training.finetune.finetune) and scores the forget examples it did NOT train
 on (harmful: the rest of the forget set; benign: the whole forget set) at step 0 and every `eval_every`
 steps. The highest score reached ("max") is the attack's result: near the unlearned model's "initial"
 score means erased, near the original model's means hidden. The copy needs the memory of a second model
@@ -21,7 +21,7 @@ import torch
 from ..data.collate import make_loader
 from ..data.example import Example
 from ..data.tokenization import ensure_pad_token, tokenize_examples
-from ..finetune import finetune
+from ..training.finetune import finetune
 from .answer_metrics import answer_metrics
 
 KINDS = ("harmful", "benign")

@@ -20,7 +20,8 @@ import json
 import math
 import numbers
 import os
-import tempfile
+
+from ..io import write_atomic
 
 REFERENCE_NAMES = ("memorized", "memorized model", "original", "original model", "reference", "target")
 SPLIT_METRICS = (("rougeL_recall", "ROUGE-L"), ("answer_prob", "prob"), ("exact_match", "EM"),
@@ -167,27 +168,6 @@ def to_jsonable(value):
     if callable(tolist):
         return to_jsonable(tolist())
     raise TypeError(f"cannot write a {type(value).__name__} to metrics.json: {value!r}")
-
-
-def write_atomic(path: str, data: bytes) -> str:
-    """Write data to a temporary file beside path, fsync it, then os.replace it over path; the temporary file
-    is removed on any failure, so path holds either its old content or all of data."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)  # mkstemp makes 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def ordered_names(results: dict) -> list:

@@ -10,11 +10,11 @@ import warnings
 
 import torch
 
-from ..attribution.targets import logits_of
 from ..data.example import Example
 from ..data.tokenization import ensure_pad_token
+from ..lm import IGNORE_INDEX, answer_logprobs, answer_positions, logits_of, model_device
 from .answer_likelihood import answer_token_logprobs
-from .batching import in_eval_mode, model_device, progress_bar
+from .batching import in_eval_mode, progress_bar
 
 
 @torch.no_grad()
@@ -56,9 +56,8 @@ def perplexity(model, tokenizer, texts, batch_size: int = 8, max_length: int = 5
                 attention[row, :len(x)] = 1
             input_ids, attention = input_ids.to(device), attention.to(device)
             logits = logits_of(model(input_ids=input_ids, attention_mask=attention))
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            real = attention[:, 1:].bool()
+            labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)  # every real token after the first
+            picked, real = answer_logprobs(logits, labels), answer_positions(labels)
             total_nll -= float(picked[real].double().sum())
             count += int(real.sum())
             bar.update(len(chunk))

@@ -11,14 +11,11 @@ from typing import Optional
 
 import torch
 
+from ..lm import model_device, to_device
 from ..optim.adamw import AdamW
 from .base import UnlearningMethod
-from .example_keys import example_keys, to_device
+from .example_keys import example_keys
 from .objectives import answer_nll, ga_loss, graddiff_loss, npo_loss, npo_reference_logprobs
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def trainable_named(model) -> list:

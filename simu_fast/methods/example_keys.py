@@ -24,8 +24,3 @@ def example_keys(batch: dict) -> list:
     lengths = ([ids.shape[1]] * ids.shape[0] if mask is None else mask.detach().cpu().sum(dim=1).tolist())
     return [("content", tuple(ids[i, :n].tolist()), tuple(labels[i, :n].tolist()))
             for i, n in enumerate(int(x) for x in lengths)]
-
-
-def to_device(batch: dict, device) -> dict:
-    """A shallow copy of `batch` with its tensors on `device`."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import AdamWMethod, model_device
-from .example_keys import to_device
+from ..lm import model_device, to_device
+from .baselines import AdamWMethod
 from .objectives import answer_nll, imu_loss, imu_weights, streaming_imu_influence
 
 ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")

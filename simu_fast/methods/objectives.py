@@ -3,7 +3,7 @@ per the official code; see DESIGN.md "IMU").
 
 A batch is a dict {"input_ids", "attention_mask", "labels"} of [rows, seq] LongTensors; labels are -100 on
 prompt and padding, and the loss is next-token NLL on the answer tokens only (the conventions of
-simu_fast.attribution.targets). Losses are to be minimised: GA-type losses are negated NLLs.
+simu_fast.lm). Losses are to be minimised: GA-type losses are negated NLLs.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-from simu_fast.attribution.targets import logits_of
+from ..lm import answer_logprobs, logits_of
 
-IGNORE_INDEX = -100
 _KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -39,20 +38,6 @@ def _check_batch(batch, name: str = "batch") -> None:
         raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
 
 
-def _per_row_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          reduction="none", ignore_index=IGNORE_INDEX).view(shift_labels.shape)
-    answer = shift_labels != IGNORE_INDEX
-    total = (nll * answer).sum(dim=1)
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / answer.sum(dim=1).clamp(min=1)
-    raise ValueError(f"unknown reduction {reduction!r}; choose 'sum' or 'mean'")
-
-
 def answer_nll(model, batch, reduction: str = "sum") -> torch.Tensor:
     """[rows] float32: the NLL of each row's answer tokens (labels != -100), summed ('sum', the sequence NLL
     = -log p(answer | prompt)) or averaged per answer token ('mean'; a row without answer tokens gives 0)."""
@@ -60,7 +45,7 @@ def answer_nll(model, batch, reduction: str = "sum") -> torch.Tensor:
         raise ValueError(f"unknown reduction {reduction!r}; choose 'sum' or 'mean'")
     _check_batch(batch)
     logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-    return _per_row_nll(logits, batch["labels"].to(logits.device), reduction)
+    return -answer_logprobs(logits, batch["labels"].to(logits.device), reduction)
 
 
 def ga_loss(model, forget_batch, reduction: str = "sum") -> torch.Tensor:

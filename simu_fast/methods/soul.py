@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..lm import model_device
 from ..optim.gnb_hessian import GNBHessianSchedule
 from ..optim.sophia import SophiaG
-from .baselines import GradDiff, model_device, trainable_named
+from .baselines import GradDiff, trainable_named
 
 
 def linear_warmup_factor(step: int, total_steps: Optional[int], warmup: float) -> float:

@@ -41,10 +41,10 @@ import math
 
 import torch
 
+from ..distributed.dtensor import is_dtensor
+from ..lm import model_device, to_device
 from ..ops.ssiuu_regularize import PENALTIES, ssiuu_regularize
-from ..optim.sharded_params import is_dtensor
-from .baselines import GradDiff, model_device
-from .example_keys import to_device
+from .baselines import GradDiff
 from .objectives import answer_nll
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension, resolve_backend
+from ..distributed import all_gather_object, all_reduce_, rank
 
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEY_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
@@ -128,19 +129,13 @@ def _shard_layout(numel: int, group) -> tuple[int, int]:
     """(this rank's global index offset, global element count)."""
     if group is None:
         return 0, numel
-    import torch.distributed as dist
-
-    sizes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, numel, group=group)
-    rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    sizes = all_gather_object(numel, group)
+    return sum(sizes[:rank(group)]), sum(sizes)
 
 
 def _all_reduce(hist: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(hist, group=group)
+        all_reduce_(hist, "sum", group)
     return hist
 
 

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
+from ..distributed.dtensor import is_sharded, row_range
+
 FULL, ROWS, COLS, DENSE = 0, 1, 2, 3
-KIND_NAMES = {FULL: "full", ROWS: "rows", COLS: "cols", DENSE: "dense"}
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,6 @@ class UpdateMask:
         if self.kind == COLS:
             return (numel // self.row_len) * int(self.index.numel())
         return self.selected
-
-    def work_items(self, numel: int) -> int:
-        """Elements a kernel visits (DENSE visits all and skips the unselected)."""
-        if self.kind in (FULL, DENSE):
-            return numel
-        return self.selected_of(numel)
 
     def kernel_tensor(self, device: torch.device) -> torch.Tensor:
         """The tensor handed to kernels: index (ROWS/COLS), dense (DENSE) or an empty int64 (FULL)."""
@@ -135,3 +130,21 @@ def make_mask(param: torch.Tensor, *, rows=None, cols=None, mask=None, name: str
     if tuple(m.shape) != tuple(param.shape):
         raise ValueError(f"{name}: mask shape {list(m.shape)} does not match parameter shape {list(param.shape)}")
     return UpdateMask(DENSE, row_len, dense=m.reshape(-1).to(device=param.device, dtype=torch.uint8).contiguous())
+
+
+def localize_mask(p: torch.Tensor, mask: UpdateMask) -> UpdateMask:
+    """The part of a mask over the full parameter p that applies to this rank's shard of p (a Shard(0)
+    DTensor: rows [start, stop), simu_fast.distributed.dtensor.row_range), in local numbering. A row mask
+    keeps the rows in that range, shifted; a column mask of a dim-0-sharded 2-D weight is the same on every
+    shard; a dense mask is sliced like the parameter. Any other p: the mask as it is."""
+    if not is_sharded(p) or mask.kind in (FULL, COLS):
+        return mask
+    start, stop = row_range(p)
+    if mask.kind == ROWS:
+        index = mask.index
+        keep = index[(index >= start) & (index < stop)] - start  # stays sorted and unique
+        return UpdateMask(ROWS, mask.row_len, index=keep.contiguous(), validated=True)
+    if mask.kind == DENSE:
+        dense = mask.dense.view(-1, mask.row_len)[start:stop].reshape(-1).contiguous()
+        return UpdateMask(DENSE, mask.row_len, dense=dense, validated=mask.validated)
+    raise ValueError(f"unknown mask kind {mask.kind}")

@@ -3,7 +3,7 @@
 The first-order baseline SIMU is compared against (FO-GradDiff). Eager PyTorch on the gathered selected
 elements: AdamW is not SIMU's hot loop, so it has no fused kernel; sparse masks still cost only what
 they select. DTensor parameters (FSDP2 fully_shard): the update runs on each rank's shard and the
-state is DTensor (see sharded_params.py); bf16 stochastic rounding draws by global element offset, so a
+state is DTensor (see simu_fast/distributed/dtensor.py); bf16 stochastic rounding draws by global element offset, so a
 sharded run rounds exactly like an unsharded one.
 
 Semantics per selected element (step count per parameter, as torch.optim.AdamW):
@@ -18,10 +18,10 @@ import math
 
 import torch
 
+from ..distributed.dtensor import local
 from ..ops.stochastic_rounding import round_to_bf16_stochastic
 from .masked_optimizer import MaskedOptimizer
 from .masked_slices import gather, scatter_, selected_offsets
-from .sharded_params import local
 
 
 class AdamW(MaskedOptimizer):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..attribution.targets import logits_of
+from ..lm import IGNORE_INDEX, logits_of
 
 
 def gnb_hessian_update(model: torch.nn.Module, optimizer, input_ids: torch.Tensor,
@@ -37,8 +37,8 @@ def gnb_hessian_update(model: torch.nn.Module, optimizer, input_ids: torch.Tenso
                 probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
                 sampled = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
                 if attention_mask is not None:
-                    sampled = sampled.masked_fill(attention_mask == 0, -100)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), ignore_index=-100)
+                    sampled = sampled.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), ignore_index=IGNORE_INDEX)
             loss.backward()
         optimizer.update_hessian()
     finally:

@@ -7,7 +7,7 @@ Masks travel in state_dict() under "masks" and come back with load_state_dict();
 without "masks" (torch.distributed.checkpoint.state_dict.get_optimizer_state_dict keeps only "state"
 and "param_groups") leaves the masks already set in place, so set them before loading.
 
-DTensor parameters (FSDP2 fully_shard) are supported; see sharded_params.py. Masks are given by global
+DTensor parameters (FSDP2 fully_shard) are supported; see simu_fast/distributed/dtensor.py. Masks are given by global
 index and split per rank; kernels run on local shards; state tensors are DTensors like the parameter.
 The non-finite check is agreed over the ranks (all skip or all raise together); `win_rate` is this
 rank's, `global_win_rate()` all ranks'.
@@ -19,11 +19,12 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..distributed.collectives import all_reduce_sum
+from ..distributed.dtensor import (check_placement, is_dtensor, local, row_range, shard_like, sharded_mesh, wrap_like,
+                                  zeros_state)
 from ..ops.multi_tensor_checks import check_mask
 from ..ops.nonfinite_check import count_nonfinite
-from ..ops.update_mask import DENSE, FULL, UpdateMask, full_mask, make_mask
-from .sharded_params import (all_reduce_sum, check_placement, is_dtensor, local, localize_mask, row_range,
-                             shard_like, sharded_mesh, wrap_like, zeros_state)
+from ..ops.update_mask import DENSE, FULL, UpdateMask, full_mask, localize_mask, make_mask
 
 FLOAT32_STATE_KEYS = ("exp_avg", "hessian", "exp_avg_sq", "max_exp_avg_sq")
 NONFINITE_POLICIES = ("raise", "skip")

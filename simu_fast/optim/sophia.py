@@ -16,16 +16,17 @@ State is float32 for every parameter dtype; bfloat16 parameters can use stochast
 `win_rate` is the fraction of selected coordinates whose update was not clipped in the last step.
 
 DTensor parameters (FSDP2 fully_shard): the kernels run on each rank's shard, state is DTensor (see
-sharded_params.py). `win_rate` then covers this rank's shard; `global_win_rate()` all ranks (a collective).
+simu_fast/distributed/dtensor.py). `win_rate` then covers this rank's shard; `global_win_rate()` all ranks (a collective).
 """
 from __future__ import annotations
 
 import torch
 
+from ..distributed.collectives import all_reduce_sum
+from ..distributed.dtensor import local
 from ..ops.hessian_ema import hessian_ema
 from ..ops.sophia_step import sophia_step
 from .masked_optimizer import MaskedOptimizer, group_by_device
-from .sharded_params import all_reduce_sum, local
 
 HESSIAN_ESTIMATORS = ("gnb", "squared_grad")
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..distributed import all_gather_object, is_initialized
 from ..ops.radix_select import threshold_mask, topk_mask
 from .neuron_mask import NeuronMask
 
@@ -78,25 +79,16 @@ def critical_set(scores: torch.Tensor, *, k=None, fraction=None, ratio=None, sco
 
 
 def _group_max(values: torch.Tensor, group) -> float:
-    import torch.distributed as dist
-    tops = [None] * dist.get_world_size(group)
-    dist.all_gather_object(tops, float(values.max()) if values.numel() else float("-inf"), group=group)
-    return max(tops)
+    return max(all_gather_object(float(values.max()) if values.numel() else float("-inf"), group))
 
 
 def _group_numel(numel: int, group) -> int:
-    import torch.distributed as dist
-    sizes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, int(numel), group=group)
-    return sum(sizes)
+    return sum(all_gather_object(int(numel), group))
 
 
 def _gather_rows(mask: torch.Tensor, group) -> torch.Tensor:
     """Every rank's block of rows, concatenated in rank order, on every rank."""
-    import torch.distributed as dist
-    blocks = [None] * dist.get_world_size(group)
-    dist.all_gather_object(blocks, mask.cpu(), group=group)
-    return torch.cat(blocks).to(mask.device)
+    return torch.cat(all_gather_object(mask.cpu(), group)).to(mask.device)
 
 
 def select_neurons(forget_scores, retain_scores=None, *, k: Optional[int] = None, fraction: Optional[float] = None,
@@ -108,11 +100,9 @@ def select_neurons(forget_scores, retain_scores=None, *, k: Optional[int] = None
     forget, layers = _as_scores(forget_scores, "forget_scores")
     local_layers = layers
     if group is not None:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_initialized():
             raise ValueError("select_neurons(group=...) needs an initialized torch.distributed process group")
-        widths = [None] * dist.get_world_size(group)
-        dist.all_gather_object(widths, (forget.shape[1], layers), group=group)
+        widths = all_gather_object((forget.shape[1], layers), group)
         if len({w for w, _ in widths}) != 1:
             raise ValueError(f"select_neurons(group=...): the ranks' score blocks have different widths "
                              f"{[w for w, _ in widths]}")

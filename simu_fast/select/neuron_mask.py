@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..attribution.architectures import architecture_of, decoder_layers, intermediate_size, layer_part
+from ..io import write_atomic
 
 NEURON_PARTS = ("down", "up", "gate")
 ATTENTION_MODES = ("full", "frozen")
@@ -131,9 +131,9 @@ class NeuronMask:
         meta = {"layers": self.layers, "include_dual": self.include_dual, "settings": self.settings}
         tensors = {"forget_only": self.forget_only.to(torch.uint8).contiguous(),
                    "dual": self.dual.to(torch.uint8).contiguous()}
-        _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"neuron_mask": json.dumps(meta)}))
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"neuron_mask": json.dumps(meta)}))
         report = dict(meta, per_layer=self.per_layer())
-        _atomic(path + ".json", lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))
+        write_atomic(path + ".json", json.dumps(report, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str) -> "NeuronMask":
@@ -185,16 +185,3 @@ def _bias_is_per_neuron(module, part: str, width: int, fused_gate_up: bool) -> b
     if bias is None or part not in ("up", "gate"):
         return False
     return bias.numel() == (2 * width if fused_gate_up and part == "up" else width)
-
-
-def _atomic(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -143,7 +143,7 @@ def base_model(settings: ProtocolSettings, cache_dir: str | None = None, log=pri
     def build():
         from ..data import make_loader, tokenize_examples
         from ..data.corpus_tokenizer import train_tokenizer
-        from ..finetune import finetune
+        from ..training.finetune import finetune
         from .small_models import small_llama
         corpus = background_corpus(settings)
         tokenizer = train_tokenizer(corpora.tokenizer_texts(settings), vocab_size=settings.vocab_size)
@@ -173,7 +173,7 @@ def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None
 
     def build():
         from ..data import make_loader, tokenize_examples
-        from ..finetune import finetune
+        from ..training.finetune import finetune
         model, tokenizer, _ = base_model(settings, cache_dir, log)
         split = new_split(settings, seed)
         train = split["forget"] + split["retain"]

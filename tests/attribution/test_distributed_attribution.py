@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from simu_fast.attribution import NeuronAttributor, NeuronScores
 from simu_fast.select import select_neurons
-from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
 from tiny_models import tiny_llama
 
 pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ import torch
 from simu_fast.data import Example, make_loader, synthetic_people, tokenize_examples
 from simu_fast.data.corpus_tokenizer import train_tokenizer
 from simu_fast.eval import answer_token_logprobs, auc, mia_report, mia_scores, privacy_score
-from simu_fast.finetune import finetune
+from simu_fast.training.finetune import finetune
 from tiny_models import tiny_llama
 
 

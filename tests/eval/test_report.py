@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from simu_fast.eval.report import format_markdown, report, to_jsonable, write_atomic
+from simu_fast.eval.report import format_markdown, report, to_jsonable
+from simu_fast.io import write_atomic
 
 # simu_fast.eval re-exports the function report(), which shadows the module's attribute name there
 report_module = importlib.import_module("simu_fast.eval.report")

@@ -10,7 +10,7 @@ from scipy.stats import ks_2samp
 from simu_fast.data import Example, make_loader, synthetic_people, tokenize_examples
 from simu_fast.data.corpus_tokenizer import train_tokenizer
 from simu_fast.eval import answer_token_logprobs, forget_quality, truth_ratio_score, truth_ratios
-from simu_fast.finetune import finetune
+from simu_fast.training.finetune import finetune
 from tiny_models import tiny_llama
 
 

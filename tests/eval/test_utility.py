@@ -9,7 +9,7 @@ import torch
 from simu_fast.data import make_loader, synthetic_people, tokenize_examples
 from simu_fast.data.corpus_tokenizer import train_tokenizer
 from simu_fast.eval import multiple_choice_accuracy, perplexity
-from simu_fast.finetune import finetune
+from simu_fast.training.finetune import finetune
 from tiny_models import tiny_llama
 
 FACTS = ("birthplace", "birth_year", "profession", "relation")

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from simu_fast.optim import AdamW, GNBHessianSchedule, SophiaG
-from simu_fast.optim.sharded_params import Shard
+from simu_fast.distributed.dtensor import Shard
 from simu_fast.select.neuron_mask import NeuronMask
-from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
 
 from tiny_models import tiny_llama
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import simu_fast
 from simu_fast.ops.radix_select import reference_topk_mask
 from simu_fast.select import kth_largest, topk_mask
-from simu_fast.integrations.distributed import init_local_group, leave_process_group, new_store_file
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
 
 
 

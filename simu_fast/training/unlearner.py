@@ -12,17 +12,8 @@ Generator); the loop records each loader's RNG state at the start of every epoch
 torch's global RNG, which a DataLoader without a generator draws from), so a resume re-creates the same
 epoch order and skips the batches already consumed.
 
-Checkpoints. `out_dir/checkpoint` holds
-    model/               model.save_pretrained(...) (safetensors) or model.safetensors (safetensors.torch.save_model)
-    optimizer.pt         optimizer.state_dict() (simu_fast optimizers include their masks)
-    method.pt            method.state_dict()
-    trainer_state.pt     step, forget/retain epoch positions, RNG states, GradScaler state, history
-    history.json         the evaluation history, for people
-A checkpoint is first written to a temporary directory inside out_dir; then the old checkpoint is renamed
-to `checkpoint.old`, the new one renamed to `checkpoint`, and the old one deleted. (A directory cannot be
-os.replace'd over a non-empty one, hence the two renames; should the process die between them,
-`checkpoint.old` is still complete and resume() uses it.) A failed write removes its temporary directory
-and leaves the previous checkpoint untouched.
+Checkpoints (training/checkpoints.py): `out_dir/checkpoint`, written atomically every `save_every` steps and at
+the end of a run when out_dir is given; RNG state (training/rng_state.py).
 
 Resume. `resume=True` calls `method.setup` on the model as given (the original model, as in the first
 run), makes the optimizer, then loads model weights, optimizer, method state, data positions and RNG
@@ -30,7 +21,7 @@ states from the checkpoint; the run then continues so that its final model equal
 for bit. With resume=True and no checkpoint in out_dir, run() raises FileNotFoundError (it does not
 silently start over).
 
-Distributed (torchrun / accelerate launch; simu_fast.integrations.distributed). Every rank runs the same
+Distributed (torchrun / accelerate launch; simu_fast.distributed, simu_fast.data.sharding). Every rank runs the same
 Unlearner on its share of the data (make_distributed_loader: the same number of batches on every rank).
 - The model: pass the plain model with parallel="ddp" and the loop wraps it in DistributedDataParallel after
   method.setup and make_optimizer (so parameters a recipe freezes, as SIMU does, never enter DDP's reducer);
@@ -42,11 +33,8 @@ Unlearner on its share of the data (make_distributed_loader: the same number of 
   no_sync), before_step(module) (gradient changes it makes to replicated parameters are then averaged across
   ranks, one all-reduce), after_step(root) (a forward/backward there, SophiaG's GNB Hessian refresh, is
   synchronized like any training step), eval_fn(module) on every rank, rank 0's metrics kept by all.
-- Rank 0 alone shows the progress bar, issues warnings and writes files. A checkpoint is a collective: the
-  ranks gather what rank 0 needs (the full state dict of an FSDP2-sharded model, every rank's RNG state),
-  rank 0 writes, and no rank goes on before the write has succeeded (or all raise if it failed); with sharded
-  (DTensor) optimizer state each rank also writes its own optimizer.rank<r>.pt. Resume: every rank loads the
-  same checkpoint (out_dir must be on a file system all ranks see) and its own RNG state.
+- Rank 0 alone shows the progress bar, issues warnings and writes files. A checkpoint is a collective
+  (training/checkpoints.py). Resume: every rank loads the same checkpoint and its own RNG state.
 - At the end of a run of a replicated model the loop checks that every rank holds the same parameters and
   warns if not (a recipe whose hooks change parameters rank by rank).
 """
@@ -54,33 +42,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
-import inspect
-import json
 import math
-import os
-import random
-import shutil
-import tempfile
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from .integrations import distributed as _dist
-from .optim.sharded_params import is_dtensor
+from .. import distributed as _dist
+from ..data.sharding import unpadded_shard_loader
+from ..lm import model_device, to_device
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .rng_state import loader_rng_state, rng_state, seed_everything, set_loader_rng_state, set_rng_state
 
 if TYPE_CHECKING:  # not imported at run time, so `import simu_fast` does not pull in every recipe
-    from .methods.base import UnlearningMethod
+    from ..methods.base import UnlearningMethod
 
-try:  # numpy is optional here
-    import numpy as _np
-except ImportError:  # pragma: no cover
-    _np = None
-
-CHECKPOINT = "checkpoint"
-_OLD = "checkpoint.old"
-_TMP_PREFIX = ".checkpoint.tmp-"
 PARALLEL = (None, "none", "ddp")
 
 
@@ -141,7 +117,7 @@ class Unlearner:
         if parallel == "ddp":
             if not _dist.is_initialized():
                 raise ValueError("parallel='ddp' needs an initialized torch.distributed process group (start with "
-                                 "torchrun and call simu_fast.integrations.distributed.init_from_env())")
+                                 "torchrun and call simu_fast.distributed.init_from_env())")
             if _dist.is_ddp(model):
                 raise ValueError("parallel='ddp' wraps the model itself: pass the unwrapped model")
             if _dist.is_fsdp2(model):
@@ -164,7 +140,7 @@ class Unlearner:
         self.module = _dist.unwrap_model(model)  # what recipes set up, make optimizers for and evaluate
         self.root = model  # what the loss is computed through (the DDP wrapper once run() has made it)
 
-        self.device = _model_device(model)
+        self.device = model_device(model)
         if autocast_dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 autocast needs a CUDA model; on CPU use autocast_dtype='bf16' or None")
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -186,9 +162,9 @@ class Unlearner:
             if ckpt is None:
                 raise FileNotFoundError(f"resume=True but no checkpoint in {self.out_dir!r}")
         else:
-            _seed_everything(self.seed)
-        method.setup(module, _dist.unpadded_shard_loader(self.forget_loader),
-                     None if self.retain_loader is None else _dist.unpadded_shard_loader(self.retain_loader))
+            seed_everything(self.seed)
+        method.setup(module, unpadded_shard_loader(self.forget_loader),
+                     None if self.retain_loader is None else unpadded_shard_loader(self.retain_loader))
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = method.make_optimizer(module)
         for g in self.optimizer.param_groups:  # the rate method.lr_factor scales (as torch's LR schedulers)
@@ -235,7 +211,7 @@ class Unlearner:
             self._evaluate()  # the run ends here anyway; stop_when has nothing left to stop
         if self.out_dir is not None:
             self.save_checkpoint()
-        if _distributed() and not _dist.is_fsdp2(module) and not _dist.params_in_sync(module):
+        if _dist.world_size() > 1 and not _dist.is_fsdp2(module) and not _dist.params_in_sync(module):
             _warn("the ranks' parameters differ after unlearning: a hook of the method changed them rank by rank "
                   "(rank 0's model is what was saved)")
         return self._result()
@@ -263,45 +239,7 @@ class Unlearner:
         rank 0 writes, and every rank returns only once the write succeeded (or raises if it failed)."""
         if self.out_dir is None:
             raise ValueError("save_checkpoint needs an out_dir")
-        main = _dist.is_main_process()
-        shared = self._gather_checkpoint_state()  # collectives first: every rank takes part
-        final, old = os.path.join(self.out_dir, CHECKPOINT), os.path.join(self.out_dir, _OLD)
-        tmp, error = None, None
-        if main:
-            try:
-                os.makedirs(self.out_dir, exist_ok=True)
-                if os.path.isdir(final) and os.path.isdir(old):
-                    shutil.rmtree(old)  # leftover of an earlier swap that completed the rename but not the cleanup
-                tmp = tempfile.mkdtemp(dir=self.out_dir, prefix=_TMP_PREFIX)
-            except BaseException as exc:
-                error = exc
-        tmp, failed = _dist.broadcast_object((tmp, error is not None))
-        if failed:
-            _raise_rank_error(error, "create the checkpoint directory")
-        try:
-            self._write_checkpoint(tmp, shared)  # rank 0 writes; other ranks only their optimizer shards
-        except BaseException as exc:
-            error = exc
-        failures = _dist.all_gather_object(None if error is None else repr(error))
-        if any(f is not None for f in failures):
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            _raise_rank_error(error, f"write the checkpoint ({[f for f in failures if f is not None][0]})")
-        if main:
-            try:
-                if os.path.isdir(final):
-                    os.replace(final, old)
-                os.replace(tmp, final)
-            except BaseException as exc:
-                error = exc
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not os.path.isdir(final) and os.path.isdir(old):
-                    os.replace(old, final)
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        if _dist.broadcast_object(error is not None):
-            _raise_rank_error(error, "move the checkpoint into place")
-        return final
+        return save_checkpoint(self.out_dir, self.module, self.optimizer, self.method, self._loop_state())
 
     # ---- the step ----------------------------------------------------------------------------------
     def _train_step(self, group) -> float:
@@ -333,8 +271,8 @@ class Unlearner:
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         method.before_step(module, opt, last_forget, self.step)
-        if _distributed() and _overrides(method, "before_step") and not _dist.is_fsdp2(module):
-            _average_grads(module)  # what before_step did from this rank's batch, averaged as DDP does
+        if _dist.world_size() > 1 and _overrides(method, "before_step") and not _dist.is_fsdp2(module):
+            _dist.average_gradients(module)  # what before_step did from this rank's batch, averaged as DDP does
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -352,13 +290,13 @@ class Unlearner:
 
     def _evaluate(self) -> bool:
         # evaluation leaves the RNG streams as it found them, so adding evaluations never changes training
-        was_training, rng = self.module.training, _rng_state()
+        was_training, rng = self.module.training, rng_state()
         self.module.eval()
         try:
             metrics = self.eval_fn(self.module)
         finally:
             self.module.train(was_training)
-            _set_rng_state(rng)
+            set_rng_state(rng)
         if not isinstance(metrics, dict):
             raise TypeError(f"eval_fn must return a dict of metrics, got {type(metrics).__name__}")
         metrics = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
@@ -374,22 +312,22 @@ class Unlearner:
             forget = self._next_forget()
             if forget is None:
                 break
-            retain = self._next_batch("retain", cycle=True) if self.retain_loader is not None else None
-            group.append((_to_device(forget, self.device), _to_device(retain, self.device)))
+            retain = self._next_batch("retain") if self.retain_loader is not None else None
+            group.append((to_device(forget, self.device), to_device(retain, self.device)))
         return group
 
     def _next_forget(self):
         pos = self._pos["forget"]
         if self.epochs is not None and pos["epoch"] >= self.epochs:
             return None
-        return self._next_batch("forget", cycle=True)
+        return self._next_batch("forget")
 
-    def _next_batch(self, which: str, cycle: bool):
+    def _next_batch(self, which: str):
         loader = self.forget_loader if which == "forget" else self.retain_loader
         pos = self._pos[which]
         for attempt in range(2):
             if self._iters[which] is None:
-                pos["start_rng"] = _loader_rng_state(loader)
+                pos["start_rng"] = loader_rng_state(loader)
                 self._iters[which] = iter(loader)
             try:
                 batch = next(self._iters[which])
@@ -413,7 +351,7 @@ class Unlearner:
         self._iters[which] = None
         if loader is None or pos["start_rng"] is None:
             return
-        _set_loader_rng_state(loader, pos["start_rng"])
+        set_loader_rng_state(loader, pos["start_rng"])
         it = iter(loader)
         for i in range(pos["index"]):
             try:
@@ -432,61 +370,18 @@ class Unlearner:
         return total
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def _gather_checkpoint_state(self) -> dict:
-        """What rank 0 needs from the others (collectives; in one process nothing is exchanged)."""
-        shared = {"rng_ranks": _dist.all_gather_object(_rng_state()) if _distributed() else None,
-                  "model_state": None}
-        if _dist.is_fsdp2(self.module):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            shared["model_state"] = get_model_state_dict(
-                self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return shared
-
-    def _write_checkpoint(self, path: str, shared: Optional[dict] = None) -> None:
-        shared = shared or {"rng_ranks": None, "model_state": None}
-        if _sharded_optimizer(self.optimizer):  # DTensor state: every rank writes its own shards
-            torch.save(self.optimizer.state_dict(), os.path.join(path, f"optimizer.rank{_dist.rank()}.pt"))
-        if not _dist.is_main_process():
-            return
-        model_dir = os.path.join(path, "model")
-        os.makedirs(model_dir)
-        _save_model(self.module, model_dir, shared["model_state"])
-        if not _sharded_optimizer(self.optimizer):
-            torch.save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
-        torch.save(self.method.state_dict(), os.path.join(path, "method.pt"))
-        state = {
-            "step": self.step,
-            "positions": copy.deepcopy(self._pos),
-            "rng": _rng_state(),
-            "rng_ranks": shared["rng_ranks"],
-            "world_size": _dist.world_size(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "history": self.history,
-            "train_loss": self.train_loss,
-            "step_metrics": self.step_metrics,
-            "stop_reason": self.stop_reason,
-            "grad_accum": self.grad_accum,
-            "seed": self.seed,
-        }
-        torch.save(state, os.path.join(path, "trainer_state.pt"))
-        with open(os.path.join(path, "history.json"), "w") as f:
-            json.dump({"step": self.step, "history": self.history}, f, indent=1, default=str)
+    def _loop_state(self) -> dict:
+        """What the loop needs to continue exactly (the RNG states are added by save_checkpoint)."""
+        return {"step": self.step, "positions": copy.deepcopy(self._pos),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "history": self.history, "train_loss": self.train_loss, "step_metrics": self.step_metrics,
+                "stop_reason": self.stop_reason, "grad_accum": self.grad_accum, "seed": self.seed}
 
     def _load_checkpoint(self, path: str) -> None:
-        _load_model(self.module, os.path.join(path, "model"))
-        opt_file = os.path.join(path, "optimizer.pt")
-        if not os.path.isfile(opt_file):
-            opt_file = os.path.join(path, f"optimizer.rank{_dist.rank()}.pt")
-            if not os.path.isfile(opt_file):
-                raise FileNotFoundError(f"{path} has no optimizer.pt nor this rank's {os.path.basename(opt_file)} "
-                                        "(a sharded checkpoint resumes only with the world size that wrote it)")
-        self.optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=False))
-        self.method.load_state_dict(torch.load(os.path.join(path, "method.pt"), map_location="cpu",
-                                               weights_only=False))
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, self.module, self.optimizer, self.method)
         if state["grad_accum"] != self.grad_accum:
             _warn(f"resuming with grad_accum={self.grad_accum}, the checkpoint used {state['grad_accum']}: "
-                          "the result will not match an uninterrupted run")
+                  "the result will not match an uninterrupted run")
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.train_loss = list(state["train_loss"])
@@ -501,10 +396,10 @@ class Unlearner:
         ranks = state.get("rng_ranks")
         if ranks is not None and len(ranks) == _dist.world_size():
             rng = ranks[_dist.rank()]
-        elif _distributed() or state.get("world_size", 1) != 1:
+        elif _dist.world_size() > 1 or state.get("world_size", 1) != 1:
             _warn(f"resuming with world size {_dist.world_size()}, the checkpoint was written by "
                   f"{state.get('world_size', 1)} ranks: every rank continues from rank 0's RNG state")
-        _set_rng_state(rng)  # last: re-creating the iterators may draw from the global RNG
+        set_rng_state(rng)  # last: re-creating the iterators may draw from the global RNG
 
     def _result(self) -> dict:
         return {"step": self.step, "metrics": dict(self.history[-1]) if self.history else {},
@@ -513,52 +408,9 @@ class Unlearner:
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
 
 
-def latest_checkpoint(out_dir: Optional[str]) -> Optional[str]:
-    """out_dir/checkpoint, or out_dir/checkpoint.old if a save died between its two renames; else None."""
-    if out_dir is None:
-        return None
-    for name in (CHECKPOINT, _OLD):
-        path = os.path.join(out_dir, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.pt")):
-            return path
-    return None
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return _dist.is_initialized() and _dist.world_size() > 1
-
-
-def _raise_rank_error(error, what: str):
-    if error is not None:
-        raise error
-    raise RuntimeError(f"another rank failed to {what}")
-
-
 def _overrides(method, name: str) -> bool:
-    from .methods.base import UnlearningMethod
+    from ..methods.base import UnlearningMethod
     return getattr(type(method), name, None) is not getattr(UnlearningMethod, name)
-
-
-def _average_grads(module) -> None:
-    """All-reduce (mean) the gradients of replicated parameters, one flat buffer per dtype and device."""
-    import torch.distributed as dist
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault((g.dtype, g.device), []).append(g)
-    for bucket in groups.values():
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        flat.div_(_dist.world_size())
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _sharded_optimizer(optimizer) -> bool:
-    return any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"])
 
 
 def _new_pos() -> dict:
@@ -580,119 +432,9 @@ def _known_len(loader) -> Optional[int]:
         return None
 
 
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _to_device(batch, device):
-    if batch is None:
-        return None
-    if isinstance(batch, dict):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    return batch
-
-
 def _progress_bar(total, initial, enabled):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="unlearning", unit="step", dynamic_ncols=True)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    if _np is not None:
-        _np.random.seed(seed % 2**32)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": None, "numpy": None}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if _np is not None:
-        state["numpy"] = _np.random.get_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if state.get("numpy") is not None and _np is not None:
-        _np.random.set_state(state["numpy"])
-
-
-def _loader_generators(loader) -> list:
-    """The torch Generators an iteration of `loader` may draw from (deduplicated, in a fixed order)."""
-    candidates = [getattr(loader, "generator", None)]
-    sampler = getattr(loader, "sampler", None)
-    candidates.append(getattr(sampler, "generator", None))
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    candidates.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
-    out, seen = [], set()
-    for g in candidates:
-        if isinstance(g, torch.Generator) and id(g) not in seen:
-            seen.add(id(g))
-            out.append(g)
-    return out
-
-
-def _loader_rng_state(loader) -> dict:
-    return {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in _loader_generators(loader)]}
-
-
-def _set_loader_rng_state(loader, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    gens = _loader_generators(loader)
-    if len(gens) != len(state["generators"]):
-        raise ValueError("resume: the loader's generators differ from the checkpoint's; was it built the same way?")
-    for g, s in zip(gens, state["generators"]):
-        g.set_state(s)
-
-
-def _save_model(model, directory: str, state_dict: Optional[dict] = None) -> None:
-    """save_pretrained (or safetensors); `state_dict`: the full weights of a sharded model, gathered beforehand."""
-    if hasattr(model, "save_pretrained"):
-        kwargs = {}
-        params = inspect.signature(model.save_pretrained).parameters
-        if "safe_serialization" in params:
-            kwargs["safe_serialization"] = True
-        if state_dict is not None:
-            kwargs["state_dict"] = state_dict
-        model.save_pretrained(directory, **kwargs)
-    elif state_dict is not None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(directory, "model.safetensors"))
-    else:
-        from safetensors.torch import save_model
-
-        save_model(model, os.path.join(directory, "model.safetensors"))
-
-
-def _load_model(model, directory: str) -> None:
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {directory}")
-    loaded = {}
-    for f in files:
-        loaded.update(load_file(f))
-    if _dist.is_fsdp2(model):  # every rank has the full weights; each keeps its shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, loaded, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    current = model.state_dict()
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    if unexpected:
-        raise ValueError(f"checkpoint weights do not fit the model: unexpected keys {sorted(unexpected)[:5]}")
-    loaded_ptrs = {current[k].data_ptr() for k in loaded if k in current}
-    untied = [k for k in missing if current[k].data_ptr() not in loaded_ptrs]  # tied weights are saved once
-    if untied:
-        raise ValueError(f"checkpoint weights do not fit the model: missing keys {sorted(untied)[:5]}")

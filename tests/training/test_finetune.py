@@ -4,7 +4,7 @@ import torch
 from simu_fast.data import make_loader, synthetic_people, tokenize_examples
 from simu_fast.data.corpus_tokenizer import train_tokenizer
 from simu_fast.eval import answer_metrics
-from simu_fast.finetune import finetune
+from simu_fast.training.finetune import finetune
 from tiny_models import tiny_llama
 
 

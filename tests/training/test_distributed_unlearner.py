@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 
 from simu_fast import Unlearner
 from simu_fast.data.collate import make_loader
-from simu_fast.integrations.distributed import (ShardedSampler, init_local_group, leave_process_group,
-                                                make_distributed_loader, new_store_file, shard_examples)
+from simu_fast.data.sharding import ShardedSampler, make_distributed_loader, shard_examples
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
 from simu_fast.methods.baselines import GradDiff
 from simu_fast.methods.imu import IMU
 from simu_fast.methods.soul import SOGradDiff
@@ -114,11 +114,11 @@ def _worker(rank, world, store, out_root, results):
         full_dir, part_dir = os.path.join(out_root, "full"), os.path.join(out_root, "part")
         with contextlib.ExitStack() as stack:
             if rank != 0:  # rank 0 alone writes: any write from this rank fails the run
-                import simu_fast.unlearner
+                from simu_fast.training import checkpoints
 
                 def refuse(*args, **kwargs):
                     raise AssertionError("rank 1 wrote a checkpoint file")
-                for owner, name in ((tempfile, "mkdtemp"), (os, "replace"), (simu_fast.unlearner, "_save_model")):
+                for owner, name in ((tempfile, "mkdtemp"), (os, "replace"), (checkpoints, "save_model")):
                     stack.enter_context(mock.patch.object(owner, name, refuse))
             out["full"], _ = _run(GradDiff(lr=1e-2), 1, 2, 4, make_distributed_loader, out_dir=full_dir)
             _run(GradDiff(lr=1e-2), 1, 2, 2, make_distributed_loader, out_dir=part_dir, save_every=1)

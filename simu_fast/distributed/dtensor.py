@@ -1,15 +1,13 @@
-"""DTensor parameters (FSDP2 `fully_shard`): local shards, masks by global index, DTensor state.
+"""DTensor parameters (FSDP2 `fully_shard`): local shards, row ranges, state tensors laid out like a parameter.
 
 The kernels never see a DTensor: they run on each rank's local shard (`p.to_local()`, the gradient's and
 the state's local tensors). State tensors are created from the local shard and wrapped as DTensors with
 the parameter's mesh and placements (as torchao/optim does), so torch.distributed.checkpoint saves them
 sharded and reshards them on load.
 
-Masks are given by global index (neuron k is row k of the *full* gate/up projection). With Shard(0), the
-layout fully_shard makes, rank r holds the contiguous rows [start, stop) of the parameter (torch.chunk:
-ceil(n / world) rows per rank, the last ranks fewer or none), so a row mask keeps the rows in that range,
-shifted to local numbering; a column mask of a dim-0-sharded 2-D weight is the same on every shard; a
-boolean element mask is sliced like the parameter. Replicate() parameters use every mask unchanged.
+With Shard(0), the layout fully_shard makes, rank r holds the contiguous rows [start, stop) of the parameter
+(torch.chunk: ceil(n / world) rows per rank, the last ranks fewer or none); row_range gives them.
+Replicate() parameters are whole on every rank.
 
 Supported: a 1-D device mesh with Shard(0) or Replicate(). Anything else (Shard(1), Partial, 2-D meshes
 such as HSDP or FSDP + TP) raises NotImplementedError naming the parameter and its placement.
@@ -19,8 +17,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from ..ops.update_mask import COLS, DENSE, FULL, ROWS, UpdateMask
 
 try:  # public from torch 2.5; torch.distributed may also be missing from a build
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -84,21 +80,6 @@ def row_range(p: torch.Tensor) -> tuple[int, int]:
     return start, start + local_rows
 
 
-def localize_mask(p: torch.Tensor, mask: UpdateMask) -> UpdateMask:
-    """The part of a mask over the full parameter that applies to this rank's shard, in local numbering."""
-    if not is_sharded(p) or mask.kind in (FULL, COLS):
-        return mask
-    start, stop = row_range(p)
-    if mask.kind == ROWS:
-        index = mask.index
-        keep = index[(index >= start) & (index < stop)] - start  # stays sorted and unique
-        return UpdateMask(ROWS, mask.row_len, index=keep.contiguous(), validated=True)
-    if mask.kind == DENSE:
-        dense = mask.dense.view(-1, mask.row_len)[start:stop].reshape(-1).contiguous()
-        return UpdateMask(DENSE, mask.row_len, dense=dense, validated=mask.validated)
-    raise ValueError(f"unknown mask kind {mask.kind}")
-
-
 def wrap_like(p: torch.Tensor, local_tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor over `local_tensor` with p's mesh, placements and global shape (local_tensor as is for a
     plain p). shape/stride are given because shards differ in size when rows do not divide evenly."""
@@ -135,15 +116,3 @@ def shard_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def sharded_mesh(p: torch.Tensor):
     """The mesh over which p's shards are disjoint (counts over it add up), or None."""
     return p.device_mesh if is_sharded(p) else None
-
-
-def all_reduce_sum(t: torch.Tensor, mesh) -> torch.Tensor:
-    """Sum a small tensor over the ranks of a 1-D mesh (every rank must call this)."""
-    import torch.distributed as dist
-
-    out = t.clone()
-    if mesh.device_type != t.device.type:  # CPU-offloaded shards under an NCCL mesh: reduce on the GPU
-        index = torch.cuda.current_device() if mesh.device_type == "cuda" else None
-        out = out.to(torch.device(mesh.device_type, index) if index is not None else mesh.device_type)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=mesh.get_group())
-    return out.to(t.device)

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .methods.objectives import answer_nll
+from ..lm import model_device, to_device
+from ..methods.objectives import answer_nll
 
 
 def finetune(model: torch.nn.Module, loader, *, lr: float, max_steps: Optional[int] = None,
@@ -36,7 +37,7 @@ def finetune(model: torch.nn.Module, loader, *, lr: float, max_steps: Optional[i
     if steps_per_epoch == 0:
         raise ValueError("the training loader is empty")
     total = min(x for x in (max_steps, None if max_epochs is None else max_epochs * steps_per_epoch) if x is not None)
-    device = next(model.parameters()).device
+    device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     lr_at = _schedule(lr, total, warmup_steps, schedule)
@@ -61,7 +62,7 @@ def finetune(model: torch.nn.Module, loader, *, lr: float, max_steps: Optional[i
     try:
         while step < total and not stopped:
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                batch = to_device(batch, device)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
                 loss = answer_nll(model, batch, reduction="mean").mean()
