@@ -450,6 +450,9 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     except BaseException as e:
         if made_out and not os.listdir(out):  # leave no empty --out behind a failed run
             os.rmdir(out)
+        from .training.checkpoints import CheckpointError
+        if isinstance(e, CheckpointError):
+            raise UsageError(f"--resume: {e}")
         if isinstance(e, NonFiniteGradientError):
             raise UsageError(f"the loss or its gradient became NaN/inf ({' '.join(str(e).split())}); nothing was "
                              "saved. Try a lower --lr, or check the model's weights and the data")

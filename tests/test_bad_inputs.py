@@ -97,9 +97,29 @@ CASES = [
                                                               method="simu"), "no neuron mask file at"),
     ("a NaN loss", lambda m, d, t: _unlearn(_copy_model(m, t / "nan", _nan_weights), d, t / "o"),
      "the loss or its gradient became NaN/inf"),
+    ("--resume from a tampered checkpoint", lambda m, d, t: _unlearn(m, d, _tampered_checkpoint(m, d, t), "--resume"),
+     "cannot load the checkpoint file"),
     ("ssiuu under fsdp2", lambda m, d, t: _unlearn(m, d, t / "o", "--parallel", "fsdp2", method="ssiuu"),
      "does not support --parallel fsdp2"),
 ]
+
+
+class _Planted:
+    """Unpickling this runs code (touches a file): what a safe loader must refuse."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _tampered_checkpoint(model_dir, data, tmp_path):
+    """An --out with a real checkpoint whose trainer_state.pt was replaced by a pickle that runs code."""
+    out = tmp_path / "run"
+    assert main(_unlearn(model_dir, data, out, "--save-every", "1")) == 0
+    torch.save({"step": 1, "x": _Planted(tmp_path / "code-ran")}, out / "checkpoint" / "trainer_state.pt")
+    return out
 
 
 def _vit_dir(model_dir, path):
@@ -129,10 +149,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(name, make, message, model_dir, da
     assert len(lines) == 1 and lines[0].startswith("simu-fast: error: ") and message in lines[0], err
     assert "Traceback" not in err
     assert set(os.listdir(tmp_path)) - before == made  # no output (an --out directory) was left behind
+    assert not (tmp_path / "code-ran").exists()  # nothing the input carried was executed
 
 
 def test_the_table_counts():
-    assert len(CASES) == 23
+    assert len(CASES) == 24
 
 
 def test_api_bad_inputs_raise_typed_errors(model_dir, tmp_path):

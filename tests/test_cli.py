@@ -41,6 +41,8 @@ def test_graddiff(model_dir, data, tmp_path):
     metrics = _check_outputs(out, "graddiff", 2)
     assert metrics["method_args"] == {"lr": 0.01}
     assert not (out / "mask.safetensors").exists()
+    assert not (out / "checkpoint").exists()  # no --save-every: no checkpoint with optimizer state is left
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # nor a staging directory
     assert _weights_differ(model_dir, out)
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(out, local_files_only=True)("alice")["input_ids"][-1] == 4 + CLI_WORDS.index("alice")

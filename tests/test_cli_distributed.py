@@ -42,7 +42,7 @@ def test_torchrun_two_processes(model_dir, data, tmp_path, parallel):  # noqa: F
     assert sorted(p for p in os.listdir(out) if p.startswith((".", "checkpoint"))) == ["checkpoint"]
     optimizer_files = sorted(p for p in os.listdir(out / "checkpoint") if p.startswith("optimizer"))
     assert optimizer_files == (["optimizer.pt"] if parallel == "ddp" else ["optimizer.rank0.pt", "optimizer.rank1.pt"])
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2 and state["world_size"] == 2
 
     from transformers import AutoModelForCausalLM

@@ -39,6 +39,10 @@ OLD = "checkpoint.old"
 TMP_PREFIX = ".checkpoint.tmp-"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely: foreign, tampered or truncated."""
+
+
 def latest_checkpoint(out_dir: Optional[str]) -> Optional[str]:
     """out_dir/checkpoint, or out_dir/checkpoint.old if a save died between its two renames; else None."""
     if out_dir is None:
@@ -105,9 +109,21 @@ def load_checkpoint(path: str, module, optimizer, method) -> dict:
         if not os.path.isfile(opt_file):
             raise FileNotFoundError(f"{path} has no optimizer.pt nor this rank's {os.path.basename(opt_file)} "
                                     "(a sharded checkpoint resumes only with the world size that wrote it)")
-    optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=False))
-    method.load_state_dict(torch.load(os.path.join(path, "method.pt"), map_location="cpu", weights_only=False))
-    return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(_load_safely(opt_file))
+    method.load_state_dict(_load_safely(os.path.join(path, "method.pt")))
+    return _load_safely(os.path.join(path, "trainer_state.pt"))
+
+
+def _load_safely(path: str):
+    """torch.load with weights_only=True: tensors and plain containers only, never code; a foreign or
+    tampered file is a CheckpointError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot load the checkpoint file {path} safely (weights_only=True: tensors and plain "
+                         f"values only): {' '.join(str(e).split())[:300]}") from e
 
 
 def _gather_state(module) -> dict:

@@ -28,8 +28,9 @@ def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": None, "numpy": None}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if _np is not None:
-        state["numpy"] = _np.random.get_state()
+    if _np is not None:  # plain values and a tensor, so that torch.load(weights_only=True) can read it back
+        kind, keys, pos, has_gauss, cached = _np.random.get_state()
+        state["numpy"] = (str(kind), torch.from_numpy(keys.astype(_np.int64)), int(pos), int(has_gauss), float(cached))
     return state
 
 
@@ -39,7 +40,8 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if state.get("numpy") is not None and _np is not None:
-        _np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        _np.random.set_state((kind, _np.asarray(keys, dtype=_np.int64).astype(_np.uint32), pos, has_gauss, cached))
 
 
 def loader_generators(loader) -> list:

@@ -13,7 +13,8 @@ torch's global RNG, which a DataLoader without a generator draws from), so a res
 epoch order and skips the batches already consumed.
 
 Checkpoints (training/checkpoints.py): `out_dir/checkpoint`, written atomically every `save_every` steps and at
-the end of a run when out_dir is given; RNG state (training/rng_state.py).
+the end of such a run (and of a resumed one); none otherwise (a checkpoint holds the optimizer state too, 8 bytes per
+parameter for SophiaG or AdamW, which a finished run rarely needs). RNG state: training/rng_state.py.
 
 Resume. `resume=True` calls `method.setup` on the model as given (the original model, as in the first
 run), makes the optimizer, then loads model weights, optimizer, method state, data positions and RNG
@@ -209,8 +210,8 @@ class Unlearner:
                 bar.close()
         if self.eval_fn is not None and (not self.history or self.history[-1]["step"] != self.step):
             self._evaluate()  # the run ends here anyway; stop_when has nothing left to stop
-        if self.out_dir is not None:
-            self.save_checkpoint()
+        if self.out_dir is not None and (self.save_every is not None or self.resume):  # opt-in: a run that
+            self.save_checkpoint()  # checkpoints (or resumed from one) ends with one
         if _dist.world_size() > 1 and not _dist.is_fsdp2(module) and not _dist.params_in_sync(module):
             _warn("the ranks' parameters differ after unlearning: a hook of the method changed them rank by rank "
                   "(rank 0's model is what was saved)")

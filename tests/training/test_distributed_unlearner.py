@@ -163,8 +163,8 @@ def test_ddp_matches_one_process_and_resumes_exactly(tmp_path):
         assert torch.equal(r0["full"][name], r1["resumed"][name]), name
     assert r0["resumed_steps"] == r1["resumed_steps"] == 4
     assert sorted(os.listdir(tmp_path / "part")) == ["checkpoint"]
-    assert (tmp_path / "full" / "checkpoint" / "trainer_state.pt").is_file()
-    state = torch.load(tmp_path / "part" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert not (tmp_path / "full" / "checkpoint").exists()  # no save_every: no final checkpoint (opt-in)
+    state = torch.load(tmp_path / "part" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
 
     single4, _ = _run(TorchAdamWGradDiff(lr=1e-2), 4, 1, 4, make_loader, parallel=None)

@@ -135,7 +135,7 @@ def test_resume_is_bit_exact(tmp_path, how):
                   **{**kw, "max_steps": 3}).run()
         expected_step = 3
     assert os.listdir(tmp_path / "run") == ["checkpoint"]
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == expected_step
 
     model, method = tiny_llama(dropout=0.2), GradDiff()  # the original model, as a fresh process would build it
@@ -175,7 +175,7 @@ def test_checkpoint_is_atomic(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         Unlearner(tiny_llama(), method, f, r, max_steps=4, save_every=1, out_dir=out, progress=False).run()
     assert os.listdir(out) == ["checkpoint"]
-    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 1
     # ... and it resumes from there
     f, r = loaders()
@@ -185,12 +185,23 @@ def test_checkpoint_is_atomic(tmp_path):
 
 def test_resume_uses_old_checkpoint_after_crash_between_renames(tmp_path):
     f, r = loaders()
-    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, out_dir=str(tmp_path), progress=False).run()
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, out_dir=str(tmp_path), save_every=2, progress=False).run()
     os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
     f, r = loaders()
     u = Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=3, out_dir=str(tmp_path), resume=True, progress=False)
     assert u.run()["step"] == 3
     assert os.listdir(tmp_path) == ["checkpoint"]
+
+
+def test_final_checkpoint_is_opt_in(tmp_path):
+    f, r = loaders()
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, out_dir=str(tmp_path / "plain"), progress=False).run()
+    assert not (tmp_path / "plain").exists() or not os.listdir(tmp_path / "plain")
+    f, r = loaders()
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=3, out_dir=str(tmp_path / "ckpt"), save_every=2,
+              progress=False).run()
+    state = torch.load(tmp_path / "ckpt" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 3  # the last step's checkpoint, beside the periodic ones
 
 
 def test_eval_and_stop_when():
