@@ -284,15 +284,19 @@ def plots(report: dict) -> dict:
     for j, kind in enumerate(("harmful_0.1", "harmful_0.3", "benign")):
         ax = fig.add_subplot(1, 3, j + 1)
         for i, name in enumerate(names):
-            curves = [r["matched"]["relearning_curves"][kind] for r in report["runs"][name]]
+            curves = [r["matched"]["relearning_curves"][kind] for r in report["runs"][name] if r["matched"]["reached"]]
+            if not curves:  # no seed reached matched forget: nothing to attack at matched forget
+                continue
             steps = [p["step"] for p in curves[0]]
             stats = [P.mean_std([c[k]["answer_prob"] for c in curves]) for k in range(len(steps))]
             ax.errorbar(steps, [st["mean"] for st in stats], yerr=[st["std"] for st in stats], label=name,
                         color=f"C{i % 10}", marker="o", markersize=3, capsize=2)
-        ax.set_title(f"relearning: {kind} (mean ± std over seeds)", fontsize=9)
+        ax.set_title({"harmful_0.1": "harmful, 10% of forget", "harmful_0.3": "harmful, 30% of forget",
+                      "benign": "benign (filler text)"}[kind], fontsize=9)
         ax.set_xlabel("relearning step")
         ax.grid(True, alpha=0.3)
     fig.axes[0].set_ylabel("held-out forget answer probability")
+    fig.suptitle("relearning from the matched checkpoints (mean ± std over the seeds that reached them)", fontsize=9)
     fig.axes[0].legend(fontsize=7)
     out["relearning.png"] = _png(fig, canvas)
 
