@@ -59,13 +59,30 @@ def all_reduce_sum(t: torch.Tensor, mesh) -> torch.Tensor:
     return out.to(t.device)
 
 
+# Collectives over many parameters work in buckets of at most this many elements, so that their temporaries
+# stay bounded (64 MB of float32, 128 MB of float64) whatever the model's size.
+BUCKET_ELEMENTS = 1 << 24
+
+
+def buckets(tensors, limit: int | None = None) -> list:
+    """The tensors in order, grouped by (dtype, device) and cut into runs of at most `limit` elements (a tensor
+    larger than the limit is a run of its own); limit defaults to BUCKET_ELEMENTS."""
+    limit = BUCKET_ELEMENTS if limit is None else limit
+    out, open_runs = [], {}  # (dtype, device) -> (the run being filled, its element count)
+    for t in tensors:
+        key = (t.dtype, t.device)
+        run, size = open_runs.get(key, ([], 0))
+        if run and size + t.numel() > limit:
+            out.append(run)
+            run, size = [], 0
+        run.append(t)
+        open_runs[key] = (run, size + t.numel())
+    return out + [run for run, _ in open_runs.values()]
+
+
 def average_gradients(module, group=None) -> None:
-    """All-reduce (mean) the gradients of replicated parameters, one flat buffer per dtype and device."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault((g.dtype, g.device), []).append(g)
-    for bucket in groups.values():
+    """All-reduce (mean) the gradients of replicated parameters: one flat buffer per bucket (buckets())."""
+    for bucket in buckets([p.grad for p in module.parameters() if p.grad is not None]):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
         flat.div_(world_size(group))
@@ -87,9 +104,13 @@ def params_in_sync(model, group=None) -> bool:
     g = torch.Generator(device="cpu").manual_seed(1234)
     prints = []
     with torch.no_grad():
-        for p in params:
-            w = torch.rand(p.numel(), generator=g, dtype=torch.float64).to(device)
-            prints.append(torch.dot(p.detach().reshape(-1).double(), w))
+        for p in params:  # in chunks: no float64 copy of a whole parameter
+            flat, total = p.detach().reshape(-1), torch.zeros((), dtype=torch.float64, device=device)
+            for start in range(0, flat.numel(), BUCKET_ELEMENTS):
+                part = flat[start:start + BUCKET_ELEMENTS]
+                w = torch.rand(part.numel(), generator=g, dtype=torch.float64).to(device)
+                total += torch.dot(part.double(), w)
+            prints.append(total)
     local = torch.stack(prints)
     gathered = [torch.empty_like(local) for _ in range(world_size(group))]
     dist.all_gather(gathered, local, group=group)
