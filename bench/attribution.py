@@ -110,15 +110,6 @@ def make_batch(size: Size, device: torch.device, seed: int = 1) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
-def our_backends(device: torch.device) -> list[str]:
-    import simu_fast
-
-    avail = simu_fast.backends()
-    if device.type == "cuda":
-        return [b for b in ("cuda", "triton") if avail.get(b)]
-    return ["cpu"] if avail.get("cpu") else []
-
-
 def attributor(model, steps: int, max_rows: Optional[int], backend: str):
     from simu_fast.attribution import NeuronAttributor
 
@@ -182,21 +173,6 @@ def bare_fn(model, batch: dict, steps: int, max_rows: Optional[int]) -> Callable
     return run
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[Optional[float], Optional[float]]:
-    """(peak MB above the memory allocated before the call, that baseline in MB); (None, None) off the GPU."""
-    if device.type != "cuda":
-        return None, None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return (peak - base) / 2**20, base / 2**20
-
-
 def rel_err(scores: torch.Tensor, ref: torch.Tensor) -> float:
     scores, ref = scores.detach().double().cpu(), ref.detach().double().cpu()
     return ((scores - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
@@ -254,14 +230,14 @@ def bench_case(st: SizeState, steps: int, max_rows: Optional[int], device: torch
 
     methods: dict = {"loop": keep("loop", loop_fn(model, batches, steps))}
     methods["batched_eager"] = keep("batched_eager", batched_fn(model, batches, steps, max_rows, "reference"))
-    for backend in our_backends(device):
+    for backend in common.our_backends(device):
         methods[backend] = keep(backend, batched_fn(model, batches, steps, max_rows, backend))
     methods["bare_fwd_bwd"] = bare_fn(model, batch, steps, max_rows)
     n_passes = len(bare_passes(model, batch, steps, max_rows))
     work_rows = size.layers * steps * size.batch
 
     times = common.time_interleaved(methods, device, **timing)
-    mem = {name: peak_memory(fn, device) for name, fn in methods.items()}  # warm calls (after the timing)
+    mem = {name: common.peak_memory(fn, device) for name, fn in methods.items()}  # warm calls (after the timing)
 
     loop_t, loop_scores = times["loop"], results["loop"]
     bare_ms = times["bare_fwd_bwd"]["median_ms"]
@@ -301,20 +277,10 @@ def bench_case(st: SizeState, steps: int, max_rows: Optional[int], device: torch
 
 TABLE_COLUMNS = (("size", "size"), ("case", "case"), ("method", "method"), ("dtype", "dtype"),
                  ("median_ms", "median ms"), ("min_ms", "min ms"), ("speedup", "vs loop"),
-                 ("ratio_to_bare", "/ bare"), ("peak_mem_mb", "peak MB"), ("rel_err_vs_loop", "rel err"),
+                 ("ratio_to_bare", "/ bare", common.number(".2f", "x")), ("peak_mem_mb", "peak MB", common.number(".0f")),
+                 ("rel_err_vs_loop", "rel err", lambda err, r: "-" if err is None else
+                  f"{err:.1e}" + ("" if r.get("scores_match") else " (!)")),
                  ("passes", "passes"), ("reps", "reps"))
-
-
-def display_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in rows:
-        d = dict(r)
-        d["ratio_to_bare"] = None if r.get("ratio_to_bare") is None else f"{r['ratio_to_bare']:.2f}x"
-        d["peak_mem_mb"] = None if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
-        err = r.get("rel_err_vs_loop")
-        d["rel_err_vs_loop"] = None if err is None else f"{err:.1e}" + ("" if r.get("scores_match") else " (!)")
-        out.append(d)
-    return out
 
 
 def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[float] = None,
@@ -346,7 +312,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
     meta.update(quick=quick, dtype=dtype_name, rule=RULE, target=TARGET, positions=POSITIONS, timing=timing)
     log(f"bench.attribution on {meta['device']} ({meta['host']}), torch {meta['torch']}, triton {meta['triton']}, "
         f"commit {meta['commit']}, {meta['torch_threads']} torch threads, load average {meta['loadavg']}")
-    log(f"sizes {sizes}, dtype {dtype_name}, fused backends {our_backends(dev)}")
+    log(f"sizes {sizes}, dtype {dtype_name}, fused backends {common.our_backends(dev)}")
     notes = [
         "IG over every layer's MLP neurons (down-projection input) of a random-weight LlamaForCausalLM; target "
         f"{TARGET}, positions {POSITIONS}, rule {RULE}; one batch, labels -100 on the first half of each sequence; "
@@ -387,7 +353,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
             f"{st.t_fwd_bwd * 1e3:.1f} ms; load average {common.loadavg()}")
         size_rows: list[dict] = []
         for steps, max_rows in size.cases():
-            n_methods = 3 + len(our_backends(dev))
+            n_methods = 3 + len(common.our_backends(dev))
             estimate = estimate_case_s(st, steps, n_methods, calls_per_method)
             if deadline is not None and time.time() + estimate > deadline:
                 log(f"  skipping {case_name(steps, max_rows)}: about {estimate:.0f}s needed, "
@@ -402,7 +368,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         all_rows += size_rows
         if size_rows:
             log("")
-            log(common.text_table(display_rows(size_rows), columns=TABLE_COLUMNS))
+            log(common.text_table(size_rows, columns=TABLE_COLUMNS))
         if write and all_rows:  # after every size: a run cut short keeps what it measured
             paths = common.write_results(op_key, all_rows, meta, extra={"notes": notes})
     mismatched = [f"{r['size']} {r['case']} {r['method']} ({r['rel_err_vs_loop']:.1e})" for r in all_rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import functools
 import json
 import os
@@ -312,10 +313,51 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+def cell(column: tuple, row: dict) -> str:
+    """One table cell. A column is (key, title) or (key, title, format): format(value, row) -> str, for the
+    columns fmt() does not know (it is given None values too)."""
+    key = column[0]
+    if len(column) > 2:
+        return column[2](row.get(key), row)
+    return fmt(key, row.get(key))
+
+
+def number(spec: str, suffix: str = ""):
+    """A column format: the value with format spec `spec` (e.g. ".0f"), "-" for None."""
+    return lambda value, row: "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def our_backends(device: torch.device) -> list:
+    """The compiled backends a benchmark times on `device`: cuda and triton on a GPU, cpu on the CPU (never
+    the Triton interpreter, which is not a CPU backend)."""
+    import simu_fast
+    avail = simu_fast.backends()
+    if device.type == "cuda":
+        return [b for b in ("cuda", "triton") if avail.get(b)]
+    return ["cpu"] if avail.get("cpu") else []
+
+
+def peak_memory(fn, device: torch.device) -> tuple:
+    """(peak MB allocated during one call of fn above what was allocated before it, that baseline in MB) on a
+    GPU; (None, None) on the CPU."""
+    if device.type != "cuda":
+        return None, None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return (peak - base) / 2**20, base / 2**20
+
+
 def text_table(rows: Iterable[dict], columns=MD_COLUMNS) -> str:
     rows = list(rows)
-    header = [title for _, title in columns]
-    body = [[fmt(key, r.get(key)) for key, _ in columns] for r in rows]
+    header = [column[1] for column in columns]
+    body = [[cell(column, r) for column in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
              "  ".join("-" * w for w in widths)]
@@ -330,10 +372,10 @@ def text_table(rows: Iterable[dict], columns=MD_COLUMNS) -> str:
 
 
 def markdown_table(rows: Iterable[dict], columns=MD_COLUMNS) -> str:
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+    lines = ["| " + " | ".join(column[1] for column in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(key, r.get(key)).replace("|", "\\|") for key, _ in columns) + " |")
+        lines.append("| " + " | ".join(cell(column, r).replace("|", "\\|") for column in columns) + " |")
     return "\n".join(lines)
 
 

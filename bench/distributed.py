@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import resource
 import statistics
 import time
@@ -159,19 +158,10 @@ def measure(world: int, size: Size, cfg: dict, threads: int) -> list[dict]:
 
 
 TABLE_COLUMNS = (("size", "size"), ("case", "case"), ("method", "method"), ("rank", "rank"),
-                 ("median_ms", "step ms"), ("min_ms", "min ms"), ("setup_ms", "setup ms"),
-                 ("examples_per_s", "ex/s (all)"), ("speedup", "vs 1 proc"), ("peak_rss_mb", "peak RSS MB"),
-                 ("start_rss_mb", "start RSS MB"), ("reps", "reps"))
-
-
-def display_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in rows:
-        d = dict(r)
-        for key in ("setup_ms", "peak_rss_mb", "start_rss_mb", "examples_per_s"):
-            d[key] = None if r.get(key) is None else f"{r[key]:.0f}"
-        out.append(d)
-    return out
+                 ("median_ms", "step ms"), ("min_ms", "min ms"), ("setup_ms", "setup ms", common.number(".0f")),
+                 ("examples_per_s", "ex/s (all)", common.number(".0f")), ("speedup", "vs 1 proc"),
+                 ("peak_rss_mb", "peak RSS MB", common.number(".0f")),
+                 ("start_rss_mb", "start RSS MB", common.number(".0f")), ("reps", "reps"))
 
 
 def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[float] = None,
@@ -241,7 +231,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         log(f"  {world} process(es): {time.time() - t0:.0f}s")
     if rows:
         log("")
-        log(common.text_table(display_rows(rows), columns=TABLE_COLUMNS))
+        log(common.text_table(rows, columns=TABLE_COLUMNS))
         if write:
             paths = common.write_results(op_key, rows, meta, extra={"notes": notes})
             log(f"\nwrote {paths[0]} and {paths[1]} (entry {op_key!r})")

@@ -244,15 +244,6 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def our_backends(device: torch.device) -> list[str]:
-    import simu_fast
-
-    avail = simu_fast.backends()
-    if device.type == "cuda":
-        return [b for b in ("cuda", "triton") if avail.get(b)]
-    return ["cpu"] if avail.get("cpu") else []
-
-
 def kernel_fn(backend: str, case: Case, update_h: bool, device: torch.device) -> Callable:
     """The compiled kernel with prebuilt arguments (what sophia_step calls after its checks)."""
     from simu_fast._extension import extension
@@ -337,10 +328,10 @@ def bench_case(case: Case, size: str, device: torch.device, dtype_name: str, upd
     names = [q.name for q in case.params]
     hp = dict(lr=HP["lr"], beta1=HP["beta1"], rho=HP["rho"], bs=HP["bs"], weight_decay=HP["weight_decay"],
               eps=HP["eps"], hessian_beta2=HP["beta2"] if update_h else None)
-    for backend in our_backends(device):
+    for backend in common.our_backends(device):
         methods[backend] = (lambda b=backend: sophia_step(ps, gs, ms, hs, masks, backend=b, names=names, **hp))
     if device.type == "cuda":
-        for backend in our_backends(device):
+        for backend in common.our_backends(device):
             methods[f"{backend}/kernel"] = kernel_fn(backend, case, update_h, device)
 
     # (e) the optimizer's step() on the same tensors and state
@@ -417,7 +408,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     meta.update(quick=quick, dtype=dtype_name, hessian=hessian, hyperparameters=HP)
     log(f"bench.optim on {meta['device']} ({meta['host']}), torch {meta['torch']}, triton {meta['triton']}, "
         f"commit {meta['commit']}; copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s")
-    log(f"sizes {sizes}, params {dtype_name}, state float32, hessian {hessian}, backends {our_backends(dev)}")
+    log(f"sizes {sizes}, params {dtype_name}, state float32, hessian {hessian}, backends {common.our_backends(dev)}")
     compiled = Compiled(update_h) if compile else None
     notes = [
         "one SophiaG step on a transformer-shaped parameter set (per layer q,k,v,o [d,d], gate/up [F,d], "

@@ -122,15 +122,6 @@ def reference(x: torch.Tensor, k: int) -> Reference:
     return Reference(k, mask, exact, float(kth), above, equal)
 
 
-def our_backends(device: torch.device) -> list[str]:
-    import simu_fast
-
-    avail = simu_fast.backends()
-    if device.type == "cuda":
-        return [b for b in ("cuda", "triton") if avail.get(b)]
-    return ["cpu"] if avail.get("cpu") else []
-
-
 def count_passes(fn: Callable[[], object], n: int, mask_pass: bool) -> dict:
     """Run fn once with the driver's histogram dispatch wrapped; count and size its passes."""
     from simu_fast.ops import radix_select as rs
@@ -156,22 +147,6 @@ def count_passes(fn: Callable[[], object], n: int, mask_pass: bool) -> dict:
     itemsize = torch.tensor([], dtype=DTYPE).element_size()
     return dict(passes=len(calls) + int(mask_pass), full_passes=full + int(mask_pass), passes_detail=detail,
                 bytes_moved=read * itemsize + ((n * itemsize + n) if mask_pass else 0))
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """MB allocated during one call above what was allocated before it (GPU); None on the CPU."""
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del out
-    return (peak - base) / 2**20
 
 
 def _first_line(exc: BaseException) -> str:
@@ -223,7 +198,7 @@ def bench_case(x: torch.Tensor, size: str, dist: str, frac: float, device: torch
     k = max(1, round(frac * n))
     case = f"{dist} k={pct(frac)}"
     ref = reference(x, k)
-    backends = our_backends(device)
+    backends = common.our_backends(device)
 
     # name -> (fn, kind) with kind "mask" or "value"
     methods: dict = {"torch.topk": (lambda: topk_scatter(x, k), "mask")}
@@ -263,7 +238,7 @@ def bench_case(x: torch.Tensor, size: str, dist: str, frac: float, device: torch
             passes[name] = count_passes(timed[name], n, mask_pass=name.startswith("topk_mask"))
 
     times = common.time_interleaved(timed, device, **timing)
-    mem = {name: peak_memory(fn, device) for name, fn in timed.items()}
+    mem = {name: common.peak_memory(fn, device)[0] for name, fn in timed.items()}
 
     bw = common.copy_bandwidth(str(device))
     itemsize = x.element_size()
@@ -318,7 +293,7 @@ def warm_up(device: torch.device) -> None:
 
     for dist in ("normal", "ties"):
         x = make_data(dist, 1 << 16, device, seed=1)
-        for b in our_backends(device):
+        for b in common.our_backends(device):
             topk_mask(x, 100, backend=b)
             kth_largest(x, 100, backend=b)
         topk_scatter(x, 100)
@@ -339,20 +314,10 @@ def estimate_size_s(rounds: list, n_prev: int, n: int, n_cases: int, timing: dic
 
 TABLE_COLUMNS = (("size", "size"), ("case", "case"), ("method", "method"), ("median_ms", "median ms"),
                  ("min_ms", "min ms"), ("speedup", "vs topk"), ("passes_detail", "passes"),
-                 ("index_bytes", "index mem"), ("peak_mem_mb", "peak MB"), ("ties_at_kth", "ties@k"),
-                 ("check", "check"), ("reps", "reps"))
-
-
-def display_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in rows:
-        d = dict(r)
-        d["index_bytes"] = None if r.get("index_bytes") is None else common.human_bytes(r["index_bytes"])
-        d["peak_mem_mb"] = None if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
-        if r.get("median_ms") is None:
-            d["check"] = f"skipped: {r.get('note')}"
-        out.append(d)
-    return out
+                 ("index_bytes", "index mem", lambda v, r: "-" if v is None else common.human_bytes(v)),
+                 ("peak_mem_mb", "peak MB", common.number(".0f")), ("ties_at_kth", "ties@k"),
+                 ("check", "check", lambda v, r: f"skipped: {r.get('note')}" if r.get("median_ms") is None
+                  else common.fmt("check", v)), ("reps", "reps"))
 
 
 def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[float] = None,
@@ -380,7 +345,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         f"commit {meta['commit']}, {meta['torch_threads']} torch threads, load average {meta['loadavg']}; "
         f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s")
     log(f"sizes {sizes} (ties at {ties_size}), k = {', '.join(pct(f) for f in FRACTIONS)} of n, "
-        f"our backends {our_backends(dev)}")
+        f"our backends {common.our_backends(dev)}")
     notes = [
         "exact top-k of a float32 vector: normal = torch.randn; ties = randint(0, 8) / 4 - 1 (8 levels, at "
         f"{ties_size} only); k = {', '.join(pct(f) for f in FRACTIONS)} of n",
@@ -475,7 +440,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         all_rows += size_rows
         if size_rows:
             log("")
-            log(common.text_table(display_rows(size_rows), columns=TABLE_COLUMNS))
+            log(common.text_table(size_rows, columns=TABLE_COLUMNS))
         if write and all_rows:  # after every size: a run cut short keeps what it measured
             paths = common.write_results(op_key, all_rows, meta, extra={"notes": notes})
     bad = [f"{r['size']} {r['case']} {r['method']} ({r['check']})" for r in all_rows

@@ -39,15 +39,6 @@ LAM = 1e-3
 BYTES_PER_ELEMENT = 6 * 4  # g, phi, d, phi_prev, d_prev read, g written (float32)
 
 
-def our_backends(device: torch.device) -> list[str]:
-    import simu_fast
-
-    avail = simu_fast.backends()
-    if device.type == "cuda":
-        return [b for b in ("cuda", "triton") if avail.get(b)]
-    return ["cpu"] if avail.get("cpu") else []  # never the Triton interpreter: it is not a CPU backend
-
-
 def make_data(n: int, device: torch.device, seed: int = 0) -> dict:
     """g, phi, d, phi_prev, d_prev (float32, n elements each): attributions and deltas of both signs."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -83,7 +74,7 @@ def bench_case(data: dict, size: str, case: str, penalty: str, pieces: int, devi
     n = data["g"].numel()
     lists = split(data, pieces)
     names = [f"t{i}" for i in range(pieces)]
-    methods = {"eager": "reference", **{b: b for b in our_backends(device)}}
+    methods = {"eager": "reference", **{b: b for b in common.our_backends(device)}}
 
     # the check: one call of each method on its own copy of g, against the reference's
     ref_g = None
@@ -139,7 +130,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     log(f"bench.ssiuu_regularize on {meta['device']} ({meta['host']}), torch {meta['torch']}, triton "
         f"{meta['triton']}, commit {meta['commit']}, {meta['torch_threads']} torch threads, load average "
         f"{meta['loadavg']}; copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s")
-    log(f"sizes {sizes}, cases {[c[0] for c in CASES]}, our backends {our_backends(dev)}")
+    log(f"sizes {sizes}, cases {[c[0] for c in CASES]}, our backends {common.our_backends(dev)}")
     notes = [
         "g += scale [A < 0] s d with A = phi d, A_prev = phi_prev d_prev (simu_fast.ops.ssiuu_regularize), "
         f"float32, lam = {LAM}; cases: norm / squared = the penalty on one tensor of n elements, norm-64t = "
