@@ -34,10 +34,11 @@ PROG = "simu-fast"
 ABLATION_EXAMPLES = 256  # the neuron-mask check after a SIMU run scores at most this many forget / retain rows
 DEFAULTS = {"retain": None, "steps": None, "epochs": None, "batch_size": 8, "lr": None, "max_length": 512,
             "grad_accum": 1, "seed": 0, "resume": False, "format": "auto", "save_every": None, "stop_rouge": None,
-            "eval_every": None, "eval": False, "holdout": None, "parallel": None}
+            "eval_every": None, "eval": False, "holdout": None, "parallel": None, "keep_best": None}
 CONFIG_KEYS = {"model", "forget", "retain", "method", "out", "steps", "epochs", "batch_size", "lr", "max_length",
                "grad_accum", "seed", "resume", "format", "save_every", "stop_rouge", "eval_every", "eval", "holdout",
-               "parallel", "method_args"}
+               "parallel", "keep_best", "method_args"}
+KEEP_BEST_METRICS = ("forget_rougeL", "forget_answer_prob", "retain_rougeL", "retain_answer_prob")
 _INT_KEYS = ("steps", "epochs", "batch_size", "max_length", "grad_accum", "seed", "save_every", "eval_every")
 DEFAULT_EVAL_EVERY = 10
 PARALLEL_CHOICES = ("ddp", "fsdp2", "none")
@@ -85,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also stop as soon as the ROUGE-L recall of greedy answers on the forget set is <= TAU "
                         "(checked every --eval-every steps; --steps/--epochs remain the budget)")
     u.add_argument("--eval-every", type=int, metavar="N",
-                   help=f"evaluate forget ROUGE-L every N steps (default {DEFAULT_EVAL_EVERY} with --stop-rouge)")
+                   help=f"evaluate forget (and retain) ROUGE-L every N steps (default {DEFAULT_EVAL_EVERY} with "
+                        "--stop-rouge or --keep-best)")
+    u.add_argument("--keep-best", metavar="METRIC",
+                   help="keep the best evaluated model in --out/best: METRIC is one of forget_rougeL, "
+                        "forget_answer_prob, retain_rougeL, retain_answer_prob, with 'min:' or 'max:' before it "
+                        "(default max), e.g. max:retain_rougeL")
     u.add_argument("--eval", action="store_true", default=None,
                    help="after unlearning, evaluate the model on the forget and retain sets (and --holdout) as "
                         "`simu-fast eval` does; the results go into metrics.json and report.md")
@@ -244,10 +250,21 @@ def resolve_options(args) -> dict:
             raise UsageError(f"stop-rouge must be a number, got {opts['stop_rouge']!r}")
         if not 0.0 <= opts["stop_rouge"] <= 1.0:
             raise UsageError(f"stop-rouge must be in [0, 1], got {opts['stop_rouge']}")
+    if opts["keep_best"] is not None:
+        from .training.unlearner import parse_keep_best
+        try:
+            mode, name = parse_keep_best(opts["keep_best"])
+        except ValueError as e:
+            raise UsageError(str(e).replace("keep_best", "--keep-best"))
+        if name not in KEEP_BEST_METRICS:
+            raise UsageError(f"--keep-best: unknown metric {name!r}; choose one of {', '.join(KEEP_BEST_METRICS)}")
+        if name.startswith("retain") and not opts["retain"]:
+            raise UsageError(f"--keep-best {name} needs --retain FILE")
+    if opts["stop_rouge"] is not None or opts["keep_best"] is not None:
         if opts["eval_every"] is None:
             opts["eval_every"] = DEFAULT_EVAL_EVERY
     elif opts["eval_every"] is not None:
-        raise UsageError("eval-every needs --stop-rouge (it says when that rule is checked)")
+        raise UsageError("eval-every needs --stop-rouge or --keep-best (it says when they are checked)")
     if opts["lr"] is not None:
         try:
             opts["lr"] = float(opts["lr"])
@@ -416,11 +433,14 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     retain = (_load_data(opts["retain"], opts["format"], tokenizer, opts["max_length"], "retain")[1]
               if uses_retain else None)
     eval_fn = stop_when = None
-    if opts["stop_rouge"] is not None:
+    if opts["stop_rouge"] is not None or opts["keep_best"] is not None:
         from .eval import rouge_eval_fn, stop_at_forget_rouge
-        eval_fn = rouge_eval_fn(tokenizer, {"forget": forget_examples}, batch_size=opts["batch_size"],
-                                max_length=opts["max_length"])
-        stop_when = stop_at_forget_rouge(opts["stop_rouge"])
+        splits = {"forget": forget_examples}
+        if opts["keep_best"] is not None and opts["retain"]:
+            splits["retain"] = _read_examples(opts["retain"], opts["format"], "retain")
+        eval_fn = rouge_eval_fn(tokenizer, splits, batch_size=opts["batch_size"], max_length=opts["max_length"])
+        if opts["stop_rouge"] is not None:
+            stop_when = stop_at_forget_rouge(opts["stop_rouge"])
     if device is not None:
         model = model.to(device)
     elif torch.cuda.is_available():
@@ -444,7 +464,8 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
     try:
         result = Unlearner(model, method, forget_loader, retain_loader, max_steps=opts["steps"],
                            epochs=opts["epochs"], grad_accum=opts["grad_accum"], eval_fn=eval_fn,
-                           eval_every=opts["eval_every"], stop_when=stop_when, out_dir=out,
+                           eval_every=opts["eval_every"], stop_when=stop_when, keep_best=opts["keep_best"],
+                           out_dir=out,
                            save_every=opts["save_every"], resume=opts["resume"], seed=opts["seed"],
                            progress=main and sys.stderr.isatty(), parallel="ddp" if parallel == "ddp" else None).run()
     except BaseException as e:
@@ -492,6 +513,7 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
                "n_forget": len(forget), "n_retain": len(retain) if retain is not None else 0,
                "options": options, "method_args": opts["method_args"], "mask": mask_file,
                "history": result.get("history", []), "step_metrics": result.get("step_metrics", []),
+               "best": result.get("best"),
                "eval": evaluation, "neuron_ablation": None}
     if mask_file is not None and retain_examples:  # does the mask hold the forget set? on the model before
         from .eval.neuron_ablation import neuron_ablation
@@ -512,8 +534,12 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
              f"- wall time: {wall:.1f} s"]
     if result.get("history"):
         last = result["history"][-1]
-        lines.append(f"- forget ROUGE-L at step {last['step']}: {last['forget_rougeL']:.3f} "
-                     f"(stop rule: <= {opts['stop_rouge']})")
+        lines.append(f"- forget ROUGE-L at step {last['step']}: {last['forget_rougeL']:.3f}" +
+                     (f" (stop rule: <= {opts['stop_rouge']})" if opts["stop_rouge"] is not None else ""))
+    if result.get("best"):
+        best = result["best"]
+        lines.append(f"- best evaluated model (`best/`): step {best['step']}, {best['metric']} {best['value']:.3f} "
+                     f"({best['mode']})")
     if train_loss:
         lines.append(f"- train loss: first {train_loss[0]:.4f}, last {train_loss[-1]:.4f}")
     if mask_file:

@@ -99,6 +99,8 @@ CASES = [
      "the loss or its gradient became NaN/inf"),
     ("--resume from a tampered checkpoint", lambda m, d, t: _unlearn(m, d, _tampered_checkpoint(m, d, t), "--resume"),
      "cannot load the checkpoint file"),
+    ("unknown --keep-best metric", lambda m, d, t: _unlearn(m, d, t / "o", "--keep-best", "max:accuracy"),
+     "--keep-best: unknown metric 'accuracy'; choose one of forget_rougeL"),
     ("ssiuu under fsdp2", lambda m, d, t: _unlearn(m, d, t / "o", "--parallel", "fsdp2", method="ssiuu"),
      "does not support --parallel fsdp2"),
 ]
@@ -153,7 +155,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(name, make, message, model_dir, da
 
 
 def test_the_table_counts():
-    assert len(CASES) == 24
+    assert len(CASES) == 25
 
 
 def test_api_bad_inputs_raise_typed_errors(model_dir, tmp_path):

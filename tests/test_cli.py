@@ -216,3 +216,17 @@ def test_unlearn_with_eval(model_dir, data, tmp_path):
     assert "Evaluation" in (out / "report.md").read_text() and "D+ (erased)" in (out / "report.md").read_text()
     with pytest.raises(SystemExit):
         main(_args(model_dir, data, tmp_path / "x", "graddiff", "--steps", "1", "--holdout", data["retain"]))
+
+
+def test_keep_best_writes_the_best_evaluated_model(model_dir, data, tmp_path):
+    out = tmp_path / "best-run"
+    assert main(_args(model_dir, data, out, "graddiff", "--steps", "3", "--lr", "1e-2", "--keep-best",
+                      "min:forget_answer_prob", "--eval-every", "1")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = metrics["best"]
+    assert best["metric"] == "forget_answer_prob" and best["mode"] == "min" and 1 <= best["step"] <= 3
+    values = {h["step"]: h["forget_answer_prob"] for h in metrics["history"]}
+    assert best["value"] == min(values.values()) == values[best["step"]]
+    assert json.loads((out / "best" / "best.json").read_text()) == best
+    assert (out / "best" / "config.json").is_file() and (out / "best" / "model.safetensors").is_file()
+    assert "best evaluated model" in (out / "report.md").read_text()

@@ -154,6 +154,40 @@ def _write(path: str, module, optimizer, method, loop_state: dict, shared: dict)
         json.dump({"step": loop_state["step"], "history": loop_state["history"]}, f, indent=1, default=str)
 
 
+BEST = "best"
+
+
+def save_best_model(out_dir: str, module, info: dict) -> str:
+    """out_dir/best: the model's weights (save_pretrained or safetensors; no optimizer state) and best.json
+    (`info`: step, metric, value), replaced atomically (a temporary directory renamed into place). A
+    collective: an FSDP2 model's full weights are gathered first, rank 0 writes."""
+    state = None
+    if _dist.is_fsdp2(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final, error = os.path.join(out_dir, BEST), None
+    if _dist.is_main_process():
+        tmp = None
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=out_dir, prefix=".best.tmp-")
+            save_model(module, tmp, state)
+            with open(os.path.join(tmp, "best.json"), "w") as f:
+                json.dump(info, f, indent=1)
+            old = final + ".old"
+            if os.path.isdir(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException as exc:
+            error = exc
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if _dist.broadcast_object(error is not None):
+        _raise_rank_error(error, "save the best model")
+    return final
+
+
 def _raise_rank_error(error, what: str):
     if error is not None:
         raise error

@@ -16,6 +16,11 @@ Checkpoints (training/checkpoints.py): `out_dir/checkpoint`, written atomically 
 the end of such a run (and of a resumed one); none otherwise (a checkpoint holds the optimizer state too, 8 bytes per
 parameter for SophiaG or AdamW, which a finished run rarely needs). RNG state: training/rng_state.py.
 
+Best model. keep_best="max:METRIC" (or "min:METRIC"; a bare name means max) keeps, after every evaluation
+that improves METRIC of eval_fn, that model in out_dir/best (weights only, replaced atomically) with
+best.json {step, metric, mode, value}; result["best"] says which evaluation it was. It works with several
+processes like the evaluation itself (every rank evaluates; rank 0's metrics decide; rank 0 writes).
+
 Resume. `resume=True` calls `method.setup` on the model as given (the original model, as in the first
 run), makes the optimizer, then loads model weights, optimizer, method state, data positions and RNG
 states from the checkpoint; the run then continues so that its final model equals an uninterrupted run bit
@@ -52,7 +57,7 @@ import torch
 from .. import distributed as _dist
 from ..data.sharding import unpadded_shard_loader
 from ..lm import model_device, to_device
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import latest_checkpoint, load_checkpoint, save_best_model, save_checkpoint
 from .rng_state import loader_rng_state, rng_state, seed_everything, set_loader_rng_state, set_rng_state
 
 if TYPE_CHECKING:  # not imported at run time, so `import simu_fast` does not pull in every recipe
@@ -72,7 +77,8 @@ class Unlearner:
                  max_steps: Optional[int] = None, epochs: Optional[int] = None, grad_accum: int = 1,
                  max_grad_norm: Optional[float] = 1.0, autocast_dtype: Optional[str] = None,
                  eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None, eval_every: Optional[int] = None,
-                 stop_when: Optional[Callable[[dict], bool]] = None, out_dir: Optional[str] = None,
+                 stop_when: Optional[Callable[[dict], bool]] = None, keep_best: Optional[str] = None,
+                 out_dir: Optional[str] = None,
                  save_every: Optional[int] = None, resume: bool = False, seed: int = 0, progress: bool = True,
                  parallel: Optional[str] = None, ddp_kwargs: Optional[dict] = None):
         missing = [a for a in ("setup", "make_optimizer", "loss", "before_step", "after_step", "state_dict",
@@ -111,6 +117,9 @@ class Unlearner:
             raise TypeError("stop_when must be callable(metrics) -> bool")
         if stop_when is not None and eval_fn is None:
             raise ValueError("stop_when needs an eval_fn to produce the metrics it checks")
+        self.keep_best = parse_keep_best(keep_best)
+        if self.keep_best is not None and (eval_fn is None or out_dir is None):
+            raise ValueError("keep_best needs an eval_fn (the metric) and an out_dir (where out_dir/best goes)")
         if (save_every is not None or resume) and out_dir is None:
             raise ValueError("save_every and resume need an out_dir")
         if parallel not in PARALLEL:
@@ -149,6 +158,7 @@ class Unlearner:
         # loop state (all of it goes into the checkpoint)
         self.step = 0
         self.history: list[dict] = []
+        self.best: Optional[dict] = None  # keep_best: the best evaluation so far {"step", "metric", "mode", "value"}
         self.train_loss: list[float] = []
         self.step_metrics: list[dict] = []  # what the method reports per step (method.step_metrics())
         self.stop_reason: Optional[str] = None
@@ -303,7 +313,19 @@ class Unlearner:
         metrics = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
         metrics = _dist.broadcast_object(metrics)  # every rank records (and stops on) rank 0's metrics
         self.history.append({"step": self.step, **metrics})
+        if self.keep_best is not None:
+            self._keep_if_best(metrics)
         return bool(self.stop_when(metrics)) if self.stop_when is not None else False
+
+    def _keep_if_best(self, metrics: dict) -> None:
+        mode, name = self.keep_best
+        if name not in metrics:
+            raise ValueError(f"keep_best: the evaluation has no metric {name!r}; it gives {sorted(metrics)}")
+        value = float(metrics[name])
+        best = self.best
+        if best is None or (value < best["value"] if mode == "min" else value > best["value"]):
+            self.best = {"step": self.step, "metric": name, "mode": mode, "value": value}
+            save_best_model(self.out_dir, self.module, self.best)
 
     # ---- data --------------------------------------------------------------------------------------
     def _next_group(self) -> list:
@@ -376,7 +398,7 @@ class Unlearner:
         return {"step": self.step, "positions": copy.deepcopy(self._pos),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "history": self.history, "train_loss": self.train_loss, "step_metrics": self.step_metrics,
-                "stop_reason": self.stop_reason, "grad_accum": self.grad_accum, "seed": self.seed}
+                "stop_reason": self.stop_reason, "grad_accum": self.grad_accum, "seed": self.seed, "best": self.best}
 
     def _load_checkpoint(self, path: str) -> None:
         state = load_checkpoint(path, self.module, self.optimizer, self.method)
@@ -388,6 +410,7 @@ class Unlearner:
         self.train_loss = list(state["train_loss"])
         self.step_metrics = list(state.get("step_metrics", []))
         self.stop_reason = state["stop_reason"]
+        self.best = state.get("best")
         self._pos = state["positions"]
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -405,8 +428,20 @@ class Unlearner:
     def _result(self) -> dict:
         return {"step": self.step, "metrics": dict(self.history[-1]) if self.history else {},
                 "history": list(self.history), "train_loss": list(self.train_loss),
-                "step_metrics": list(self.step_metrics),
+                "step_metrics": list(self.step_metrics), "best": self.best,
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
+
+
+def parse_keep_best(spec: Optional[str]):
+    """"max:NAME" / "min:NAME" / "NAME" (max) -> (mode, name); None -> None."""
+    if spec is None:
+        return None
+    mode, sep, name = str(spec).partition(":")
+    if not sep:
+        mode, name = "max", mode
+    if mode not in ("min", "max") or not name:
+        raise ValueError(f"keep_best must be 'max:METRIC', 'min:METRIC' or 'METRIC' (max), got {spec!r}")
+    return mode, name
 
 
 def _overrides(method, name: str) -> bool:

@@ -282,3 +282,32 @@ def test_method_lr_schedule_and_step_metrics_resume_exactly(tmp_path):
     again = resumed.run()
     assert again["step_metrics"] == out["step_metrics"]
     assert_same_state(ref_model, model, ref.optimizer, resumed.optimizer)
+
+
+def test_keep_best_keeps_the_best_evaluated_model(tmp_path):
+    from simu_fast.training.checkpoints import load_model
+    values = iter([0.5, 0.9, 0.7, 0.2])  # the metric at steps 1..4: the best (max) is step 2
+    snapshots = {}
+
+    def eval_fn(model):
+        step = len(snapshots) + 1
+        snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {"score": next(values)}
+    f, r = loaders()
+    result = Unlearner(tiny_llama(), GradDiff(lr=1e-2), f, r, max_steps=4, eval_fn=eval_fn, eval_every=1,
+                       keep_best="max:score", out_dir=str(tmp_path), progress=False).run()
+    assert result["best"] == {"step": 2, "metric": "score", "mode": "max", "value": 0.9}
+    best = tiny_llama()
+    load_model(best, str(tmp_path / "best"))
+    assert all(torch.equal(best.state_dict()[k], snapshots[2][k]) for k in snapshots[2])
+    assert not torch.equal(snapshots[2]["lm_head.weight"], snapshots[4]["lm_head.weight"])
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # no temporary directory; no checkpoint (not asked for)
+    f, r = loaders()
+    with pytest.raises(ValueError, match="has no metric 'nope'"):
+        Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, eval_fn=lambda m: {"score": 1.0}, eval_every=1,
+                  keep_best="nope", out_dir=str(tmp_path / "x"), progress=False).run()
+    with pytest.raises(ValueError, match="keep_best must be"):
+        Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, eval_fn=lambda m: {}, keep_best="best:score",
+                  out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="needs an eval_fn"):
+        Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, keep_best="score", out_dir=str(tmp_path))
