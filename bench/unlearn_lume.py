@@ -14,18 +14,14 @@ utility term min(1, fine-tuned perplexity / perplexity) on held-out filler text.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-
-import torch
 
 from simu_fast.workloads import protocol as P
 from simu_fast.workloads.corpora import LUME_TASKS, lume_item_kind
 
 from . import unlearn_protocol as U
-from .common import RESULTS_DIR
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "lume")
 
@@ -99,25 +95,14 @@ def lume_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.unlearn_lume", description=__doc__.splitlines()[0])
+    ap = U.protocol_parser("bench.unlearn_lume", __doc__, "lume")
     ap.add_argument("--data", default=DEFAULT_DATA, help="directory holding LUME's forget.jsonl and retain.jsonl "
                                                          "(default ../shared/data/lume beside the repository)")
-    ap.add_argument("--quick", action="store_true", help="fewer items, a smaller model, one seed")
-    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join(P.DEFAULT_METHODS)}")
-    ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
-    ap.add_argument("--cache", help="where the base and fine-tuned models are cached")
-    ap.add_argument("--out", help="output directory (default bench/results/lume or lume-quick)")
     args = ap.parse_args(argv)
     for name in ("forget", "retain"):
         if not os.path.isfile(os.path.join(args.data, f"{name}.jsonl")):
             ap.error(f"{args.data} has no {name}.jsonl (give the LUME data directory with --data)")
-    settings = P.lume_settings(os.path.abspath(args.data), quick=args.quick)
-    if args.methods:
-        settings.methods = tuple(m.strip() for m in args.methods.split(","))
-    if args.seeds:
-        settings.seeds = tuple(int(x) for x in args.seeds.split(","))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    out = args.out or os.path.join(RESULTS_DIR, "lume-quick" if args.quick else "lume")
+    settings, out = U.chosen_settings(P.lume_settings(os.path.abspath(args.data), quick=args.quick), args, "lume")
     report = U.run(settings, args.cache, extra=lume_measures(settings))
     report["settings"]["data_dir"] = os.path.basename(os.path.normpath(args.data))  # not this machine's path
     U.write(report, out, appendix=lume_table(report))

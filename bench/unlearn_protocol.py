@@ -401,25 +401,35 @@ def ablation_markdown(rows: list, method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.unlearn_protocol", description=__doc__.splitlines()[0])
+def protocol_parser(module: str, doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every protocol benchmark takes (this one, bench/unlearn_lume.py)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller protocol, one seed (a few minutes)")
     ap.add_argument("--methods", help=f"comma-separated subset of {', '.join(P.DEFAULT_METHODS)}")
     ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
     ap.add_argument("--cache", help="where the base and fine-tuned models are cached")
-    ap.add_argument("--out", help="output directory (default bench/results/protocol or protocol-quick)")
-    ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="only that method's ablation (at --lr), into "
-                                                                  "OUT/ablation-METHOD.md")
-    ap.add_argument("--lr", type=float, help="the lr of the ablation (default: the method's chosen lr in "
-                                             "OUT/metrics.json, from the protocol's run)")
-    args = ap.parse_args(argv)
-    settings = P.quick_settings() if args.quick else P.ProtocolSettings()
+    ap.add_argument("--out", help=f"output directory (default bench/results/{name} or {name}-quick)")
+    return ap
+
+
+def chosen_settings(settings: P.ProtocolSettings, args, name: str) -> tuple:
+    """(settings with --methods / --seeds applied, the output directory); sets torch's threads (2 cores)."""
     if args.methods:
         settings.methods = tuple(m.strip() for m in args.methods.split(","))
     if args.seeds:
         settings.seeds = tuple(int(x) for x in args.seeds.split(","))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    out = args.out or os.path.join(RESULTS_DIR, "protocol-quick" if args.quick else "protocol")
+    return settings, args.out or os.path.join(RESULTS_DIR, f"{name}-quick" if args.quick else name)
+
+
+def main(argv=None) -> int:
+    ap = protocol_parser("bench.unlearn_protocol", __doc__, "protocol")
+    ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="only that method's ablation (at --lr), into "
+                                                                  "OUT/ablation-METHOD.md")
+    ap.add_argument("--lr", type=float, help="the lr of the ablation (default: the method's chosen lr in "
+                                             "OUT/metrics.json, from the protocol's run)")
+    args = ap.parse_args(argv)
+    settings, out = chosen_settings(P.quick_settings() if args.quick else P.ProtocolSettings(), args, "protocol")
     if args.ablation:
         from simu_fast.eval.report import to_jsonable
         lr = args.lr
