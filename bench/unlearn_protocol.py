@@ -343,9 +343,10 @@ ABLATIONS = {
     "ssiuu": (("Ssiuu defaults (lam 0.01)", "ssiuu", {}), ("lam 0.1", "ssiuu", {"lam": 0.1}),
               ("lam 1", "ssiuu", {"lam": 1.0}), ("squared penalty (Algorithm 1)", "ssiuu", {"penalty": "squared"}),
               ("per-example norm", "ssiuu", {"per_example": True}), ("GradDiff (lam 0)", "graddiff", {})),
-    "imu": (("IMU defaults (q/k/v/o, last 3 layers)", "imu", {}), ("lr x 3", "imu", {}, 3.0),
+    "imu": (("IMU defaults (attention out + MLP down, last 3 layers)", "imu", {}), ("lr x 3", "imu", {}, 3.0),
             ("all layers", "imu", {"layers": 1000}),
-            ("attention out + MLP down", "imu", {"modules": ("self_attn.o_proj", "mlp.down_proj")}),
+            ("q/k/v/o (the official code's earlier theta_s)", "imu",
+             {"modules": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}),
             ("no quantile clip", "imu", {"clip_quantile": None}), ("GA at the same lr", "ga", {})),
 }
 

@@ -94,7 +94,7 @@ def test_registry_and_defaults():
     assert GA().lr == 1e-5 and GradDiff().gamma == 1.0 and NPO().beta == 0.1
     imu = IMU()
     assert (imu.layers, imu.damping, imu.clip_quantile, imu.alpha) == (3, 0.01, 0.93, 0.0)
-    assert imu.modules == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    assert imu.modules == ("self_attn.o_proj", "mlp.down_proj")  # the official code's later theta_s, DESIGN's
     ssiuu = Ssiuu()
     assert (ssiuu.lam, ssiuu.gamma, ssiuu.penalty, ssiuu.per_example) == (0.01, 1.0, "norm", False)
     so, fo = SOGradDiff(), FOGradDiff()  # SOUL's TOFU configs
@@ -165,13 +165,14 @@ def test_npo_reference_cache_matches_copy_and_content_keys():
 
 
 def test_imu_trains_only_theta_s():
-    """IMU: only the q/k/v/o projections of the last 3 layers (theta_s) are trainable, and only they move."""
+    """IMU: only the attention output and MLP down projections of the last 3 layers (theta_s) are trainable,
+    and only they move."""
     model = tiny_llama_layers(4)
     initial = copy.deepcopy(model.state_dict())
     method = IMU(lr=1e-2)
     run_steps(method, model, steps=3)
     theta = {n for n, _ in method.theta_s(model)}
-    assert theta == {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in (1, 2, 3) for m in "qkvo"}
+    assert theta == {f"model.layers.{i}.{m}.weight" for i in (1, 2, 3) for m in ("self_attn.o_proj", "mlp.down_proj")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == theta
     after = model.state_dict()
     moved = {k for k in after if not torch.equal(after[k], initial[k])}
