@@ -22,7 +22,7 @@ DEFAULT_METHODS = ("simu", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "g
 # The lr each method got from the protocol's rule (protocol.py, 4.) in `python -m bench.unlearn_protocol
 # --quick` (bench/results/protocol-quick/report.md): the demo runs the methods at their own tuned lrs.
 DEMO_LRS = {"simu": 3e-4, "so-graddiff": 3e-4, "fo-graddiff": 3e-4, "graddiff": 1e-4, "ssiuu": 3e-4, "ga": 1e-4,
-            "imu": 1e-3, "npo": 1e-4}
+            "imu": 3e-4, "npo": 1e-4}
 
 
 def demo_settings(**overrides) -> P.ProtocolSettings:
