@@ -375,8 +375,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
                   if r.get("scores_match") is False]
     if mismatched:
         log("\nscores differ from the loop beyond tolerance: " + ", ".join(mismatched))
-    if paths:
-        log(f"\nwrote {paths[0]} and {paths[1]} (entry {op_key!r})")
+    common.report_done(paths, op_key, log)
     return all_rows
 
 

@@ -327,6 +327,14 @@ def number(spec: str, suffix: str = ""):
     return lambda value, row: "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def report_done(paths, op_key: str, log, name: Optional[str] = None, t_start: Optional[float] = None) -> None:
+    """The end of a benchmark's log: how long it took (given name and t_start) and where it wrote."""
+    if name is not None and t_start is not None:
+        log(f"\n{name}: {time.time() - t_start:.0f}s")
+    if paths:
+        log(f"\nwrote {paths[0]} and {paths[1]} (entry {op_key!r})")
+
+
 def our_backends(device: torch.device) -> list:
     """The compiled backends a benchmark times on `device`: cuda and triton on a GPU, cpu on the CPU (never
     the Triton interpreter, which is not a CPU backend)."""

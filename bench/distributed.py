@@ -234,7 +234,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         log(common.text_table(rows, columns=TABLE_COLUMNS))
         if write:
             paths = common.write_results(op_key, rows, meta, extra={"notes": notes})
-            log(f"\nwrote {paths[0]} and {paths[1]} (entry {op_key!r})")
+            common.report_done(paths, op_key, log)
     return rows
 
 

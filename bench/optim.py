@@ -462,7 +462,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
         if write:  # after every size: a run cut short keeps what it measured
             paths = common.write_results(op_key, all_rows, meta, extra={"notes": notes})
     if write and all_rows:
-        log(f"\nwrote {paths[0]} and {paths[1]}")
+        common.report_done(paths, op_key, log)
     return all_rows
 
 

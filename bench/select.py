@@ -451,9 +451,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
               if str(r.get("note") or "").startswith("failed")]
     if failed:
         log("\nFAILED: " + ", ".join(failed))
-    log(f"\nbench.select: {time.time() - t_start:.0f}s")
-    if paths:
-        log(f"wrote {paths[0]} and {paths[1]} (entry {op_key!r})")
+    common.report_done(paths, op_key, log, "bench.select", t_start)
     return all_rows
 
 

@@ -177,9 +177,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
            if r["check"] not in ("reference", "bit-exact")]
     if bad:
         log("\nnot bit-exact: " + ", ".join(bad))
-    log(f"\nbench.ssiuu_regularize: {time.time() - t_start:.0f}s")
-    if paths:
-        log(f"wrote {paths[0]} and {paths[1]} (entry {op_key!r})")
+    common.report_done(paths, op_key, log, "bench.ssiuu_regularize", t_start)
     return all_rows
 
 
