@@ -42,15 +42,21 @@ def make_loader(features, batch_size: int, shuffle: bool = False, seed: int = 0,
                 pad_token_id: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over `features` that collates with `pad_token_id`; with shuffle, the order comes from a
     generator seeded with `seed`, so two loaders made alike yield the same batches (epoch after epoch)."""
-    features = list(features)
-    if not features:
-        raise ValueError("make_loader got no features")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    pad_token_id = _check_pad(pad_token_id)
+    features, pad_token_id = checked_loader_args("make_loader", features, batch_size, pad_token_id)
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return torch.utils.data.DataLoader(features, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        collate_fn=partial(collate, pad_token_id=pad_token_id))
+
+
+def checked_loader_args(caller: str, features, batch_size, pad_token_id) -> tuple:
+    """(features as a list, pad_token_id as an int); ValueError for no features, a batch size that is not a
+    positive int, or a pad id that is not an int."""
+    features = list(features)
+    if not features:
+        raise ValueError(f"{caller} got no features")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return features, _check_pad(pad_token_id)
 
 
 def _check_pad(pad_token_id) -> int:

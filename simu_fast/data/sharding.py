@@ -25,7 +25,7 @@ import torch
 
 from ..distributed.process_group import rank as this_rank
 from ..distributed.process_group import world_size as this_world
-from .collate import _check_pad, collate
+from .collate import checked_loader_args, collate
 
 
 def shard_examples(items, rank: Optional[int] = None, world_size: Optional[int] = None) -> list:
@@ -90,12 +90,7 @@ def make_distributed_loader(features, batch_size: int, shuffle: bool = False, se
     """make_loader for one rank of a distributed job: batches of `batch_size` (per rank) of this rank's share,
     collated as make_loader does. In one process it yields what make_loader(features, batch_size, shuffle,
     seed) yields. fixed_shards: see the module docstring."""
-    features = list(features)
-    if not features:
-        raise ValueError("make_distributed_loader got no features")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    pad_token_id = _check_pad(pad_token_id)
+    features, pad_token_id = checked_loader_args("make_distributed_loader", features, batch_size, pad_token_id)
     sampler = ShardedSampler(len(features), rank, world_size, shuffle=shuffle, seed=seed, fixed_shards=fixed_shards)
     # the loader shares the sampler's generator, as make_loader's DataLoader shares its RandomSampler's: each
     # iter() draws the loader's base seed from it, then the sampler its permutations (the same draws, in order)
