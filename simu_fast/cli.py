@@ -39,7 +39,7 @@ CONFIG_KEYS = {"model", "forget", "retain", "method", "out", "steps", "epochs", 
                "grad_accum", "seed", "resume", "format", "save_every", "stop_rouge", "eval_every", "eval", "holdout",
                "parallel", "keep_best", "method_args"}
 KEEP_BEST_METRICS = ("forget_rougeL", "forget_answer_prob", "retain_rougeL", "retain_answer_prob")
-_INT_KEYS = ("steps", "epochs", "batch_size", "max_length", "grad_accum", "seed", "save_every", "eval_every")
+RUN_FLAGS = {"max_steps": "steps", "keep_best": "--keep-best"}  # RunConfig's names that differ from the flags'
 DEFAULT_EVAL_EVERY = 10
 PARALLEL_CHOICES = ("ddp", "fsdp2", "none")
 
@@ -235,14 +235,12 @@ def resolve_options(args) -> dict:
     for key in ("model", "forget", "method", "out"):
         if not opts.get(key):
             raise UsageError(f"--{key} is required (on the command line or in --config)")
-    for key in _INT_KEYS:
+    for key, minimum in (("batch_size", 1), ("max_length", 2)):
         v = opts.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        if isinstance(v, bool) or not isinstance(v, int):
             raise UsageError(f"{key.replace('_', '-')} must be an integer, got {v!r}")
-    for key, minimum in (("steps", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2), ("grad_accum", 1),
-                         ("save_every", 1), ("eval_every", 1)):
-        if opts.get(key) is not None and opts[key] < minimum:
-            raise UsageError(f"{key.replace('_', '-')} must be at least {minimum}, got {opts[key]}")
+        if v < minimum:
+            raise UsageError(f"{key.replace('_', '-')} must be at least {minimum}, got {v}")
     if opts["stop_rouge"] is not None:
         try:
             opts["stop_rouge"] = float(opts["stop_rouge"])
@@ -250,16 +248,6 @@ def resolve_options(args) -> dict:
             raise UsageError(f"stop-rouge must be a number, got {opts['stop_rouge']!r}")
         if not 0.0 <= opts["stop_rouge"] <= 1.0:
             raise UsageError(f"stop-rouge must be in [0, 1], got {opts['stop_rouge']}")
-    if opts["keep_best"] is not None:
-        from .training.unlearner import parse_keep_best
-        try:
-            mode, name = parse_keep_best(opts["keep_best"])
-        except ValueError as e:
-            raise UsageError(str(e).replace("keep_best", "--keep-best"))
-        if name not in KEEP_BEST_METRICS:
-            raise UsageError(f"--keep-best: unknown metric {name!r}; choose one of {', '.join(KEEP_BEST_METRICS)}")
-        if name.startswith("retain") and not opts["retain"]:
-            raise UsageError(f"--keep-best {name} needs --retain FILE")
     if opts["stop_rouge"] is not None or opts["keep_best"] is not None:
         if opts["eval_every"] is None:
             opts["eval_every"] = DEFAULT_EVAL_EVERY
@@ -280,6 +268,7 @@ def resolve_options(args) -> dict:
     if opts["steps"] is None and opts["epochs"] is None:
         opts["epochs"] = 1
     opts["resume"] = bool(opts["resume"])
+    opts["run"] = _run_config(opts)
     opts["eval"] = bool(opts["eval"])
     if opts["holdout"] and not opts["eval"]:
         raise UsageError("--holdout is used by --eval; add --eval")
@@ -294,6 +283,24 @@ def resolve_options(args) -> dict:
         raise UsageError(f"unknown method {opts['method']!r}; choose one of {', '.join(sorted(METHODS))}")
     opts["method"] = key
     return opts
+
+
+def _run_config(opts):
+    """The training loop's options, checked by RunConfig itself (its errors name the flag)."""
+    from .training.run_config import RunConfig, RunConfigError
+    try:
+        run = RunConfig(max_steps=opts["steps"], epochs=opts["epochs"], grad_accum=opts["grad_accum"],
+                        eval_every=opts["eval_every"], keep_best=opts["keep_best"], save_every=opts["save_every"],
+                        resume=opts["resume"], seed=opts["seed"])
+    except RunConfigError as e:
+        raise UsageError(f"{RUN_FLAGS.get(e.option, e.option.replace('_', '-'))} {e.reason}")
+    if run.keep_best_rule is not None:
+        name = run.keep_best_rule[1]
+        if name not in KEEP_BEST_METRICS:
+            raise UsageError(f"--keep-best: unknown metric {name!r}; choose one of {', '.join(KEEP_BEST_METRICS)}")
+        if name.startswith("retain") and not opts["retain"]:
+            raise UsageError(f"--keep-best {name} needs --retain FILE")
+    return run
 
 
 def _check_out_dir(out: str) -> None:
@@ -401,12 +408,9 @@ def unlearn(args) -> int:
 
 
 def _unlearn(opts, method, uses_retain, parallel) -> int:
-    import torch
-    from . import distributed as dist
-    from .data import ensure_pad_token, make_loader
-    from .data.sharding import make_distributed_loader
-    from .training.unlearner import Unlearner
+    import dataclasses
 
+    from . import distributed as dist
     device = dist.init_from_env() if dist.launched_distributed() else None
     world = dist.world_size()
     main = dist.is_main_process()
@@ -419,115 +423,147 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
             hf_logging.set_verbosity_error()
         except ImportError:  # pragma: no cover
             pass
-    model, tokenizer = _load_model(opts["model"])
-    try:
-        pad = ensure_pad_token(tokenizer)
-    except ValueError as e:
-        raise UsageError(f"{opts['model']}: {' '.join(str(e).split())}")
-    if getattr(method, "mask", None) is not None:  # a mask given with --set mask=FILE
+    inputs = _Inputs(opts, method, uses_retain, device, parallel, world)
+    config = dataclasses.replace(opts["run"], parallel="ddp" if parallel == "ddp" else None)
+    result, wall = _train(inputs, opts, method, config, progress=main and sys.stderr.isatty())
+    full_state = None
+    if parallel == "fsdp2":  # a collective: rank 0 gets the full weights to save
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full_state = get_model_state_dict(inputs.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    evaluation, checks = _evaluate_after(inputs, opts, method, main, parallel)
+    if not main:
+        return 0  # rank 0 writes the outputs
+    _write_outputs(inputs, opts, method, result, wall, full_state, evaluation, checks, parallel, world)
+    print(f"{PROG}: unlearned with {opts['method']} in {result['step']} steps; wrote {opts['out']}")
+    return 0
+
+
+class _Inputs:
+    """What a run reads before training: the model (moved, sharded), tokenizer, data, loaders, evaluation."""
+
+    def __init__(self, opts, method, uses_retain, device, parallel, world):
+        import torch
+
+        from .data import ensure_pad_token, make_loader
+        from .data.sharding import make_distributed_loader
+        self.model, self.tokenizer = _load_model(opts["model"])
         try:
-            method.mask.check_fits(model)
+            pad = ensure_pad_token(self.tokenizer)
         except ValueError as e:
-            raise UsageError(f"{opts['model']}: {e}")
-    forget_examples, forget = _load_data(opts["forget"], opts["format"], tokenizer, opts["max_length"], "forget")
-    retain = (_load_data(opts["retain"], opts["format"], tokenizer, opts["max_length"], "retain")[1]
-              if uses_retain else None)
-    eval_fn = stop_when = None
-    if opts["stop_rouge"] is not None or opts["keep_best"] is not None:
-        from .eval import rouge_eval_fn, stop_at_forget_rouge
-        splits = {"forget": forget_examples}
-        if opts["keep_best"] is not None and opts["retain"]:
-            splits["retain"] = _read_examples(opts["retain"], opts["format"], "retain")
-        eval_fn = rouge_eval_fn(tokenizer, splits, batch_size=opts["batch_size"], max_length=opts["max_length"])
-        if opts["stop_rouge"] is not None:
-            stop_when = stop_at_forget_rouge(opts["stop_rouge"])
-    if device is not None:
-        model = model.to(device)
-    elif torch.cuda.is_available():
-        model = model.to("cuda")
-    if parallel == "fsdp2":
-        _fully_shard(model)
-    if world > 1:  # each rank its share (the same examples every epoch: NPO/IMU keep per-example state from
-        # their setup pass over them), the same number of batches on every rank
-        loader = functools.partial(make_distributed_loader, fixed_shards=True)
-    else:
-        loader = make_loader
-    forget_loader = loader(forget, opts["batch_size"], shuffle=True, seed=opts["seed"], pad_token_id=pad)
-    retain_loader = (loader(retain, opts["batch_size"], shuffle=True, seed=opts["seed"] + 1, pad_token_id=pad)
-                     if retain is not None else None)
+            raise UsageError(f"{opts['model']}: {' '.join(str(e).split())}")
+        if getattr(method, "mask", None) is not None:  # a mask given with --set mask=FILE
+            try:
+                method.mask.check_fits(self.model)
+            except ValueError as e:
+                raise UsageError(f"{opts['model']}: {e}")
+        length, fmt = opts["max_length"], opts["format"]
+        self.forget_examples, self.forget = _load_data(opts["forget"], fmt, self.tokenizer, length, "forget")
+        self.retain = _load_data(opts["retain"], fmt, self.tokenizer, length, "retain")[1] if uses_retain else None
+        self.retain_examples = _read_examples(opts["retain"], fmt, "retain") if opts["retain"] else None
+        self.eval_fn = self.stop_when = None
+        if opts["stop_rouge"] is not None or opts["keep_best"] is not None:
+            from .eval import rouge_eval_fn, stop_at_forget_rouge
+            splits = {"forget": self.forget_examples}
+            if opts["keep_best"] is not None and self.retain_examples:
+                splits["retain"] = self.retain_examples
+            self.eval_fn = rouge_eval_fn(self.tokenizer, splits, batch_size=opts["batch_size"], max_length=length)
+            if opts["stop_rouge"] is not None:
+                self.stop_when = stop_at_forget_rouge(opts["stop_rouge"])
+        if device is not None:
+            self.model = self.model.to(device)
+        elif torch.cuda.is_available():
+            self.model = self.model.to("cuda")
+        if parallel == "fsdp2":
+            _fully_shard(self.model)
+        if world > 1:  # each rank its share (the same examples every epoch: NPO/IMU keep per-example state from
+            # their setup pass over them), the same number of batches on every rank
+            loader = functools.partial(make_distributed_loader, fixed_shards=True)
+        else:
+            loader = make_loader
+        self.forget_loader = loader(self.forget, opts["batch_size"], shuffle=True, seed=opts["seed"], pad_token_id=pad)
+        self.retain_loader = (loader(self.retain, opts["batch_size"], shuffle=True, seed=opts["seed"] + 1,
+                                     pad_token_id=pad) if self.retain is not None else None)
+
+
+def _train(inputs: _Inputs, opts, method, config, progress: bool):
+    """The Unlearner's run; (its result, wall seconds). A failure leaves no empty --out behind and turns the
+    errors a user can cause (a foreign checkpoint, a NaN loss) into one line."""
+    from . import distributed as dist
+    from .optim.masked_optimizer import NonFiniteGradientError
+    from .training.checkpoints import CheckpointError
+    from .training.unlearner import Unlearner
     out = opts["out"]
-    made_out = main and not os.path.isdir(out)
-    if main:
+    made_out = dist.is_main_process() and not os.path.isdir(out)
+    if dist.is_main_process():
         os.makedirs(out, exist_ok=True)
     start = time.time()
-    from .optim.masked_optimizer import NonFiniteGradientError
     try:
-        result = Unlearner(model, method, forget_loader, retain_loader, max_steps=opts["steps"],
-                           epochs=opts["epochs"], grad_accum=opts["grad_accum"], eval_fn=eval_fn,
-                           eval_every=opts["eval_every"], stop_when=stop_when, keep_best=opts["keep_best"],
-                           out_dir=out,
-                           save_every=opts["save_every"], resume=opts["resume"], seed=opts["seed"],
-                           progress=main and sys.stderr.isatty(), parallel="ddp" if parallel == "ddp" else None).run()
+        result = Unlearner(inputs.model, method, inputs.forget_loader, inputs.retain_loader, config=config,
+                           eval_fn=inputs.eval_fn, stop_when=inputs.stop_when, out_dir=out, progress=progress).run()
     except BaseException as e:
-        if made_out and not os.listdir(out):  # leave no empty --out behind a failed run
+        if made_out and not os.listdir(out):
             os.rmdir(out)
-        from .training.checkpoints import CheckpointError
         if isinstance(e, CheckpointError):
             raise UsageError(f"--resume: {e}")
         if isinstance(e, NonFiniteGradientError):
             raise UsageError(f"the loss or its gradient became NaN/inf ({' '.join(str(e).split())}); nothing was "
                              "saved. Try a lower --lr, or check the model's weights and the data")
         raise
-    wall = time.time() - start
-    full_state = None
-    if parallel == "fsdp2":  # a collective: rank 0 gets the full weights to save
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    evaluation = original = None
-    retain_examples = _read_examples(opts["retain"], opts["format"], "retain") if opts["retain"] else None
+    return result, time.time() - start
+
+
+def _evaluate_after(inputs: _Inputs, opts, method, main: bool, parallel: str):
+    """--eval's report on the unlearned model (vs the original) and, for a run with a neuron mask and a retain
+    file, whether the mask holds the forget set (zeroed in the original model); (evaluation, mask check)."""
+    evaluation = original = check = None
+    has_mask = getattr(method, "mask", None) is not None
     evaluates = opts["eval"] and (main or parallel == "fsdp2")  # a sharded model evaluates on every rank
-    if evaluates or (main and getattr(method, "mask", None) is not None and retain_examples):
-        original = _load_model(opts["model"])[0].to(next(model.parameters()).device)  # the model before
+    if evaluates or (main and has_mask and inputs.retain_examples):
+        original = _load_model(opts["model"])[0].to(next(inputs.model.parameters()).device)  # the model before
     if evaluates:
         from .eval.evaluate import evaluate_model
         holdout = _read_examples(opts["holdout"], opts["format"], "holdout") if opts["holdout"] else None
-        evaluation = evaluate_model(model, tokenizer, forget_examples, retain_examples, holdout,
+        evaluation = evaluate_model(inputs.model, inputs.tokenizer, inputs.forget_examples, inputs.retain_examples, holdout,
                                     original_model=original, batch_size=opts["batch_size"],
                                     max_length=opts["max_length"])
-    if not main:
-        return 0  # rank 0 writes the outputs
+    if main and has_mask and inputs.retain_examples:
+        from .eval.neuron_ablation import neuron_ablation
+        check = neuron_ablation(original, inputs.tokenizer, method.mask, inputs.forget_examples[:ABLATION_EXAMPLES],
+                                inputs.retain_examples[:ABLATION_EXAMPLES], batch_size=opts["batch_size"],
+                                max_length=opts["max_length"])
+    return evaluation, check
 
+
+def _write_outputs(inputs: _Inputs, opts, method, result, wall, full_state, evaluation, check, parallel, world):
+    """The model, tokenizer and mask (staged, so an interrupted save leaves none half-written), metrics.json
+    and report.md (each written atomically)."""
+    out = opts["out"]
     mask_file = "mask.safetensors" if getattr(method, "mask", None) is not None else None
 
     def write_model(directory):
-        model.save_pretrained(directory, **({"state_dict": full_state} if full_state is not None else {}))
-        tokenizer.save_pretrained(directory)
+        inputs.model.save_pretrained(directory, **({"state_dict": full_state} if full_state is not None else {}))
+        inputs.tokenizer.save_pretrained(directory)
         if mask_file:
             method.mask.save(os.path.join(directory, mask_file))
     _save_staged(out, write_model)
     train_loss = [float(x) for x in result.get("train_loss", [])]
-    options = {k: v for k, v in opts.items() if k != "method_args"}
+    n_retain = len(inputs.retain) if inputs.retain is not None else 0
+    options = {k: v for k, v in opts.items() if k not in ("method_args", "run")}
     options.update(parallel=parallel, world_size=world)
     metrics = {"method": opts["method"], "steps": int(result["step"]), "train_loss": train_loss,
                "stop_reason": result.get("stop_reason"), "wall_time_s": round(wall, 3),
-               "n_forget": len(forget), "n_retain": len(retain) if retain is not None else 0,
+               "n_forget": len(inputs.forget), "n_retain": n_retain,
                "options": options, "method_args": opts["method_args"], "mask": mask_file,
                "history": result.get("history", []), "step_metrics": result.get("step_metrics", []),
-               "best": result.get("best"),
-               "eval": evaluation, "neuron_ablation": None}
-    if mask_file is not None and retain_examples:  # does the mask hold the forget set? on the model before
-        from .eval.neuron_ablation import neuron_ablation
-        metrics["neuron_ablation"] = neuron_ablation(
-            original, tokenizer, method.mask, forget_examples[:ABLATION_EXAMPLES], retain_examples[:ABLATION_EXAMPLES],
-            batch_size=opts["batch_size"], max_length=opts["max_length"])
+               "best": result.get("best"), "eval": evaluation, "neuron_ablation": check}
     from .eval.report import to_jsonable
     write_atomic(os.path.join(out, "metrics.json"),
-                  json.dumps(to_jsonable(metrics), indent=2, default=repr, allow_nan=False) + "\n")
+                 json.dumps(to_jsonable(metrics), indent=2, default=repr, allow_nan=False) + "\n")
 
     lines = [f"# simu-fast unlearn: {opts['method']}", "",
              f"- model: `{opts['model']}`",
-             f"- forget: `{opts['forget']}` ({len(forget)} examples)",
-             f"- retain: " + (f"`{opts['retain']}` ({len(retain)} examples)" if retain is not None else "not used"),
+             f"- forget: `{opts['forget']}` ({len(inputs.forget)} examples)",
+             f"- retain: " + (f"`{opts['retain']}` ({n_retain} examples)" if inputs.retain is not None else "not used"),
              f"- steps: {result['step']} (stop: {result.get('stop_reason') or 'budget reached'})",
              *([f"- processes: {world} ({parallel}), batch size {opts['batch_size']} per process"] if world > 1 else []),
              f"- method arguments: {json.dumps(opts['method_args'], default=repr) if opts['method_args'] else 'defaults'}",
@@ -544,7 +580,6 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         lines.append(f"- train loss: first {train_loss[0]:.4f}, last {train_loss[-1]:.4f}")
     if mask_file:
         lines.append(f"- neuron mask: `{mask_file}`")
-    check = metrics["neuron_ablation"]
     if check is not None:
         lines.append(f"- the mask's {check['neurons']} neurons zeroed in the original model: forget answer probability "
                      f"{check['base']['forget']:.3f} -> {check['mask']['forget']:.3f} (random same-size sets: "
@@ -559,8 +594,6 @@ def _unlearn(opts, method, uses_retain, parallel) -> int:
         lines += ["", format_markdown({opts["method"]: evaluation}, title="Evaluation").strip()]
     lines += ["", "Outputs: the unlearned model and tokenizer (save_pretrained), metrics.json, report.md."]
     write_atomic(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
-    print(f"{PROG}: unlearned with {opts['method']} in {result['step']} steps; wrote {out}")
-    return 0
 
 
 def _fully_shard(model) -> None:

@@ -1,6 +1,7 @@
-"""Training: the loop that drives a recipe (Unlearner), its checkpoints and RNG state, and plain fine-tuning
-(simu_fast.training.finetune)."""
+"""Training: the loop that drives a recipe (Unlearner), its options (RunConfig), checkpoints and RNG state, and
+plain fine-tuning through the same loop (simu_fast.training.finetune)."""
 from .checkpoints import latest_checkpoint
+from .run_config import RunConfig, RunConfigError
 from .unlearner import Unlearner
 
-__all__ = ["Unlearner", "latest_checkpoint"]
+__all__ = ["Unlearner", "RunConfig", "RunConfigError", "latest_checkpoint"]

@@ -7,7 +7,7 @@ micro-batches, clipping, the method's learning-rate schedule (each param group's
 `method.after_step`; periodic evaluation with an optional early-stopping rule; atomic checkpoints with an exact resume.
 
 Determinism. `run()` seeds python's `random`, torch (CPU and CUDA) and numpy (when installed) with `seed`
-on a fresh start. Shuffling is the loaders' own (make_loader(shuffle=True, seed=...) uses a torch
+on a fresh start (seed=None leaves them as the caller set them). Shuffling is the loaders' own (make_loader(shuffle=True, seed=...) uses a torch
 Generator); the loop records each loader's RNG state at the start of every epoch (its generator(s) and
 torch's global RNG, which a DataLoader without a generator draws from), so a resume re-creates the same
 epoch order and skips the batches already consumed.
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional
@@ -58,13 +59,11 @@ from .. import distributed as _dist
 from ..data.sharding import unpadded_shard_loader
 from ..lm import model_device, to_device
 from .checkpoints import latest_checkpoint, load_checkpoint, save_best_model, save_checkpoint
+from .run_config import RunConfig
 from .rng_state import loader_rng_state, rng_state, seed_everything, set_loader_rng_state, set_rng_state
 
 if TYPE_CHECKING:  # not imported at run time, so `import simu_fast` does not pull in every recipe
     from ..methods.base import UnlearningMethod
-
-PARALLEL = (None, "none", "ddp")
-
 
 def _warn(message: str) -> None:
     """warnings.warn on rank 0 only (every rank would say the same)."""
@@ -74,13 +73,14 @@ def _warn(message: str) -> None:
 
 class Unlearner:
     def __init__(self, model: torch.nn.Module, method: "UnlearningMethod", forget_loader, retain_loader=None, *,
-                 max_steps: Optional[int] = None, epochs: Optional[int] = None, grad_accum: int = 1,
-                 max_grad_norm: Optional[float] = 1.0, autocast_dtype: Optional[str] = None,
-                 eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None, eval_every: Optional[int] = None,
-                 stop_when: Optional[Callable[[dict], bool]] = None, keep_best: Optional[str] = None,
-                 out_dir: Optional[str] = None,
-                 save_every: Optional[int] = None, resume: bool = False, seed: int = 0, progress: bool = True,
-                 parallel: Optional[str] = None, ddp_kwargs: Optional[dict] = None):
+                 config: Optional[RunConfig] = None, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None,
+                 stop_when: Optional[Callable[[dict], bool]] = None, out_dir: Optional[str] = None,
+                 progress: bool = True, progress_desc: str = "unlearning", ddp_kwargs: Optional[dict] = None,
+                 **options):
+        """The run options (max_steps, epochs, grad_accum, max_grad_norm, autocast_dtype, eval_every,
+        keep_best, save_every, resume, seed, parallel: training/run_config.py) come as a RunConfig or as
+        keyword arguments (which then override the config's)."""
+        run = RunConfig.from_options(options) if config is None else dataclasses.replace(config, **options)
         missing = [a for a in ("setup", "make_optimizer", "loss", "before_step", "after_step", "state_dict",
                                "load_state_dict") if not callable(getattr(method, a, None))]
         if missing:
@@ -97,34 +97,18 @@ class Unlearner:
                 raise ValueError("retain_loader is empty")
         elif retain_loader is not None:
             _warn(f"method {getattr(method, 'name', type(method).__name__)!r} does not use a retain set; retain_loader is ignored")
-        if max_steps is None and epochs is None:
-            raise ValueError("no stopping rule: give max_steps, epochs, or both")
-        max_steps = _opt_int(max_steps, "max_steps", minimum=0)
-        epochs = _opt_int(epochs, "epochs", minimum=0)
-        grad_accum = _opt_int(grad_accum, "grad_accum", minimum=1)
-        if grad_accum is None:
-            raise ValueError("grad_accum must be a positive int, got None")
-        eval_every = _opt_int(eval_every, "eval_every", minimum=1)
-        save_every = _opt_int(save_every, "save_every", minimum=1)
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-                                          or not max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if autocast_dtype not in (None, "bf16", "fp16"):
-            raise ValueError(f"autocast_dtype must be 'bf16', 'fp16' or None, got {autocast_dtype!r}")
         if eval_fn is not None and not callable(eval_fn):
             raise TypeError("eval_fn must be callable(model) -> dict")
         if stop_when is not None and not callable(stop_when):
             raise TypeError("stop_when must be callable(metrics) -> bool")
         if stop_when is not None and eval_fn is None:
             raise ValueError("stop_when needs an eval_fn to produce the metrics it checks")
-        self.keep_best = parse_keep_best(keep_best)
+        self.keep_best = run.keep_best_rule
         if self.keep_best is not None and (eval_fn is None or out_dir is None):
             raise ValueError("keep_best needs an eval_fn (the metric) and an out_dir (where out_dir/best goes)")
-        if (save_every is not None or resume) and out_dir is None:
+        if (run.save_every is not None or run.resume) and out_dir is None:
             raise ValueError("save_every and resume need an out_dir")
-        if parallel not in PARALLEL:
-            raise ValueError(f"parallel must be 'ddp', 'none' or None, got {parallel!r}")
-        if parallel == "ddp":
+        if run.parallel == "ddp":
             if not _dist.is_initialized():
                 raise ValueError("parallel='ddp' needs an initialized torch.distributed process group (start with "
                                  "torchrun and call simu_fast.distributed.init_from_env())")
@@ -137,24 +121,25 @@ class Unlearner:
             _warn("torch.distributed is initialized but the model is neither wrapped in DDP nor sharded with FSDP2 "
                   "and parallel is not 'ddp': gradients are not synchronized, every rank trains its own copy")
 
+        self.config = run
         self.model, self.method = model, method
         self.forget_loader = forget_loader
         self.retain_loader = retain_loader if uses_retain else None
-        self.max_steps, self.epochs, self.grad_accum = max_steps, epochs, grad_accum
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.autocast_dtype = autocast_dtype
-        self.eval_fn, self.eval_every, self.stop_when = eval_fn, eval_every, stop_when
-        self.out_dir, self.save_every, self.resume = out_dir, save_every, bool(resume)
-        self.seed, self.progress = int(seed), bool(progress)
-        self.parallel, self.ddp_kwargs = (None if parallel == "none" else parallel), dict(ddp_kwargs or {})
+        self.max_steps, self.epochs, self.grad_accum = run.max_steps, run.epochs, run.grad_accum
+        self.max_grad_norm = None if run.max_grad_norm is None else float(run.max_grad_norm)
+        self.autocast_dtype = run.autocast_dtype
+        self.eval_fn, self.eval_every, self.stop_when = eval_fn, run.eval_every, stop_when
+        self.out_dir, self.save_every, self.resume = out_dir, run.save_every, run.resume
+        self.seed, self.progress, self.progress_desc = run.seed, bool(progress), str(progress_desc)
+        self.parallel, self.ddp_kwargs = (None if run.parallel == "none" else run.parallel), dict(ddp_kwargs or {})
         self.module = _dist.unwrap_model(model)  # what recipes set up, make optimizers for and evaluate
         self.root = model  # what the loss is computed through (the DDP wrapper once run() has made it)
 
         self.device = model_device(model)
-        if autocast_dtype == "fp16" and self.device.type != "cuda":
+        if self.autocast_dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 autocast needs a CUDA model; on CPU use autocast_dtype='bf16' or None")
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.scaler = torch.amp.GradScaler("cuda") if autocast_dtype == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == "fp16" else None
         # loop state (all of it goes into the checkpoint)
         self.step = 0
         self.history: list[dict] = []
@@ -172,7 +157,7 @@ class Unlearner:
             ckpt = _dist.broadcast_object(latest_checkpoint(self.out_dir))  # rank 0's view decides
             if ckpt is None:
                 raise FileNotFoundError(f"resume=True but no checkpoint in {self.out_dir!r}")
-        else:
+        elif self.seed is not None:
             seed_everything(self.seed)
         method.setup(module, unpadded_shard_loader(self.forget_loader),
                      None if self.retain_loader is None else unpadded_shard_loader(self.retain_loader))
@@ -189,7 +174,8 @@ class Unlearner:
 
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        bar = _progress_bar(self._total_steps(), self.step, self.progress and _dist.is_main_process())
+        bar = _progress_bar(self._total_steps(), self.step, self.progress and _dist.is_main_process(),
+                            self.progress_desc)
         try:
             while self.max_steps is None or self.step < self.max_steps:
                 group = self._next_group()
@@ -432,18 +418,6 @@ class Unlearner:
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
 
 
-def parse_keep_best(spec: Optional[str]):
-    """"max:NAME" / "min:NAME" / "NAME" (max) -> (mode, name); None -> None."""
-    if spec is None:
-        return None
-    mode, sep, name = str(spec).partition(":")
-    if not sep:
-        mode, name = "max", mode
-    if mode not in ("min", "max") or not name:
-        raise ValueError(f"keep_best must be 'max:METRIC', 'min:METRIC' or 'METRIC' (max), got {spec!r}")
-    return mode, name
-
-
 def _overrides(method, name: str) -> bool:
     from ..methods.base import UnlearningMethod
     return getattr(type(method), name, None) is not getattr(UnlearningMethod, name)
@@ -453,14 +427,6 @@ def _new_pos() -> dict:
     return {"epoch": 0, "index": 0, "start_rng": None}
 
 
-def _opt_int(value, name: str, minimum: int):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _known_len(loader) -> Optional[int]:
     try:
         return len(loader)
@@ -468,9 +434,9 @@ def _known_len(loader) -> Optional[int]:
         return None
 
 
-def _progress_bar(total, initial, enabled):
+def _progress_bar(total, initial, enabled, desc):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="unlearning", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
