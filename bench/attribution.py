@@ -291,9 +291,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
     kind = "cuda" if dev.type == "cuda" else "cpu"
     if sizes is None:
         sizes = (QUICK_SIZES if quick else DEFAULT_SIZES)[kind]
-    for s in sizes:
-        if s not in SIZES:
-            raise SystemExit(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    common.check_sizes(sizes, SIZES)
     dtype = dtype or DEFAULT_DTYPE[kind]
     if dtype not in DTYPES:
         raise SystemExit(f"unknown dtype {dtype!r}; choose fp32 or bf16")

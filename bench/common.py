@@ -451,6 +451,13 @@ def out_of_time(size: str, seconds_per_unit, units: int, deadline, log, notes: l
     return True
 
 
+def check_sizes(sizes, known) -> None:
+    """SystemExit naming the first size of `sizes` that is not a key of `known`."""
+    for s in sizes:
+        if s not in known:
+            raise SystemExit(f"unknown size {s!r}; choose from {', '.join(known)}")
+
+
 def bench_start(device, threads=None, log=None):
     """(log, device) for an op bench's run(): print with flush unless a log is given, the named device or the
     default one, and torch's CPU thread count when `threads` is set."""

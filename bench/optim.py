@@ -389,9 +389,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     log, dev = common.bench_start(device, log=log)
     if sizes is None:
         sizes = QUICK_SIZES if quick else DEFAULT_SIZES["cuda" if dev.type == "cuda" else "cpu"]
-    for s in sizes:
-        if s not in SIZES:
-            raise SystemExit(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    common.check_sizes(sizes, SIZES)
     if dtype not in DTYPES:
         raise SystemExit(f"unknown dtype {dtype!r}; choose fp32 or bf16")
     dtype_name = "bfloat16" if DTYPES[dtype] == torch.bfloat16 else "float32"

@@ -328,9 +328,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
     kind = "cuda" if dev.type == "cuda" else "cpu"
     if sizes is None:
         sizes = (QUICK_SIZES if quick else DEFAULT_SIZES)[kind]
-    for s in sizes:
-        if s not in SIZES:
-            raise SystemExit(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    common.check_sizes(sizes, SIZES)
     ties_size = TIES_SIZE[kind] if TIES_SIZE[kind] in sizes else sizes[-1]
     sort_every_k = SORT_EVERY_K["cpu-quick" if quick and kind == "cpu" else kind]
     if dev.type == "cuda":

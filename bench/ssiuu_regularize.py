@@ -116,9 +116,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
     log, dev = common.bench_start(device, threads, log)
     if sizes is None:
         sizes = QUICK_SIZES if quick else DEFAULT_SIZES
-    for s in sizes:
-        if s not in SIZES:
-            raise SystemExit(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    common.check_sizes(sizes, SIZES)
     if dev.type == "cuda":
         timing = dict(warmup=2, min_reps=5, max_reps=50, budget_s=0.5 if quick else 1.0)
     else:
