@@ -81,8 +81,13 @@ def buckets(tensors, limit: int | None = None) -> list:
 
 
 def average_gradients(module, group=None) -> None:
-    """All-reduce (mean) the gradients of replicated parameters: one flat buffer per bucket (buckets())."""
-    for bucket in buckets([p.grad for p in module.parameters() if p.grad is not None]):
+    """All-reduce (mean) the gradients of a module's replicated parameters."""
+    average_([p.grad for p in module.parameters() if p.grad is not None], group)
+
+
+def average_(tensors, group=None) -> None:
+    """All-reduce (mean) replicated tensors in place: one flat buffer per bucket (buckets())."""
+    for bucket in buckets(list(tensors)):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
         flat.div_(world_size(group))

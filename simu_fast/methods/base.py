@@ -26,6 +26,15 @@ class UnlearningMethod:
     def loss(self, model: torch.nn.Module, forget_batch: dict, retain_batch: Optional[dict]) -> torch.Tensor:
         raise NotImplementedError
 
+    def detached_parameters(self) -> list:
+        """Trainable tensors the recipe keeps outside the model (SIMU's compact neuron slices): the loop clips
+        them with the model's parameters."""
+        return []
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """Called once when the loop's last step is done: undo what the recipe patched into the model (SIMU
+        restores the modules it routed through its neuron slices)."""
+
     def before_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, forget_batch: dict,
                     step: int) -> None:
         """Called after backward (and unscaling/clipping), before optimizer.step()."""

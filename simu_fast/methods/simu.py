@@ -22,7 +22,10 @@ t = 0.2 gives 0.882 (16.7x, 124 neurons) while retain moves 0.981 -> 0.951; "log
 
 What moves (the paper): the attention projections, fully (attention="full"), and in each MLP only the
 critical neurons' columns of the down projection (neuron_params=("down",); "up"/"gate" rows are options);
-everything else is frozen. Sophia with the Gauss-Newton-Bartlett Hessian (hessian="gnb", refreshed every
+everything else is frozen. With sparse=True (the default) each such nn.Linear trains a compact slice of its
+selected columns/rows (select/neuron_slices.py: gradients and Sophia state k x H, not the full weight's; the
+same updates as the dense masked path up to float32 GEMM rounding); sparse=False masks the full weights.
+Sophia with the Gauss-Newton-Bartlett Hessian (hessian="gnb", refreshed every
 `hessian_every` = 10 steps, Sophia's k); the mask applies to m, h and theta. loss(): GradDiff. The paper
 gives no gamma; SIMU is SO-GradDiff restricted to the critical neurons, so the rest is SO-GradDiff's (SOUL's
 TOFU config: gamma 2, betas (0.9, 0.95), rho 0.04, weight decay 0.1, lr 5e-6, linear schedule with 10%
@@ -48,6 +51,7 @@ import os
 from ..attribution.integrated_gradients import NeuronAttributor
 from ..select.critical_sets import select_neurons
 from ..select.neuron_mask import NeuronMask
+from ..select.neuron_slices import NeuronSlices
 from .soul import SOGradDiff
 
 DEFAULT_RATIO = 0.2
@@ -62,7 +66,7 @@ class SIMU(SOGradDiff):
                  k: int | None = None, scope: str | None = None, include_dual: bool = True,
                  neuron_params=("down",), attention: str = "full", target: str = DEFAULT_TARGET,
                  gamma: float = 2.0, hessian: str = "gnb", mask: NeuronMask | str | None = None,
-                 attribution: dict | None = None, progress: bool = False, **sophia_kwargs):
+                 attribution: dict | None = None, progress: bool = False, sparse: bool = True, **sophia_kwargs):
         super().__init__(gamma=gamma, hessian=hessian, **sophia_kwargs)
         given = {name: v for name, v in (("ratio", ratio), ("fraction", fraction), ("k", k)) if v is not None}
         if len(given) > 1:
@@ -78,6 +82,8 @@ class SIMU(SOGradDiff):
         self.neuron_params, self.attention = tuple(neuron_params), attention
         self.attribution = {"target": target, **dict(attribution or {})}  # NeuronAttributor arguments
         self.progress = progress
+        self.sparse = bool(sparse)
+        self.slices: NeuronSlices | None = None
         if isinstance(mask, (str, os.PathLike)):  # a file written by NeuronMask.save (`mask.safetensors`)
             mask = NeuronMask.load(os.fspath(mask))
         if mask is not None and not isinstance(mask, NeuronMask):
@@ -108,9 +114,22 @@ class SIMU(SOGradDiff):
     def make_optimizer(self, model):
         if self.mask is None:
             raise RuntimeError("SIMU: call setup() (or pass mask=) before make_optimizer()")
+        if self.slices is not None:  # a second make_optimizer (a new run on the same recipe)
+            self.slices.remove()
         optimizer = self._sophia(list(model.named_parameters()))
-        self.counts = self.mask.apply_to(optimizer, model, self.neuron_params, self.attention)
+        self.slices = NeuronSlices() if self.sparse else None
+        self.counts = self.mask.apply_to(optimizer, model, self.neuron_params, self.attention, slices=self.slices)
+        if self.slices is not None:
+            optimizer.add_param_group({"params": self.slices.named_parameters()})
+            self.slices.attach(optimizer)
         return optimizer
+
+    def detached_parameters(self):
+        return [] if self.slices is None else self.slices.parameters()
+
+    def finish(self, model):
+        if self.slices is not None:
+            self.slices.remove()
 
     def state_dict(self):
         if self.mask is None:
@@ -124,3 +143,5 @@ class SIMU(SOGradDiff):
             s = state["mask"]
             self.mask = NeuronMask(s["forget_only"], s["dual"], list(s["layers"]), bool(s["include_dual"]),
                                    dict(s.get("settings", {})))
+        if self.slices is not None:  # the model was loaded first (training/checkpoints.py): slices follow it
+            self.slices.read_from_model()

@@ -34,32 +34,6 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or inf where the optimizer would update."""
 
 
-def _split_named(params):
-    """Accept parameters, (name, parameter) pairs, or param-group dicts of either; return (groups, names)."""
-    params = list(params)
-    names = {}
-    if params and isinstance(params[0], dict):
-        groups = []
-        for group in params:
-            group = dict(group)
-            plain = []
-            for item in group["params"]:
-                if isinstance(item, tuple):
-                    names[item[1]] = item[0]
-                    item = item[1]
-                plain.append(item)
-            group["params"] = plain
-            groups.append(group)
-        return groups, names
-    plain = []
-    for item in params:
-        if isinstance(item, tuple):
-            names[item[1]] = item[0]
-            item = item[1]
-        plain.append(item)
-    return plain, names
-
-
 def mix_seed(*values: int) -> int:
     """A deterministic 31-bit seed from integers (stochastic rounding, sampling)."""
     x = 0x2545F491
@@ -74,8 +48,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
                  seed: int = 0, backend: str = "auto"):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        groups, self._param_names = _split_named(params)
-        super().__init__(groups, defaults)
+        self._param_names: dict = {}
+        super().__init__(params, defaults)  # each group through add_param_group below
         self._masks: dict[torch.Tensor, UpdateMask] = {}  # what the kernels apply (this rank's shard)
         # DTensor parameters: the mask over the full parameter, for state_dict and counts (a DENSE one
         # holds a DTensor laid out like the parameter, never the full mask on every rank)
@@ -86,14 +60,27 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.seed = int(seed)
         self.backend = backend
         self.skipped_steps = 0
-        for group in self.param_groups:
-            for p in group["params"]:
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, also for (name, parameter) pairs (the names go into error messages), with
+        the dtypes and placements simu_fast's kernels support checked."""
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        plain = []
+        for item in params:
+            if isinstance(item, tuple):
+                self._param_names[item[1]] = item[0]
+                item = item[1]
+            plain.append(item)
+        for p in plain:
+            if isinstance(p, torch.Tensor):
                 if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                     raise TypeError(f"{self.param_name(p)}: dtype {p.dtype} is not supported "
                                     "(float32, bfloat16, float16)")
-                if p.is_complex():
-                    raise TypeError(f"{self.param_name(p)}: complex parameters are not supported")
                 check_placement(p, self.param_name(p))
+        group["params"] = plain
+        super().add_param_group(group)
 
     # ---- names and indices -------------------------------------------------------------------------
     def _all_params(self) -> list[torch.Tensor]:

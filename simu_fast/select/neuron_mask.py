@@ -65,9 +65,14 @@ class NeuronMask:
                 raise ValueError(f"the neuron mask has {width} neurons per layer, but layer {layer} of the model has "
                                  f"{f} MLP neurons: a mask made for another model")
 
-    def apply_to(self, optimizer, model: torch.nn.Module, neuron_params=("down",), attention: str = "full") -> dict:
+    def apply_to(self, optimizer, model: torch.nn.Module, neuron_params=("down",), attention: str = "full",
+                 slices=None) -> dict:
         """Mask the selected neurons' weights on `optimizer`, freeze everything else (attention stays fully
-        trainable with attention="full"). Returns counts: moving parameters by kind and in total."""
+        trainable with attention="full"). Returns counts: moving parameters by kind and in total.
+
+        slices (a NeuronSlices, select/neuron_slices.py, whose parameters the optimizer owns): each nn.Linear
+        that holds selected neurons gets a compact slice there instead of a mask, its weight stays frozen;
+        call slices.attach(optimizer) afterwards."""
         self.check_fits(model)
         parts = tuple(neuron_params)
         if not parts or any(p not in NEURON_PARTS for p in parts):
@@ -96,8 +101,14 @@ class NeuronMask:
                 if module is None:  # e.g. "gate" on a non-gated MLP
                     continue
                 weight = module.weight
-                self._trainable(weight, owned)
                 rows, cols = _neuron_axes(module, part, width, arch.fused_gate_up)
+                per_neuron_bias = _bias_is_per_neuron(module, part, width, arch.fused_gate_up)
+                if slices is not None and slices.supports(module):
+                    sel = torch.cat([idx + offset for offset in rows]) if rows else idx
+                    counts["neuron_weights"] += slices.add(f"layers.{layer}.{part}", module, sel,
+                                                           "rows" if rows else "columns", per_neuron_bias)
+                    continue
+                self._trainable(weight, owned)
                 if rows:
                     sel = torch.cat([idx + offset for offset in rows])
                     optimizer.set_mask(weight, rows=sel)
@@ -107,7 +118,7 @@ class NeuronMask:
                     optimizer.set_mask(weight, cols=idx)
                     counts["neuron_weights"] += idx.numel() * weight.shape[0]
                 bias = getattr(module, "bias", None)
-                if bias is not None and _bias_is_per_neuron(module, part, width, arch.fused_gate_up):
+                if bias is not None and per_neuron_bias:
                     self._trainable(bias, owned)
                     sel = torch.cat([idx + offset for offset in (rows or [0])])
                     optimizer.set_mask(bias, rows=sel)

@@ -165,9 +165,16 @@ class Unlearner:
         self.optimizer = method.make_optimizer(module)
         for g in self.optimizer.param_groups:  # the rate method.lr_factor scales (as torch's LR schedulers)
             g.setdefault("initial_lr", g["lr"])
+        try:
+            return self._run_steps(trainable, ckpt if self.resume else None)
+        finally:
+            method.finish(module)  # whatever happened: the recipe's patches come off the model
+
+    def _run_steps(self, trainable: list, ckpt) -> dict:
+        method, module = self.method, self.module
         self.root = self._wrap(trainable)
         model = self.root
-        if self.resume:
+        if ckpt is not None:
             self._load_checkpoint(ckpt)
         if self.stop_reason == "stop_when":
             return self._result()  # a resumed run that had already met its stopping rule
@@ -260,9 +267,8 @@ class Unlearner:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if self.max_grad_norm is not None:
-            params = [p for p in module.parameters() if p.grad is not None]
-            if params:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            clip_gradients([p for p in module.parameters() if p.grad is not None],
+                           [p for p in method.detached_parameters() if p.grad is not None], self.max_grad_norm)
         last_forget = group[-1][0]
         factor = float(method.lr_factor(self.step, self._total_steps()))
         for g in opt.param_groups:
@@ -416,6 +422,23 @@ class Unlearner:
                 "history": list(self.history), "train_loss": list(self.train_loss),
                 "step_metrics": list(self.step_metrics), "best": self.best,
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
+
+
+def clip_gradients(params: list, detached: list, max_norm: float) -> None:
+    """clip_grad_norm_ over the model's parameters and the recipe's detached ones (UnlearningMethod.
+    detached_parameters) together. Sharded (DTensor) model parameters and plain detached tensors cannot go
+    into one call: the two norms are then combined by hand."""
+    if not detached or not any(_dist.is_dtensor(p) for p in params):
+        if params or detached:
+            torch.nn.utils.clip_grad_norm_(params + detached, max_norm)
+        return
+    inf = float("inf")
+    norms = [torch.nn.utils.clip_grad_norm_(group, inf) for group in (params, detached) if group]  # norms only
+    norms = [n.full_tensor() if _dist.is_dtensor(n) else n for n in norms]
+    total = torch.stack([n.to(norms[-1].device, torch.float32) for n in norms]).norm()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params + detached:
+        p.grad.mul_(coef.to(p.grad.device) if not _dist.is_dtensor(p.grad) else float(coef))
 
 
 def _overrides(method, name: str) -> bool:

@@ -83,7 +83,7 @@ def test_finetune_is_the_plain_adamw_loop(setup):
             torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step == total:
                 break

@@ -1,0 +1,102 @@
+"""SIMU's compact neuron slices under DDP and FSDP2 (2 gloo processes, spawned here; CPU): a sparse run
+follows the dense masked run of the same mode (float32 GEMM rounding apart), only the selected columns of
+the down projections move, and the ranks end with the same weights (each rank holds the whole slices; their
+gradients are averaged in the backward)."""
+import copy
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from simu_fast import Unlearner
+from simu_fast.data.sharding import make_distributed_loader
+from simu_fast.distributed import init_local_group, leave_process_group, new_store_file
+from simu_fast.methods import SIMU
+from simu_fast.select.neuron_mask import NeuronMask
+from tiny_models import tiny_llama
+
+pytest.importorskip("transformers")
+
+VOCAB = 61
+LAYERS, WIDTH = 2, 48
+
+
+def _features(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(1, VOCAB, (10,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
+            for _ in range(n)]
+
+
+def _mask():
+    g = torch.Generator().manual_seed(7)
+    chosen = torch.zeros(LAYERS, WIDTH, dtype=torch.bool)
+    for layer in range(LAYERS):
+        chosen[layer, torch.randperm(WIDTH, generator=g)[:5]] = True
+    dual = torch.zeros_like(chosen)
+    dual[:, 0] = chosen[:, 0]
+    return NeuronMask(chosen & ~dual, dual, list(range(LAYERS)))
+
+
+def _model(sharded):
+    model = tiny_llama(VOCAB, seed=0, tie_word_embeddings=False, intermediate_size=WIDTH).float()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def _full_state(model, sharded):
+    if not sharded:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _worker(rank, world, store, results):
+    torch.set_num_threads(1)
+    init_local_group(rank, world, store)
+    out = {}
+    try:
+        for mode in ("ddp", "fsdp2"):
+            for sparse in (False, True):
+                model = _model(mode == "fsdp2")
+                method = SIMU(mask=copy.deepcopy(_mask()), lr=1e-2, hessian_every=2, sparse=sparse)
+                forget = make_distributed_loader(_features(8, 1), 2, shuffle=True, seed=3, pad_token_id=0,
+                                                 fixed_shards=True)
+                retain = make_distributed_loader(_features(8, 2), 2, shuffle=True, seed=4, pad_token_id=0,
+                                                 fixed_shards=True)
+                result = Unlearner(model, method, forget, retain, max_steps=4, max_grad_norm=None, grad_accum=2,
+                                   progress=False, parallel="ddp" if mode == "ddp" else None).run()
+                out[(mode, sparse)] = {"loss": list(result["train_loss"]), "state": _full_state(model, mode == "fsdp2")}
+            clipped = SIMU(mask=copy.deepcopy(_mask()), lr=1e-2, hessian_every=2)  # clipping mixes the slices in
+            result = Unlearner(_model(mode == "fsdp2"), clipped, forget, retain, max_steps=2, max_grad_norm=1e-3,
+                               progress=False, parallel="ddp" if mode == "ddp" else None).run()
+            out[(mode, "clipped")] = list(result["train_loss"])
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    results[rank] = out
+    leave_process_group()
+
+
+def test_sparse_slices_follow_the_dense_path_under_ddp_and_fsdp2():
+    results = mp.Manager().dict()
+    mp.start_processes(_worker, args=(2, new_store_file(), results), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = results[0], results[1]
+    initial = _model(False).state_dict()
+    mask = _mask()
+    for mode in ("ddp", "fsdp2"):
+        dense, sparse = r0[(mode, False)], r0[(mode, True)]
+        assert dense["loss"][0] == sparse["loss"][0], mode  # the same forward
+        torch.testing.assert_close(torch.tensor(sparse["loss"]), torch.tensor(dense["loss"]), rtol=1e-4, atol=0)
+        for name, value in sparse["state"].items():
+            torch.testing.assert_close(value, dense["state"][name], rtol=0, atol=1e-5, msg=f"{mode} {name}")
+            if mode == "ddp":
+                assert torch.equal(value, r1[(mode, True)]["state"][name]), f"the DDP replicas differ: {name}"
+            if "down_proj" in name:
+                layer = int(name.split(".")[2])
+                changed = (value != initial[name]).any(dim=0)
+                assert changed.any() and not (changed & ~mask.mask[layer]).any(), f"{mode} {name}"
+        assert all(torch.isfinite(torch.tensor(r0[(mode, "clipped")])))
