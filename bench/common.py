@@ -403,7 +403,8 @@ def markdown_report(data: dict) -> str:
         for line in entry.get("notes", []):
             out.append(f"- {line}")
         out.append("")
-        out.append(markdown_table(entry.get("rows", [])))
+        columns = [tuple(c) for c in entry["columns"]] if entry.get("columns") else MD_COLUMNS  # an op's own
+        out.append(markdown_table(entry.get("rows", []), columns))
         out.append("")
     return "\n".join(out)
 
