@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .. import distributed as _dist
 from ..lm import IGNORE_INDEX, logits_of
 from ..ops.ig_accumulate import ig_accumulate
-from .architectures import MlpModulesFn, intermediate_size, mlp_down_projections, model_type_of
+from .architectures import MlpModulesFn, decoder_layers, intermediate_size, mlp_down_projections, model_type_of
 from .batches import prepare_batch
 from .model_state import attribution_mode
 from .quadrature import RULES, quadrature
@@ -44,13 +44,15 @@ from .scores import NeuronScores
 from .targets import POSITIONS, TARGETS, position_mask, target_per_row
 
 ATTRIBUTION_METHODS = ("ig", "gradxact")
+SCHEMES = ("auto", "shared_prefix", "rows")
 
 
 class NeuronAttributor:
     def __init__(self, model: torch.nn.Module, layers: Optional[list] = None, steps: int = 5,
                  rule: str = "riemann_right", target: str = "loss", positions: str = "answer",
                  max_rows: Optional[int] = None, backend: str = "auto", method: str = "ig",
-                 mlp_modules: Optional[MlpModulesFn] = None, group=None, all_reduce: bool = True):
+                 mlp_modules: Optional[MlpModulesFn] = None, group=None, all_reduce: bool = True,
+                 scheme: str = "auto"):
         if method not in ATTRIBUTION_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {ATTRIBUTION_METHODS}")
         if rule not in RULES:
@@ -80,6 +82,20 @@ class NeuronAttributor:
         self.alphas, self.weights = ([1.0], [1.0]) if method == "gradxact" else quadrature(rule, steps)
         self.max_rows = max_rows
         self.backend = backend
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
+        self.decoder_layers = None
+        if scheme != "rows" and not self.collective_forward and mlp_modules is None:
+            try:
+                layers_ = decoder_layers(self.module)
+            except ValueError:
+                layers_ = None
+            if layers_ is not None and len(layers_) == len(self.modules):
+                self.decoder_layers = layers_
+        if scheme == "shared_prefix" and self.decoder_layers is None:
+            raise ValueError("scheme='shared_prefix' needs a registered architecture whose decoder layers hold the "
+                             "MLPs, and a model that is not FSDP2-sharded; use scheme='rows'")
+        self.scheme = "shared_prefix" if self.decoder_layers is not None else "rows"
 
     def _reduces(self) -> bool:
         return self.all_reduce and _dist.is_initialized() and _dist.world_size(self.group) > 1
@@ -99,6 +115,10 @@ class NeuronAttributor:
             for batch in tqdm(batches, total=total, desc="attribution", disable=not show, leave=False):
                 ids, attn, labels = prepare_batch(batch, device)
                 examples += ids.shape[0]
+                if self.scheme == "shared_prefix":
+                    for chosen, slots in self._prefix_passes(ids.shape[0]):
+                        yield ("prefix", chosen, slots), ids, attn, labels
+                    continue
                 for rows in self._passes(ids.shape[0]):
                     yield rows, ids, attn, labels
 
@@ -116,7 +136,10 @@ class NeuronAttributor:
                         continue
                 elif item is None:
                     break
-                self._run_pass(*item, scores)
+                if isinstance(item[0], tuple) and item[0][0] == "prefix":
+                    self._run_prefix_pass(item[0][1], item[0][2], *item[1:], scores)
+                else:
+                    self._run_pass(*item, scores)
         world = 1
         if reduces:
             count = torch.tensor([float(examples)], dtype=torch.float64, device=device)
@@ -144,6 +167,99 @@ class NeuronAttributor:
         n_passes = math.ceil(len(work) / cap)
         size = math.ceil(len(work) / n_passes)
         return [work[i:i + size] for i in range(0, len(work), size)]
+
+    def _prefix_passes(self, batch_size: int) -> list[tuple[list[int], list[int]]]:
+        """(examples, layer slots) per shared-prefix pass. A pass gives each of its examples 1 + steps x its
+        layer slots rows; max_rows caps that total (examples split first, then layers)."""
+        slots = sorted(range(len(self.layers)), key=lambda li: self.layers[li])
+        m = len(self.alphas)
+        cap = self.max_rows or batch_size * (1 + m * len(slots))
+        if 1 + m * len(slots) <= cap:
+            per_pass = cap // (1 + m * len(slots))
+            n_passes = math.ceil(batch_size / per_pass)
+            size = math.ceil(batch_size / n_passes)
+            return [(list(range(i, min(i + size, batch_size))), slots) for i in range(0, batch_size, size)]
+        per_pass = max(1, (cap - 1) // m)
+        n_chunks = math.ceil(len(slots) / per_pass)
+        size = math.ceil(len(slots) / n_chunks)
+        return [([b], slots[i:i + size]) for b in range(batch_size) for i in range(0, len(slots), size)]
+
+    def _run_prefix_pass(self, examples, slots, ids, attn, labels, scores) -> None:
+        """One pass of the shared-prefix scheme. Rows that scale layer l see the unscaled activations below l,
+        which are every example's own unscaled forward: so the pass starts with one unscaled ("base") row per
+        example and, at the input of each hooked decoder layer l, appends steps x examples rows that copy the
+        base rows' hidden states (detached: nothing below l needs their gradient); in l's MLP those rows are
+        scaled by their alphas and become the leaves whose gradients are folded into the scores. Each row's
+        forward is the one the row scheme computes for it, so the scores are the same (up to float32
+        summation order), with about half the layer FLOPs forward and backward: layer i runs
+        examples x (1 + steps x the hooked layers up to i) rows instead of examples x steps x all hooked layers.
+        Batch-dimension inputs of the decoder layers (the attention mask) are expanded to the rows."""
+        device = ids.device
+        chosen = torch.tensor(examples, device=device)
+        ids_e, attn_e, labels_e = ids[chosen], attn[chosen], labels[chosen]
+        n_ex, m = len(examples), len(self.alphas)
+        alphas = torch.tensor(self.alphas, dtype=torch.float32, device=device).repeat_interleave(n_ex)
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=device).repeat_interleave(n_ex)
+        state = {"row_example": torch.arange(n_ex, device=device)}
+        blocks: dict[int, tuple[int, int]] = {}
+        by_layer = {self.layers[li]: li for li in slots}
+        first = min(by_layer)
+        handles, leaves = [], []
+
+        def expand(module, args, kwargs, layer=None):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if layer in by_layer:  # append this layer's rows: copies of the base rows, steps times
+                lo = hidden.shape[0]
+                hidden = torch.cat([hidden, hidden[:n_ex].detach().repeat(m, *([1] * (hidden.dim() - 1)))])
+                state["row_example"] = torch.cat([state["row_example"], torch.arange(n_ex, device=device).repeat(m)])
+                blocks[by_layer[layer]] = (lo, hidden.shape[0])
+            rows = state["row_example"]
+
+            def per_row(v):  # an input with one entry per example (the attention mask): one per row
+                return (v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n_ex
+                        else v)
+            kwargs = {k: (v if k == "hidden_states" else per_row(v)) for k, v in kwargs.items()}
+            if args:
+                return (hidden,) + tuple(per_row(v) for v in args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        def scale(li):
+            def hook(module, args):
+                a = args[0]
+                lo, hi = blocks[li]
+                kept = a[lo:hi].detach()
+                leaf = (kept * alphas.to(a.dtype)[:, None, None]).requires_grad_()
+                leaves.append(leaf)
+                pos = position_mask(labels_e.repeat(m, 1), attn_e.repeat(m, 1), self.positions)
+
+                def accumulate(grad):
+                    ig_accumulate(scores[li], kept, grad, weights, pos, backend=self.backend)
+
+                leaf.register_hook(accumulate)
+                return (torch.cat([a[:lo], leaf, a[hi:]]),) + tuple(args[1:])
+            return hook
+
+        try:
+            for index, layer_module in enumerate(self.decoder_layers):
+                if index >= first:
+                    handles.append(layer_module.register_forward_pre_hook(
+                        lambda mod, args, kwargs, layer=index: expand(mod, args, kwargs, layer), with_kwargs=True))
+            for li in slots:
+                handles.append(self.modules[self.layers[li]].register_forward_pre_hook(scale(li)))
+            with torch.enable_grad():
+                kwargs = {"use_cache": False} if getattr(getattr(self.module, "config", None), "use_cache", None) else {}
+                out = self._forward(input_ids=ids_e, attention_mask=attn_e, **kwargs)
+                logits = logits_of(out)
+                row_labels = labels_e.index_select(0, state["row_example"]).clone()
+                row_labels[:n_ex] = IGNORE_INDEX  # the base rows only carry the prefix: no target
+                total = target_per_row(logits, row_labels, self.target).sum()
+                if not leaves:
+                    raise RuntimeError("attribution: the forward pass never reached a hooked MLP activation")
+                torch.autograd.grad(total, leaves, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _run_pass(self, rows, ids, attn, labels, scores) -> None:
         device = ids.device

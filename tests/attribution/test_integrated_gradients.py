@@ -96,6 +96,48 @@ def test_gpt2_also_with_gradxact():
     assert got.metadata["method"] == "gradxact" and got.metadata["steps"] == 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("max_rows", [None, 4, 8, 30])
+def test_shared_prefix_equals_the_row_scheme_and_the_loop(arch, max_rows):
+    """The shared-prefix passes (the default) against one row per (layer, step, example) and the plain loop,
+    on 4 layers with an unsorted subset of them, padding, and passes split by examples or by layers."""
+    import transformers as tf
+    if arch == "gpt2":
+        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_inner=40, n_layer=4, n_head=4)
+        model = tf.GPT2LMHeadModel(config)
+    elif arch == "gpt_neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                                                        num_hidden_layers=4, num_attention_heads=4))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    batches = make_batches(seed=5)
+    layers = [3, 0, 2]
+    prefix = NeuronAttributor(model, layers=layers, steps=3, max_rows=max_rows)
+    assert prefix.scheme == "shared_prefix"
+    rows = NeuronAttributor(model, layers=layers, steps=3, max_rows=max_rows, scheme="rows")
+    got, expected = prefix.attribute(batches, progress=False), rows.attribute(batches, progress=False)
+    ref = reference_neuron_attribution(model, batches, steps=3, layers=layers)
+    assert ref.abs().max() > 0 and got.layers == layers
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(got.scores, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_the_scheme_falls_back_to_rows_where_it_must():
+    model = tiny("llama")
+    custom = NeuronAttributor(model, mlp_modules=lambda m: [layer.mlp.down_proj for layer in m.model.layers])
+    assert custom.scheme == "rows"
+    with pytest.raises(ValueError, match="shared_prefix.*scheme='rows'"):
+        NeuronAttributor(model, scheme="shared_prefix",
+                         mlp_modules=lambda m: [layer.mlp.down_proj for layer in m.model.layers])
+    with pytest.raises(ValueError, match="unknown scheme"):
+        NeuronAttributor(model, scheme="fast")
+
+
 @pytest.mark.parametrize("max_rows", [1, 4, 7, 100])
 def test_chunking_invariance(max_rows):
     model = tiny("llama")
