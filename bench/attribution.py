@@ -14,8 +14,10 @@ Methods (each case is one (steps, max_rows) setting):
                  each case's speedups come from the same rounds (the same load on a shared machine).
 - batched_eager: NeuronAttributor(backend="reference"): the batched passes, a*grad materialised in the hook.
 - cpu / cuda / triton: NeuronAttributor with the fused ig_accumulate backend (cpu on the CPU; cuda and
-                 triton on a GPU, where built).
-- bare_fwd_bwd:  the lower bound: the same passes (the attributor's own split of the work rows into
+                 triton on a GPU, where built), in its default scheme: shared-prefix passes (rows branch off
+                 each example's unscaled forward at the layer they scale).
+- <backend>/rows: the same with scheme="rows": every row runs the whole model (the scheme before).
+- bare_fwd_bwd:  the row scheme's lower bound: the same passes (the attributor's own split of the work rows into
                  max_rows-row passes), frozen weights, no scaling and no accumulation hooks: a pre-hook on
                  the pass's first hooked down projection makes its input a leaf that requires grad, then
                  forward, the same target, autograd.grad to that leaf. ratio_to_bare = median / bare median
@@ -110,11 +112,11 @@ def make_batch(size: Size, device: torch.device, seed: int = 1) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
-def attributor(model, steps: int, max_rows: Optional[int], backend: str):
+def attributor(model, steps: int, max_rows: Optional[int], backend: str, scheme: str = "auto"):
     from simu_fast.attribution import NeuronAttributor
 
     return NeuronAttributor(model, steps=steps, rule=RULE, target=TARGET, positions=POSITIONS, max_rows=max_rows,
-                            backend=backend)
+                            backend=backend, scheme=scheme)
 
 
 def loop_fn(model, batches: list, steps: int) -> Callable[[], torch.Tensor]:
@@ -124,14 +126,15 @@ def loop_fn(model, batches: list, steps: int) -> Callable[[], torch.Tensor]:
                                                 positions=POSITIONS)
 
 
-def batched_fn(model, batches: list, steps: int, max_rows: Optional[int], backend: str) -> Callable[[], torch.Tensor]:
-    attr = attributor(model, steps, max_rows, backend)
+def batched_fn(model, batches: list, steps: int, max_rows: Optional[int], backend: str,
+               scheme: str = "auto") -> Callable[[], torch.Tensor]:
+    attr = attributor(model, steps, max_rows, backend, scheme)
     return lambda: attr.attribute(batches, progress=False).scores
 
 
 def bare_passes(model, batch: dict, steps: int, max_rows: Optional[int]) -> list[tuple[torch.Tensor, int]]:
     """The batched method's passes: (example index of each row, first hooked layer) per pass."""
-    attr = attributor(model, steps, max_rows, "reference")
+    attr = attributor(model, steps, max_rows, "reference", scheme="rows")
     device = batch["input_ids"].device
     out = []
     for rows in attr._passes(batch["input_ids"].shape[0]):  # the attributor's own split of the work rows
@@ -232,6 +235,8 @@ def bench_case(st: SizeState, steps: int, max_rows: Optional[int], device: torch
     methods["batched_eager"] = keep("batched_eager", batched_fn(model, batches, steps, max_rows, "reference"))
     for backend in common.our_backends(device):
         methods[backend] = keep(backend, batched_fn(model, batches, steps, max_rows, backend))
+        methods[f"{backend}/rows"] = keep(f"{backend}/rows", batched_fn(model, batches, steps, max_rows, backend,
+                                                                        scheme="rows"))
     methods["bare_fwd_bwd"] = bare_fn(model, batch, steps, max_rows)
     n_passes = len(bare_passes(model, batch, steps, max_rows))
     work_rows = size.layers * steps * size.batch
@@ -351,7 +356,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
             f"{st.t_fwd_bwd * 1e3:.1f} ms; load average {common.loadavg()}")
         size_rows: list[dict] = []
         for steps, max_rows in size.cases():
-            n_methods = 3 + len(common.our_backends(dev))
+            n_methods = 3 + 2 * len(common.our_backends(dev))
             estimate = estimate_case_s(st, steps, n_methods, calls_per_method)
             if deadline is not None and time.time() + estimate > deadline:
                 log(f"  skipping {case_name(steps, max_rows)}: about {estimate:.0f}s needed, "

@@ -27,6 +27,7 @@ all_reduce=False keeps each rank's own scores (the passes of an FSDP2 model stil
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Iterable, Optional
 
@@ -96,6 +97,7 @@ class NeuronAttributor:
             raise ValueError("scheme='shared_prefix' needs a registered architecture whose decoder layers hold the "
                              "MLPs, and a model that is not FSDP2-sharded; use scheme='rows'")
         self.scheme = "shared_prefix" if self.decoder_layers is not None else "rows"
+        self._keeps_logits = "logits_to_keep" in inspect.signature(type(self.module).forward).parameters
 
     def _reduces(self) -> bool:
         return self.all_reduce and _dist.is_initialized() and _dist.world_size(self.group) > 1
@@ -168,18 +170,24 @@ class NeuronAttributor:
         size = math.ceil(len(work) / n_passes)
         return [work[i:i + size] for i in range(0, len(work), size)]
 
+    def _branch_steps(self) -> tuple[Optional[int], list[int]]:
+        """(the step with alpha = 1, or None; the other steps). The alpha = 1 step of every layer is the unscaled
+        model itself, which the base rows of the shared-prefix scheme compute anyway."""
+        shared = next((j for j, a in enumerate(self.alphas) if a == 1.0), None)
+        return shared, [j for j in range(len(self.alphas)) if j != shared]
+
     def _prefix_passes(self, batch_size: int) -> list[tuple[list[int], list[int]]]:
-        """(examples, layer slots) per shared-prefix pass. A pass gives each of its examples 1 + steps x its
-        layer slots rows; max_rows caps that total (examples split first, then layers)."""
+        """(examples, layer slots) per shared-prefix pass. A pass gives each of its examples 1 + (steps with
+        alpha < 1) x its layer slots rows; max_rows caps that total (examples split first, then layers)."""
         slots = sorted(range(len(self.layers)), key=lambda li: self.layers[li])
-        m = len(self.alphas)
+        m = len(self._branch_steps()[1])
         cap = self.max_rows or batch_size * (1 + m * len(slots))
         if 1 + m * len(slots) <= cap:
             per_pass = cap // (1 + m * len(slots))
             n_passes = math.ceil(batch_size / per_pass)
             size = math.ceil(batch_size / n_passes)
             return [(list(range(i, min(i + size, batch_size))), slots) for i in range(0, batch_size, size)]
-        per_pass = max(1, (cap - 1) // m)
+        per_pass = max(1, (cap - 1) // max(1, m))
         n_chunks = math.ceil(len(slots) / per_pass)
         size = math.ceil(len(slots) / n_chunks)
         return [([b], slots[i:i + size]) for b in range(batch_size) for i in range(0, len(slots), size)]
@@ -187,19 +195,28 @@ class NeuronAttributor:
     def _run_prefix_pass(self, examples, slots, ids, attn, labels, scores) -> None:
         """One pass of the shared-prefix scheme. Rows that scale layer l see the unscaled activations below l,
         which are every example's own unscaled forward: so the pass starts with one unscaled ("base") row per
-        example and, at the input of each hooked decoder layer l, appends steps x examples rows that copy the
-        base rows' hidden states (detached: nothing below l needs their gradient); in l's MLP those rows are
-        scaled by their alphas and become the leaves whose gradients are folded into the scores. Each row's
-        forward is the one the row scheme computes for it, so the scores are the same (up to float32
-        summation order), with about half the layer FLOPs forward and backward: layer i runs
-        examples x (1 + steps x the hooked layers up to i) rows instead of examples x steps x all hooked layers.
-        Batch-dimension inputs of the decoder layers (the attention mask) are expanded to the rows."""
+        example and, at the input of each hooked decoder layer l, appends (steps with alpha < 1) x examples
+        rows that copy the base rows' hidden states (detached: nothing below l needs their gradient); in l's
+        MLP those rows are scaled by their alphas and become the leaves whose gradients are folded into the
+        scores. The base rows are the alpha = 1 step of every layer at once (the gradient at layer l of the
+        unscaled model), when the rule has that step (riemann_right, riemann_trapezoid, gradxact). Each row's
+        forward is one the row scheme computes, so the scores are the same up to float32 summation order, with
+        fewer rows: layer i runs examples x (1 + (steps - 1) x the hooked layers up to i) rows instead of
+        examples x steps x all hooked layers. Batch-dimension inputs of the decoder layers (the attention
+        mask) are expanded to the rows."""
         device = ids.device
         chosen = torch.tensor(examples, device=device)
         ids_e, attn_e, labels_e = ids[chosen], attn[chosen], labels[chosen]
-        n_ex, m = len(examples), len(self.alphas)
-        alphas = torch.tensor(self.alphas, dtype=torch.float32, device=device).repeat_interleave(n_ex)
-        weights = torch.tensor(self.weights, dtype=torch.float32, device=device).repeat_interleave(n_ex)
+        n_ex = len(examples)
+        shared, branched = self._branch_steps()
+        m = len(branched)
+        alphas = torch.tensor([self.alphas[j] for j in branched], dtype=torch.float32, device=device)
+        alphas = alphas.repeat_interleave(n_ex)
+        weights = torch.tensor([self.weights[j] for j in branched], dtype=torch.float32, device=device)
+        weights = weights.repeat_interleave(n_ex)
+        base_weight = torch.full((n_ex,), self.weights[shared] if shared is not None else 0.0, device=device)
+        base_pos = position_mask(labels_e, attn_e, self.positions)
+        branch_pos = position_mask(labels_e.repeat(m, 1), attn_e.repeat(m, 1), self.positions)
         state = {"row_example": torch.arange(n_ex, device=device)}
         blocks: dict[int, tuple[int, int]] = {}
         by_layer = {self.layers[li]: li for li in slots}
@@ -208,7 +225,7 @@ class NeuronAttributor:
 
         def expand(module, args, kwargs, layer=None):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if layer in by_layer:  # append this layer's rows: copies of the base rows, steps times
+            if layer in by_layer and m:  # append this layer's rows: copies of the base rows, once per step
                 lo = hidden.shape[0]
                 hidden = torch.cat([hidden, hidden[:n_ex].detach().repeat(m, *([1] * (hidden.dim() - 1)))])
                 state["row_example"] = torch.cat([state["row_example"], torch.arange(n_ex, device=device).repeat(m)])
@@ -224,20 +241,30 @@ class NeuronAttributor:
             kwargs["hidden_states"] = hidden
             return args, kwargs
 
+        def fold(li, kept, weight, pos):
+            def accumulate(grad):
+                ig_accumulate(scores[li], kept, grad, weight, pos, backend=self.backend)
+            return accumulate
+
         def scale(li):
             def hook(module, args):
                 a = args[0]
-                lo, hi = blocks[li]
-                kept = a[lo:hi].detach()
-                leaf = (kept * alphas.to(a.dtype)[:, None, None]).requires_grad_()
-                leaves.append(leaf)
-                pos = position_mask(labels_e.repeat(m, 1), attn_e.repeat(m, 1), self.positions)
-
-                def accumulate(grad):
-                    ig_accumulate(scores[li], kept, grad, weights, pos, backend=self.backend)
-
-                leaf.register_hook(accumulate)
-                return (torch.cat([a[:lo], leaf, a[hi:]]),) + tuple(args[1:])
+                parts = [a[:n_ex]]
+                if shared is not None:  # the base rows: this layer's alpha = 1 step
+                    base = a[:n_ex] if a.requires_grad else a[:n_ex].detach().requires_grad_()
+                    if base.is_leaf:
+                        leaves.append(base)
+                    base.register_hook(fold(li, a[:n_ex].detach(), base_weight, base_pos))
+                    parts = [base]
+                lo, hi = blocks.get(li, (a.shape[0], a.shape[0]))
+                parts.append(a[n_ex:lo])
+                if hi > lo:
+                    kept = a[lo:hi].detach()
+                    leaf = (kept * alphas.to(a.dtype)[:, None, None]).requires_grad_()
+                    leaves.append(leaf)
+                    leaf.register_hook(fold(li, kept, weights, branch_pos))
+                    parts.append(leaf)
+                return (torch.cat(parts + [a[hi:]]),) + tuple(args[1:])
             return hook
 
         try:
@@ -248,12 +275,13 @@ class NeuronAttributor:
             for li in slots:
                 handles.append(self.modules[self.layers[li]].register_forward_pre_hook(scale(li)))
             with torch.enable_grad():
-                kwargs = {"use_cache": False} if getattr(getattr(self.module, "config", None), "use_cache", None) else {}
-                out = self._forward(input_ids=ids_e, attention_mask=attn_e, **kwargs)
-                logits = logits_of(out)
-                row_labels = labels_e.index_select(0, state["row_example"]).clone()
-                row_labels[:n_ex] = IGNORE_INDEX  # the base rows only carry the prefix: no target
-                total = target_per_row(logits, row_labels, self.target).sum()
+                # the rows' labels: known before the forward (the rows are appended in a known order)
+                row_example = torch.cat([torch.arange(n_ex, device=device)] +
+                                        [torch.arange(n_ex, device=device).repeat(m)] * (len(slots) if m else 0))
+                row_labels = labels_e.index_select(0, row_example).clone()
+                if shared is None:
+                    row_labels[:n_ex] = IGNORE_INDEX  # the base rows only carry the prefix: no target
+                total = self._target(ids_e, attn_e, row_labels)
                 if not leaves:
                     raise RuntimeError("attribution: the forward pass never reached a hooked MLP activation")
                 torch.autograd.grad(total, leaves, allow_unused=True)
@@ -289,9 +317,7 @@ class NeuronAttributor:
             handles.append(self.modules[self.layers[li]].register_forward_pre_hook(hook))
         try:
             with torch.enable_grad():
-                kwargs = {"use_cache": False} if getattr(getattr(self.module, "config", None), "use_cache", None) else {}
-                out = self._forward(input_ids=ids_r, attention_mask=attn_r, **kwargs)
-                total = target_per_row(logits_of(out), labels_r, self.target).sum()
+                total = self._target(ids_r, attn_r, labels_r)
                 leaves = [root_leaf] if root_leaf is not None else [h.leaf for h in hooks if h.leaf is not None]
                 if not leaves:
                     raise RuntimeError("attribution: the forward pass never reached a hooked MLP activation")
@@ -300,6 +326,19 @@ class NeuronAttributor:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _target(self, ids, attn, labels) -> torch.Tensor:
+        """The summed target of a pass's rows. Only the positions from the first one that predicts an answer
+        token on get logits (transformers' logits_to_keep, where the model has it): the others have no target,
+        and the LM head over the whole vocabulary is a large part of a small model's pass."""
+        kwargs = {"use_cache": False} if getattr(getattr(self.module, "config", None), "use_cache", None) else {}
+        answers = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+        keep = ids.shape[1] - int(answers[0]) if answers.numel() else 1  # logits at positions >= first answer - 1
+        if self._keeps_logits and keep < ids.shape[1]:
+            kwargs["logits_to_keep"] = keep
+            labels = labels[:, ids.shape[1] - keep:]
+        out = self._forward(input_ids=ids, attention_mask=attn, **kwargs)
+        return target_per_row(logits_of(out), labels, self.target).sum()
 
     def _input_embeddings(self) -> torch.nn.Module:
         get = getattr(self.module, "get_input_embeddings", None)
