@@ -1,7 +1,8 @@
 """Input checks shared by the multi-tensor optimizer ops: clear errors before any kernel runs."""
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import torch
 
@@ -73,3 +74,29 @@ def check_mask(op: str, p: torch.Tensor, m: UpdateMask, name: str) -> None:
 def kernel_mask_args(masks: Sequence[UpdateMask], device) -> tuple[list[int], list[torch.Tensor], list[int]]:
     """(kinds, mask tensors, row lengths): how the compiled and Triton kernels receive masks."""
     return ([m.kind for m in masks], [m.kernel_tensor(device) for m in masks], [m.row_len for m in masks])
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelMasks:
+    """Masks as the kernels take them, prepared once for a fixed list of tensors (an optimizer's step plan):
+    an op given one skips its Python input checks. The compiled and Triton kernels check what would make
+    them fail (devices, sizes, contiguity, dtypes); when one fails, the op runs the Python checks to raise
+    the clear error that names the argument."""
+    kinds: list
+    tensors: list
+    row_lens: list
+
+
+def prepare_masks(masks: Sequence[UpdateMask], device) -> KernelMasks:
+    kinds, tensors, row_lens = kernel_mask_args(masks, device)
+    return KernelMasks(kinds, tensors, row_lens)
+
+
+def run_kernel(kernel: Callable, args: tuple, checks: Callable[[], object]):
+    """kernel(*args); if it raises, checks() (the op's Python input checks) names the problem, else the
+    kernel's own error stands."""
+    try:
+        return kernel(*args)
+    except (RuntimeError, TypeError, ValueError):
+        checks()
+        raise

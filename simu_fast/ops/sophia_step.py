@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._extension import extension, resolve_backend
-from .multi_tensor_checks import check_tensor_lists, kernel_mask_args
+from .multi_tensor_checks import KernelMasks, check_tensor_lists, kernel_mask_args, run_kernel
 from .stochastic_rounding import round_to_bf16_stochastic
 from .update_mask import UpdateMask
 
@@ -65,20 +65,28 @@ def sophia_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], e
                 hessians: Sequence[torch.Tensor], masks: Sequence[UpdateMask], *, lr: float, beta1: float, rho: float,
                 bs: float, weight_decay: float, eps: float = 1e-15, maximize: bool = False,
                 hessian_beta2: Optional[float] = None, sr_seeds: Optional[Sequence[int]] = None,
-                backend: str = "auto", names: Optional[Sequence[str]] = None) -> torch.Tensor:
-    """Masked SophiaG step over lists of tensors; returns the unclipped count (int64 tensor [1])."""
-    check_tensor_lists("sophia_step", params, grads, {"exp_avg": exp_avgs, "hessian": hessians}, masks, names)
+                backend: str = "auto", names: Optional[Sequence[str]] = None,
+                prepared: Optional[KernelMasks] = None) -> torch.Tensor:
+    """Masked SophiaG step over lists of tensors; returns the unclipped count (int64 tensor [1]).
+    prepared: the masks prepared once (multi_tensor_checks.KernelMasks, SophiaG's step plan); the Python
+    input checks then run only if the kernel fails."""
+    def checks():
+        check_tensor_lists("sophia_step", params, grads, {"exp_avg": exp_avgs, "hessian": hessians}, masks, names)
     if sr_seeds is not None and len(sr_seeds) != len(params):
         raise ValueError("sophia_step: sr_seeds must have one entry per parameter (-1 for none)")
     if not params:
+        checks()
         return torch.zeros(1, dtype=torch.int64)
     device = params[0].device
     chosen = resolve_backend(backend, device, "sophia_step")
+    if prepared is None or chosen == "reference":
+        checks()
     if chosen == "reference":
         return reference_sophia_step(params, grads, exp_avgs, hessians, masks, lr=lr, beta1=beta1, rho=rho, bs=bs,
                                      weight_decay=weight_decay, eps=eps, maximize=maximize,
                                      hessian_beta2=hessian_beta2, sr_seeds=sr_seeds)
-    kinds, mask_tensors, row_lens = kernel_mask_args(masks, device)
+    kinds, mask_tensors, row_lens = ((prepared.kinds, prepared.tensors, prepared.row_lens) if prepared is not None
+                                     else kernel_mask_args(masks, device))
     seeds = [int(s) if s is not None else -1 for s in sr_seeds] if sr_seeds is not None else [-1] * len(params)
     args = (list(params), list(grads), list(exp_avgs), list(hessians), kinds, mask_tensors, row_lens,
             float(lr), float(1.0 - lr * weight_decay), float(beta1),
@@ -87,6 +95,7 @@ def sophia_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], e
     if chosen == "triton":
         from ..triton_kernels import sophia_step as triton_sophia
 
-        return triton_sophia.sophia_step(*args)
-    fn = extension().sophia_step_cuda if chosen == "cuda" else extension().sophia_step_cpu
-    return fn(*args)
+        fn = triton_sophia.sophia_step
+    else:
+        fn = extension().sophia_step_cuda if chosen == "cuda" else extension().sophia_step_cpu
+    return run_kernel(fn, args, checks) if prepared is not None else fn(*args)

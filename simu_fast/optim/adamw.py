@@ -51,6 +51,9 @@ class AdamW(MaskedOptimizer):
             state["max_exp_avg_sq"] = self._zeros_state(p)
         return state
 
+    def _group_state(self, p: torch.Tensor, group: dict) -> dict:
+        return self._init_state(p, group["amsgrad"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -22,7 +22,7 @@ import torch
 from ..distributed.collectives import all_reduce_sum
 from ..distributed.dtensor import (check_placement, is_dtensor, local, row_range, shard_like, sharded_mesh, wrap_like,
                                   zeros_state)
-from ..ops.multi_tensor_checks import check_mask
+from ..ops.multi_tensor_checks import check_mask, check_tensor_lists, prepare_masks
 from ..ops.nonfinite_check import count_nonfinite
 from ..ops.update_mask import DENSE, FULL, UpdateMask, full_mask, localize_mask, make_mask
 
@@ -49,6 +49,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self._param_names: dict = {}
+        self._plans: dict = {}  # group index -> (key, [StepCall]): see _plan
         super().__init__(params, defaults)  # each group through add_param_group below
         self._masks: dict[torch.Tensor, UpdateMask] = {}  # what the kernels apply (this rank's shard)
         # DTensor parameters: the mask over the full parameter, for state_dict and counts (a DENSE one
@@ -81,6 +82,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 check_placement(p, self.param_name(p))
         group["params"] = plain
         super().add_param_group(group)
+        if hasattr(self, "_plans"):
+            self._plans.clear()
 
     # ---- names and indices -------------------------------------------------------------------------
     def _all_params(self) -> list[torch.Tensor]:
@@ -113,6 +116,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def _install_mask(self, param: torch.Tensor, update_mask: UpdateMask) -> UpdateMask:
         """Record a mask over the full parameter; a DTensor parameter keeps its shard's part for the kernels."""
+        self._plans.clear()
         if not is_dtensor(param):
             self._masks[param] = update_mask
             return update_mask
@@ -125,6 +129,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return local_mask
 
     def clear_mask(self, param: Optional[torch.Tensor] = None) -> None:
+        self._plans.clear()
         if param is None:
             self._masks.clear()
             self._global_masks.clear()
@@ -167,26 +172,59 @@ class MaskedOptimizer(torch.optim.Optimizer):
             out.append(p)
         return out
 
+    def _plan(self, index: int, group: dict) -> list["StepCall"]:
+        """The kernel calls of param group `index`: per (device, mesh), its parameters that have a gradient,
+        with their state, masks (prepared for the kernels), names and counts, validated once. Rebuilt only when
+        that set of parameters changes, a mask is set or cleared, or state is loaded."""
+        params = self._params_to_update(group)
+        key = tuple(id(p) for p in params)
+        cached = self._plans.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        calls = []
+        position = {p: i for i, p in enumerate(self._all_params())}
+        for (device, mesh), device_params in group_by_device(params).items():
+            states = [self._group_state(p, group) for p in device_params]
+            masks = [self.mask_of(p) for p in device_params]
+            shards = [local(p) for p in device_params]
+            names = [self.param_name(p) for p in device_params]
+            state_lists = {k: [local(s[k]) for s in states] for k in self._state_keys() if all(k in s for s in states)}
+            check_tensor_lists(type(self).__name__, shards, shards, state_lists, masks, names)
+            calls.append(StepCall(device_params, shards, mesh, states, state_lists, masks,
+                                  prepare_masks(masks, device), names, [position[p] for p in device_params],
+                                  sum(m.selected_of(q.numel()) for q, m in zip(shards, masks))))
+        self._plans[index] = (key, calls)
+        return calls
+
+    def _group_state(self, p: torch.Tensor, group: dict) -> dict:
+        """p's state, created if it has none yet (the subclass's _init_state)."""
+        return self._init_state(p)
+
+    def _state_keys(self) -> tuple:
+        """The float32 state tensors of each parameter that the step kernel reads (validated in the plan)."""
+        return ()
+
     def _grads_are_finite(self) -> bool:
-        """Check every gradient where it will be used; raise or report per the nonfinite policy.
+        """Check every gradient where it will be used; raise or report per the nonfinite policy. One count
+        per kernel call, one host synchronisation for the whole step.
 
         Counts on sharded parameters are summed over the ranks, so that all ranks skip (or raise) together:
         a rank that stepped while another skipped would leave the shards of one model at different steps."""
-        params_to_update = [p for group in self.param_groups for p in self._params_to_update(group)]
-        for (_, mesh), params in group_by_device(params_to_update).items():
-            grads = [local(p.grad) for p in params]
-            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-            counts = count_nonfinite(grads, [self.mask_of(p) for p in params], backend=self.backend)
-            if mesh is not None:
-                counts = all_reduce_sum(counts, mesh)
-            if bool((counts > 0).any()):
-                bad = [self.param_name(p) for p, c in zip(params, counts.tolist()) if c > 0]
-                if self.nonfinite == "raise":
-                    raise NonFiniteGradientError(
-                        f"non-finite gradient (NaN or inf) in {', '.join(bad)}; pass nonfinite='skip' to skip "
-                        "such steps instead")
-                return False
-        return True
+        found = []
+        for index, group in enumerate(self.param_groups):
+            for call in self._plan(index, group):
+                counts = count_nonfinite(call.grads(), call.masks, backend=self.backend, prepared=call.kernel_masks)
+                if call.mesh is not None:
+                    counts = all_reduce_sum(counts, call.mesh)
+                found.append((call, counts))
+        if not found or not bool(torch.stack([(c > 0).any().to(found[0][1].device) for _, c in found]).any()):
+            return True
+        bad = [name for call, counts in found for name, c in zip(call.names, counts.tolist()) if c > 0]
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or inf) in {', '.join(bad)}; pass nonfinite='skip' to skip "
+                "such steps instead")
+        return False
 
     def _sr_seed(self, p: torch.Tensor, step: int, index: int, global_offsets: bool = False) -> int:
         """Stochastic-rounding seed of p at `step` (-1: round to nearest). Kernels that draw by local offset
@@ -226,6 +264,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._plans.clear()  # the state tensors are replaced
         state_dict = dict(state_dict)
         masks = state_dict.pop("masks", None)
         self.skipped_steps = int(state_dict.pop("skipped_steps", self.skipped_steps))
@@ -286,6 +325,25 @@ class MaskedOptimizer(torch.optim.Optimizer):
                                                validated=True)
         else:
             self._masks[p] = local_mask
+
+
+@dataclasses.dataclass
+class StepCall:
+    """One kernel call of an optimizer step (MaskedOptimizer._plan): the parameters of one device and mesh."""
+    params: list          # the parameters (DTensor or plain)
+    shards: list          # what the kernels write: each parameter's local tensor
+    mesh: object          # the device mesh of Shard(0) DTensor parameters, else None
+    states: list          # each parameter's state dict
+    state_tensors: dict   # state key -> the local float32 tensors, in parameter order
+    masks: list           # each parameter's UpdateMask (this rank's part)
+    kernel_masks: object  # the masks prepared for the kernels (ops.multi_tensor_checks.KernelMasks)
+    names: list
+    positions: list       # each parameter's index over all groups (stochastic-rounding seeds)
+    selected: int         # elements the call may update (the win rate's denominator)
+
+    def grads(self) -> list:
+        grads = [local(p.grad) for p in self.params]
+        return [g if g.is_contiguous() else g.contiguous() for g in grads]
 
 
 def group_by_device(params: Iterable[torch.Tensor]) -> dict:

@@ -26,7 +26,7 @@ from ..distributed.collectives import all_reduce_sum
 from ..distributed.dtensor import local
 from ..ops.hessian_ema import hessian_ema
 from ..ops.sophia_step import sophia_step
-from .masked_optimizer import MaskedOptimizer, group_by_device
+from .masked_optimizer import MaskedOptimizer
 
 HESSIAN_ESTIMATORS = ("gnb", "squared_grad")
 
@@ -68,19 +68,23 @@ class SophiaG(MaskedOptimizer):
             state["hessian"] = self._zeros_state(p)
         return state
 
+    def _state_keys(self) -> tuple:
+        return ("exp_avg", "hessian")
+
     @torch.no_grad()
     def update_hessian(self) -> None:
         """h <- beta2 * h + (1 - beta2) * g^2 from the gradients now in p.grad (masked elements only)."""
-        for group in self.param_groups:
-            params = self._params_to_update(group)
-            for device_params in group_by_device(params).values():
-                hessians = [local(self._init_state(p)["hessian"]) for p in device_params]
-                grads = [local(p.grad).contiguous() for p in device_params]
-                hessian_ema(hessians, grads, [self.mask_of(p) for p in device_params], beta2=group["betas"][1],
-                            backend=self.backend, names=[self.param_name(p) for p in device_params])
+        for index, group in enumerate(self.param_groups):
+            for call in self._plan(index, group):
+                hessian_ema(call.state_tensors["hessian"], call.grads(), call.masks, beta2=group["betas"][1],
+                            backend=self.backend, names=call.names)
 
     @torch.no_grad()
     def step(self, closure=None, bs=None):
+        """One SophiaG step. The launch plan (which parameters, their state and masks, checked) is built at the
+        first step and whenever the set of parameters with a gradient or a mask changes (MaskedOptimizer._plan);
+        a step then makes one non-finite check and one fused kernel call per device, and synchronises with the
+        host once (for the non-finite policy), or not at all when the policy cannot act (no gradient)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -89,28 +93,23 @@ class SophiaG(MaskedOptimizer):
         if not self._grads_are_finite():
             self.skipped_steps += 1
             return loss
-        position = {p: i for i, p in enumerate(self._all_params())}
-        for group in self.param_groups:
-            params = self._params_to_update(group)
+        for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             group_bs = bs if bs is not None else group["bs"]
-            for (_, mesh), device_params in group_by_device(params).items():
-                states = [self._init_state(p) for p in device_params]
-                seeds = []
-                for p, state in zip(device_params, states):
-                    state["step"] += 1
-                    seeds.append(self._sr_seed(p, int(state["step"].item()), position[p]))
-                masks = [self.mask_of(p) for p in device_params]
-                shards = [local(p) for p in device_params]
+            for call in self._plan(index, group):
+                steps = [s["step"] for s in call.states]
+                torch._foreach_add_(steps, 1.0)
+                seeds = None
+                if self.stochastic_rounding:
+                    seeds = [self._sr_seed(p, int(t.item()), i) for p, t, i in zip(call.params, steps, call.positions)]
                 unclipped = sophia_step(
-                    shards, [local(p.grad).contiguous() for p in device_params],
-                    [local(s["exp_avg"]) for s in states], [local(s["hessian"]) for s in states], masks,
-                    lr=group["lr"], beta1=beta1, rho=group["rho"], bs=group_bs, weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=group["maximize"],
+                    call.shards, call.grads(), call.state_tensors["exp_avg"], call.state_tensors["hessian"],
+                    call.masks, lr=group["lr"], beta1=beta1, rho=group["rho"], bs=group_bs,
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                     hessian_beta2=beta2 if group["hessian"] == "squared_grad" else None, sr_seeds=seeds,
-                    backend=self.backend, names=[self.param_name(p) for p in device_params])
-                self._unclipped.append((mesh, unclipped))
-                self._selected.append((mesh, sum(m.selected_of(p.numel()) for p, m in zip(shards, masks))))
+                    backend=self.backend, names=call.names, prepared=call.kernel_masks)
+                self._unclipped.append((call.mesh, unclipped))
+                self._selected.append((call.mesh, call.selected))
         return loss
 
     @property
