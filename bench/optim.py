@@ -22,13 +22,17 @@ Methods (all on the same parameters, gradients and state):
                input checks included).
 - <backend>/kernel (GPU): the compiled kernel called with prebuilt arguments (no Python checks; the op's
                index range checks synchronise the GPU once per masked tensor).
-- SophiaG.step/<backend>: simu_fast.SophiaG.step() (backend="auto"), to show the optimizer's Python
-               overhead (state lookup, non-finite gradient check, list building).
+- SophiaG.step/<backend>: simu_fast.SophiaG.step() (backend="auto"): what a user calls, with its launch plan
+               (built at the first call) and its non-finite gradient check (a pass over the gradients).
+- SophiaG.step(finite)/<backend>: step(grads_finite=True), as the Unlearner calls it after a finite
+               gradient-clipping norm has shown every gradient finite (no check pass).
 
 Bytes: for each selected element, read p, g, m, h and write p, m (and h with --hessian squared_grad),
 at the tensors' dtype sizes; GB/s = bytes / median time, whatever the method actually moved.
 """
 from __future__ import annotations
+
+import functools
 
 import gc
 import time
@@ -350,6 +354,7 @@ def bench_case(case: Case, size: str, device: torch.device, dtype_name: str, upd
                 else:
                     opt.set_mask(q.p, rows=idx)
         methods[f"SophiaG.step/{chosen}"] = opt.step
+        methods[f"SophiaG.step(finite)/{chosen}"] = functools.partial(opt.step, grads_finite=True)
     except Exception as exc:
         skipped["SophiaG.step"] = f"failed: {_first_line(exc)}"
 

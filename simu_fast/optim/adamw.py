@@ -55,12 +55,13 @@ class AdamW(MaskedOptimizer):
         return self._init_state(p, group["amsgrad"])
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grads_finite: bool = False):
+        """grads_finite=True skips the non-finite check (the caller knows: see SophiaG.step)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_are_finite():
+        if not grads_finite and not self._grads_are_finite():
             self.skipped_steps += 1
             return loss
         position = {p: i for i, p in enumerate(self._all_params())}

@@ -80,17 +80,19 @@ class SophiaG(MaskedOptimizer):
                             backend=self.backend, names=call.names)
 
     @torch.no_grad()
-    def step(self, closure=None, bs=None):
+    def step(self, closure=None, bs=None, grads_finite: bool = False):
         """One SophiaG step. The launch plan (which parameters, their state and masks, checked) is built at the
         first step and whenever the set of parameters with a gradient or a mask changes (MaskedOptimizer._plan);
         a step then makes one non-finite check and one fused kernel call per device, and synchronises with the
-        host once (for the non-finite policy), or not at all when the policy cannot act (no gradient)."""
+        host once (for the non-finite policy). grads_finite=True: the caller knows every gradient is finite
+        (a finite gradient-clipping norm proves it: the Unlearner passes it so), and the check's pass over the
+        gradients and its host sync are skipped."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._unclipped, self._selected = [], []
-        if not self._grads_are_finite():
+        if not grads_finite and not self._grads_are_finite():
             self.skipped_steps += 1
             return loss
         for index, group in enumerate(self.param_groups):

@@ -58,6 +58,7 @@ import torch
 from .. import distributed as _dist
 from ..data.sharding import unpadded_shard_loader
 from ..lm import model_device, to_device
+from ..optim.masked_optimizer import MaskedOptimizer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_best_model, save_checkpoint
 from .run_config import RunConfig
 from .rng_state import loader_rng_state, rng_state, seed_everything, set_loader_rng_state, set_rng_state
@@ -266,9 +267,10 @@ class Unlearner:
             total += float(loss.detach())
         if self.scaler is not None:
             self.scaler.unscale_(opt)
+        norm = None
         if self.max_grad_norm is not None:
-            clip_gradients([p for p in module.parameters() if p.grad is not None],
-                           [p for p in method.detached_parameters() if p.grad is not None], self.max_grad_norm)
+            norm = clip_gradients([p for p in module.parameters() if p.grad is not None],
+                                  [p for p in method.detached_parameters() if p.grad is not None], self.max_grad_norm)
         last_forget = group[-1][0]
         factor = float(method.lr_factor(self.step, self._total_steps()))
         for g in opt.param_groups:
@@ -279,6 +281,9 @@ class Unlearner:
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
+        elif norm is not None and isinstance(opt, MaskedOptimizer) and not _overrides(method, "before_step") \
+                and bool(torch.isfinite(norm)):
+            opt.step(grads_finite=True)  # a finite norm: every gradient is finite, the optimizer need not look
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -424,14 +429,16 @@ class Unlearner:
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
 
 
-def clip_gradients(params: list, detached: list, max_norm: float) -> None:
+def clip_gradients(params: list, detached: list, max_norm: float) -> Optional[torch.Tensor]:
     """clip_grad_norm_ over the model's parameters and the recipe's detached ones (UnlearningMethod.
-    detached_parameters) together. Sharded (DTensor) model parameters and plain detached tensors cannot go
-    into one call: the two norms are then combined by hand."""
+    detached_parameters) together; returns the total norm before clipping (None without gradients). Sharded
+    (DTensor) model parameters and plain detached tensors cannot go into one call: the two norms are then
+    combined by hand."""
     if not detached or not any(_dist.is_dtensor(p) for p in params):
-        if params or detached:
-            torch.nn.utils.clip_grad_norm_(params + detached, max_norm)
-        return
+        if not (params or detached):
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params + detached, max_norm)
+        return norm.full_tensor() if _dist.is_dtensor(norm) else norm
     inf = float("inf")
     norms = [torch.nn.utils.clip_grad_norm_(group, inf) for group in (params, detached) if group]  # norms only
     norms = [n.full_tensor() if _dist.is_dtensor(n) else n for n in norms]
@@ -439,6 +446,7 @@ def clip_gradients(params: list, detached: list, max_norm: float) -> None:
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params + detached:
         p.grad.mul_(coef.to(p.grad.device) if not _dist.is_dtensor(p.grad) else float(coef))
+    return total
 
 
 def _overrides(method, name: str) -> bool:

@@ -311,3 +311,24 @@ def test_keep_best_keeps_the_best_evaluated_model(tmp_path):
                   out_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="needs an eval_fn"):
         Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, keep_best="score", out_dir=str(tmp_path))
+
+
+def test_a_finite_clipping_norm_spares_the_optimizer_its_nonfinite_pass(monkeypatch):
+    """With clipping, a finite total norm proves every gradient finite: the loop tells SophiaG
+    (step(grads_finite=True)) and its non-finite pass does not run; without clipping it runs every step; a
+    NaN gradient is still caught (the norm is NaN, so the optimizer checks and raises)."""
+    from simu_fast.methods.soul import SOGradDiff
+    from simu_fast.optim.masked_optimizer import MaskedOptimizer, NonFiniteGradientError
+    calls = []
+    real = MaskedOptimizer._grads_are_finite
+    monkeypatch.setattr(MaskedOptimizer, "_grads_are_finite", lambda self: calls.append(1) or real(self))
+    Unlearner(tiny_llama(), SOGradDiff(lr=1e-3), *loaders(), max_steps=3, progress=False).run()
+    assert calls == []
+    Unlearner(tiny_llama(), SOGradDiff(lr=1e-3), *loaders(), max_steps=3, max_grad_norm=None, progress=False).run()
+    assert len(calls) == 3
+
+    class NaNLoss(SOGradDiff):
+        def loss(self, model, forget_batch, retain_batch):
+            return super().loss(model, forget_batch, retain_batch) * float("nan")
+    with pytest.raises(NonFiniteGradientError):
+        Unlearner(tiny_llama(), NaNLoss(lr=1e-3), *loaders(), max_steps=1, progress=False).run()
