@@ -267,21 +267,27 @@ class NeuronAttributor:
                 return (torch.cat(parts + [a[hi:]]),) + tuple(args[1:])
             return hook
 
+        for index, layer_module in enumerate(self.decoder_layers):
+            if index >= first:
+                handles.append(layer_module.register_forward_pre_hook(
+                    lambda mod, args, kwargs, layer=index: expand(mod, args, kwargs, layer), with_kwargs=True))
+        for li in slots:
+            handles.append(self.modules[self.layers[li]].register_forward_pre_hook(scale(li)))
+        # the rows' labels: known before the forward (the rows are appended in a known order)
+        row_example = torch.cat([torch.arange(n_ex, device=device)] +
+                                [torch.arange(n_ex, device=device).repeat(m)] * (len(slots) if m else 0))
+        row_labels = labels_e.index_select(0, row_example).clone()
+        if shared is None:
+            row_labels[:n_ex] = IGNORE_INDEX  # the base rows only carry the prefix: no target
+        self._backward_through_hooks(handles, lambda: self._target(ids_e, attn_e, row_labels), lambda: leaves)
+
+    def _backward_through_hooks(self, handles: list, forward_target, leaves_of) -> None:
+        """forward_target() with gradients on, then the backward to leaves_of() that runs the tensor hooks
+        folding each layer's gradient into the scores; the hooks come off either way."""
         try:
-            for index, layer_module in enumerate(self.decoder_layers):
-                if index >= first:
-                    handles.append(layer_module.register_forward_pre_hook(
-                        lambda mod, args, kwargs, layer=index: expand(mod, args, kwargs, layer), with_kwargs=True))
-            for li in slots:
-                handles.append(self.modules[self.layers[li]].register_forward_pre_hook(scale(li)))
             with torch.enable_grad():
-                # the rows' labels: known before the forward (the rows are appended in a known order)
-                row_example = torch.cat([torch.arange(n_ex, device=device)] +
-                                        [torch.arange(n_ex, device=device).repeat(m)] * (len(slots) if m else 0))
-                row_labels = labels_e.index_select(0, row_example).clone()
-                if shared is None:
-                    row_labels[:n_ex] = IGNORE_INDEX  # the base rows only carry the prefix: no target
-                total = self._target(ids_e, attn_e, row_labels)
+                total = forward_target()
+                leaves = leaves_of()
                 if not leaves:
                     raise RuntimeError("attribution: the forward pass never reached a hooked MLP activation")
                 torch.autograd.grad(total, leaves, allow_unused=True)
@@ -315,17 +321,9 @@ class NeuronAttributor:
             hook = _ScaleAndAccumulate(lo, hi, alphas, row_weight[lo:hi], pos[lo:hi], scores[li], self.backend)
             hooks.append(hook)
             handles.append(self.modules[self.layers[li]].register_forward_pre_hook(hook))
-        try:
-            with torch.enable_grad():
-                total = self._target(ids_r, attn_r, labels_r)
-                leaves = [root_leaf] if root_leaf is not None else [h.leaf for h in hooks if h.leaf is not None]
-                if not leaves:
-                    raise RuntimeError("attribution: the forward pass never reached a hooked MLP activation")
-                # The backward runs the tensor hooks, which fold each layer's gradient into the scores.
-                torch.autograd.grad(total, leaves, allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self._backward_through_hooks(
+            handles, lambda: self._target(ids_r, attn_r, labels_r),
+            lambda: [root_leaf] if root_leaf is not None else [h.leaf for h in hooks if h.leaf is not None])
 
     def _target(self, ids, attn, labels) -> torch.Tensor:
         """The summed target of a pass's rows. Only the positions from the first one that predicts an answer
