@@ -368,12 +368,8 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        all_rows += size_rows
-        if size_rows:
-            log("")
-            log(common.text_table(size_rows, columns=TABLE_COLUMNS))
-        if write and all_rows:  # after every size: a run cut short keeps what it measured
-            paths = common.write_results(op_key, all_rows, meta, extra={"notes": notes})
+        paths = common.size_done(op_key, size_rows, all_rows, meta, notes, write, log, columns=TABLE_COLUMNS,
+                                 paths=paths)
     mismatched = [f"{r['size']} {r['case']} {r['method']} ({r['rel_err_vs_loop']:.1e})" for r in all_rows
                   if r.get("scores_match") is False]
     if mismatched:

@@ -452,6 +452,19 @@ def out_of_time(size: str, seconds_per_unit, units: int, deadline, log, notes: l
     return True
 
 
+def size_done(op_key: str, size_rows: list, all_rows: list, meta: dict, notes: list, write: bool, log,
+              columns=MD_COLUMNS, paths=None):
+    """The end of one size: its rows join all_rows and are printed; with write, everything measured so far is
+    written (a run cut short keeps what it measured). Returns the written paths (or `paths` unchanged)."""
+    all_rows += size_rows
+    if size_rows:
+        log("")
+        log(text_table(size_rows, columns=columns))
+    if write and all_rows:
+        paths = write_results(op_key, all_rows, meta, extra={"notes": notes})
+    return paths
+
+
 def check_sizes(sizes, known) -> None:
     """SystemExit naming the first size of `sizes` that is not a key of `known`."""
     for s in sizes:

@@ -435,12 +435,8 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
                 rounds[r["case"]] = rounds.get(r["case"], 0.0) + r["median_ms"] * 1e-3
         if rounds:
             prev = (n, list(rounds.values()))
-        all_rows += size_rows
-        if size_rows:
-            log("")
-            log(common.text_table(size_rows, columns=TABLE_COLUMNS))
-        if write and all_rows:  # after every size: a run cut short keeps what it measured
-            paths = common.write_results(op_key, all_rows, meta, extra={"notes": notes})
+        paths = common.size_done(op_key, size_rows, all_rows, meta, notes, write, log, columns=TABLE_COLUMNS,
+                                 paths=paths)
     bad = [f"{r['size']} {r['case']} {r['method']} ({r['check']})" for r in all_rows
            if r.get("count_ok") is False or r.get("match") is False]
     if bad:

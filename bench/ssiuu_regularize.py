@@ -165,12 +165,7 @@ def run(quick: bool = False, sizes: Optional[list] = None, device: Optional[str]
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         s_per_element = (time.time() - t0) / n
-        all_rows += size_rows
-        if size_rows:
-            log("")
-            log(common.text_table(size_rows))
-        if write and all_rows:  # after every size: a run cut short keeps what it measured
-            paths = common.write_results(op_key, all_rows, meta, extra={"notes": notes})
+        paths = common.size_done(op_key, size_rows, all_rows, meta, notes, write, log, paths=paths)
     bad = [f"{r['size']} {r['case']} {r['method']} ({r['check']})" for r in all_rows
            if r["check"] not in ("reference", "bit-exact")]
     if bad:
