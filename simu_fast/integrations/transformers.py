@@ -70,7 +70,10 @@ class PairedCollator:
 
 
 class UnlearningCallback(TrainerCallback):
-    """Calls method.before_step before each optimizer step and method.after_step after it (and zero_grad)."""
+    """Calls method.before_step before each optimizer step, method.after_step after it (and zero_grad), and
+    method.finish at the end of training. The Trainer's gradient clipping (max_grad_norm) covers the model's
+    parameters only: SIMU's compact neuron slices (method.detached_parameters()) are not clipped under the
+    Trainer (the Unlearner clips them with the model's)."""
 
     def __init__(self, trainer: "UnlearningTrainer"):
         self.trainer = trainer
@@ -82,6 +85,9 @@ class UnlearningCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         t.method.after_step(t.model, t._method_optimizer, t._last_forget_batch, state.global_step - 1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.method.finish(self.trainer.model)  # SIMU's neuron slices come off the model
 
 
 class UnlearningTrainer(Trainer):
