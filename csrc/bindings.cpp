@@ -1,7 +1,9 @@
 // simu_fast._C: one module, one function per op and device.
 #include <torch/extension.h>
 
+#include "hessian_ema.h"
 #include "ig_accumulate.h"
+#include "nonfinite_check.h"
 #include "radix_select.h"
 #include "sophia_step.h"
 #include "ssiuu_regularize.h"

@@ -15,6 +15,7 @@
 // 16-bit for the 16-bit types: ascending key == ascending value, -0.0 folded onto +0.0 (see radix_key).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 
@@ -145,6 +146,18 @@ inline RadixSelectPlan radix_select_plan(int key_bits, int64_t kth_key, int64_t 
   }
   cut = cut < -1 ? -1 : (cut > numel - 1 ? numel - 1 : cut);
   return {static_cast<uint32_t>(kth_key), cut};
+}
+
+// The key width of x's dtype: 32 bits for float32, 16 for bfloat16 and float16 (`op` starts the error
+// message for any other dtype).
+inline int radix_key_bits(const at::Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return 32;
+    case at::kBFloat16:
+    case at::kHalf: return 16;
+    default: TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return 0;
 }
 
 at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_t key_prefix, int64_t prefix_bits,

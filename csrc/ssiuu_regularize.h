@@ -3,11 +3,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include <vector>
+#include "tensor_lists.h"
 
 namespace simu_fast {
-
-using TensorList = std::vector<at::Tensor>;
 
 // In place, per index i and element, float32, in this order with one rounding each:
 //   d = d; a = phi * d; a_prev = phi_prev * d_prev; delta = a - a_prev;

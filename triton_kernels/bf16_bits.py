@@ -1,5 +1,5 @@
 """bfloat16 by integer bit operations, shared by the Triton kernels (ig_accumulate, sophia_step,
-ssiuu_regularize).
+hessian_ema, ssiuu_regularize).
 
 bfloat16 tensors are handed to the kernels as int16 views (`bits_view`) and converted with integer bit
 operations: widening is exact (the 16 bits become the high half of a float32), narrowing float32 ->

@@ -120,17 +120,8 @@ void accumulate(float* out, const T* act, const T* grad, const std::vector<int64
 
 void ig_accumulate_cpu(at::Tensor out, at::Tensor act, at::Tensor grad, at::Tensor weight, at::Tensor mask) {
   constexpr const char* op = "ig_accumulate_cpu";
-  TORCH_CHECK(act.dim() == 3, op, ": act must be [rows, seq, F], got ", act.sizes());
-  TORCH_CHECK(grad.sizes() == act.sizes(), op, ": grad ", grad.sizes(), " does not match act ", act.sizes());
-  TORCH_CHECK(grad.scalar_type() == act.scalar_type(), op, ": act and grad dtypes differ (", act.scalar_type(),
-              ", ", grad.scalar_type(), ")");
+  check_ig_accumulate_args(out, act, grad, weight, mask, op);
   const int64_t R = act.size(0), S = act.size(1), F = act.size(2);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == F, op,
-              ": out must be float32 [", F, "]");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 1 && weight.size(0) == R, op,
-              ": weight must be float32 [", R, "]");
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.size(0) == R && mask.size(1) == S, op,
-              ": mask must be uint8 [", R, ", ", S, "]");
   for (const at::Tensor* t : {&out, &act, &grad, &weight, &mask}) {
     TORCH_CHECK(t->device().is_cpu(), op, ": tensors must be on the CPU, got ", t->device());
     TORCH_CHECK(t->is_contiguous(), op, ": tensors must be contiguous");

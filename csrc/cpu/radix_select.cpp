@@ -131,16 +131,6 @@ void select(const at::Tensor& x, bool absolute, const RadixSelectPlan& p, uint8_
   });
 }
 
-int key_bits(const at::Tensor& x, const char* op) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return 32;
-    case at::kBFloat16:
-    case at::kHalf: return 16;
-    default: TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-  return 0;
-}
-
 void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
@@ -152,7 +142,7 @@ at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_
                                int64_t shift, int64_t index_offset, int64_t key_equal) {
   constexpr const char* op = "radix_histogram_cpu";
   check_input(x, op);
-  const int bits = key_bits(x, op);
+  const int bits = radix_key_bits(x, op);
   TORCH_CHECK(mode == kRadixKeys || mode == kRadixIndices, op, ": mode must be 0 (keys) or 1 (indices), got ", mode);
   TORCH_CHECK(shift >= 0 && shift < 64, op, ": shift must be in [0, 64), got ", shift);
   at::Tensor out = at::zeros({257}, x.options().dtype(at::kLong));
@@ -178,7 +168,7 @@ at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_
 at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff, int64_t index_offset) {
   constexpr const char* op = "select_mask_cpu";
   check_input(x, op);
-  const int bits = key_bits(x, op);
+  const int bits = radix_key_bits(x, op);
   at::Tensor out = at::empty({x.numel()}, x.options().dtype(at::kByte));
   if (x.numel() == 0) return out;
   const RadixSelectPlan plan = radix_select_plan(bits, kth_key, index_cutoff, index_offset, x.numel());

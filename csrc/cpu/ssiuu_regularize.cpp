@@ -9,14 +9,12 @@
 #include <c10/util/Half.h>
 
 #include "../ssiuu_regularize.h"
+#include "elements.h"
 
 namespace simu_fast {
+using namespace cpu;  // kGrain, load, cpu_has_avx2
+
 namespace {
-
-constexpr int64_t kGrain = 16384;
-
-template <typename T>
-inline float load(const T* x, int64_t o) { return static_cast<float>(x[o]); }
 
 // One element. phi_prev has phi's type P, d_prev d's type D. kSquared: s = delta, else s = sign(delta).
 template <typename G, typename P, typename D, bool kSquared>
@@ -46,11 +44,6 @@ __attribute__((target("avx2"))) void ssiuu_contiguous_avx2(G* g, const P* phi, c
                                                            const D* d_prev, int64_t begin, int64_t end,
                                                            float scale) {
   ssiuu_contiguous<G, P, D, kSquared>(g, phi, d, phi_prev, d_prev, begin, end, scale);
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
 }
 #endif
 

@@ -1,5 +1,8 @@
-// Shared machinery of the multi-tensor CUDA launches (sophia_step.cu, ssiuu_regularize.cu), in the style of
-// apex's multi_tensor_apply. Only inline / templated code: every .cu that includes it gets its own copy.
+// Shared machinery of the multi-tensor CUDA launches (the masked SophiaG ops through masked_launch.cuh:
+// sophia_step.cu, hessian_ema.cu, nonfinite_check.cu; ssiuu_regularize.cu), in the style of apex's
+// multi_tensor_apply: the element types, vector accesses, IEEE round-to-nearest float32 arithmetic, the
+// launch table and the host-side checks of the tensors. Only inline / templated code: every .cu that
+// includes it gets its own copy.
 //
 // The host writes a table (int64, pinned, copied non_blocking on the current stream):
 //
@@ -73,6 +76,32 @@ inline bool aligned_for_vec(const at::Tensor& x) {
   return reinterpret_cast<uintptr_t>(x.data_ptr()) % (x.element_size() * kVec) == 0;
 }
 
+// ---- IEEE float32 arithmetic --------------------------------------------------------------------------
+// The kernels must match the eager float32 reference (one rounding per torch op) exactly. nvcc contracts
+// a * b + c into an FMA by default, and --use_fast_math would add flush-to-zero and approximate division,
+// so the arithmetic is explicit round-to-nearest PTX that no compiler flag rewrites.
+
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // ---- device side ---------------------------------------------------------------------------------------
 
 // For block `chunk`: the Meta record of its tensor and the first item of the chunk within that tensor.
@@ -121,6 +150,30 @@ at::Tensor make_table(const std::vector<Meta>& metas, int64_t Meta::*items, int6
   table.copy_(host, /*non_blocking=*/true);
   *chunks_out = chunks;
   return table;
+}
+
+// The dtype code of tensor i's `what` (0: float32, 1: bfloat16, 2: float16); `op` starts the error message.
+inline int dtype_code(at::ScalarType t, const char* op, const char* what, size_t i) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: TORCH_CHECK(false, op, ": ", what, " ", i, " must be float32, bfloat16 or float16, got ", t);
+  }
+  return -1;
+}
+
+inline void check_tensor(const at::Tensor& x, const at::Device& device, int64_t numel, const char* op,
+                         const char* what, size_t i) {
+  TORCH_CHECK(x.device() == device, op, ": ", what, " ", i, " is on ", x.device(), ", expected ", device);
+  TORCH_CHECK(x.is_contiguous(), op, ": ", what, " ", i, " must be contiguous");
+  TORCH_CHECK(x.numel() == numel, op, ": ", what, " ", i, " has ", x.numel(), " elements, expected ", numel);
+}
+
+// The device of a launch: that of its first tensor, which must be a CUDA device.
+inline at::Device cuda_device(const at::Tensor& first, const char* op) {
+  TORCH_CHECK(first.is_cuda(), op, ": tensors must be on a CUDA device, got ", first.device());
+  return first.device();
 }
 
 }  // namespace multi_tensor

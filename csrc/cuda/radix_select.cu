@@ -235,16 +235,6 @@ void launch_select(const at::Tensor& x, bool absolute, const RadixSelectPlan& pl
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int key_bits(const at::Tensor& x, const char* op) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return 32;
-    case at::kBFloat16:
-    case at::kHalf: return 16;
-    default: TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-  return 0;
-}
-
 void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be on a CUDA device, got ", x.device());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
@@ -256,7 +246,7 @@ at::Tensor radix_histogram_cuda(at::Tensor x, bool absolute, int64_t mode, int64
                                 int64_t shift, int64_t index_offset, int64_t key_equal) {
   constexpr const char* op = "radix_histogram_cuda";
   check_input(x, op);
-  const int bits = key_bits(x, op);
+  const int bits = radix_key_bits(x, op);
   TORCH_CHECK(mode == kRadixKeys || mode == kRadixIndices, op, ": mode must be 0 (keys) or 1 (indices), got ", mode);
   TORCH_CHECK(shift >= 0 && shift < 64, op, ": shift must be in [0, 64), got ", shift);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -286,7 +276,7 @@ at::Tensor select_mask_cuda(at::Tensor x, bool absolute, int64_t kth_key, int64_
                             int64_t index_offset) {
   constexpr const char* op = "select_mask_cuda";
   check_input(x, op);
-  const int bits = key_bits(x, op);
+  const int bits = radix_key_bits(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.numel()}, x.options().dtype(at::kByte));
   if (x.numel() == 0) return out;

@@ -1,18 +1,18 @@
 // Ssiuu's attribution regularizer on CUDA. Semantics: simu_fast/ops/ssiuu_regularize.py.
 //
-// A multi-tensor launch as in sophia_step.cu, without masks: one launch per (g, phi, d) dtype group updates
-// every tensor of the group (phi_prev has phi's dtype, d_prev d's, so they add no groups); the penalty
-// (norm or squared) is a template parameter of the whole launch. The host writes a table (int64, pinned,
-// copied non_blocking on the current stream):
+// A multi-tensor launch as in the masked SophiaG ops (masked_launch.cuh), without masks: one launch per
+// (g, phi, d) dtype group updates every tensor of the group (phi_prev has phi's dtype, d_prev d's, so they
+// add no groups); the penalty (norm or squared) is a template parameter of the whole launch. The host
+// writes a table (int64, pinned, copied non_blocking on the current stream):
 //
 //   table[0 .. n]               chunk_start[t]: first chunk of tensor t; chunk_start[n] = total chunks
 //   table[n+1 ..]               n TensorMeta records (pointers, numel, vec)
 //
 // Block b handles chunk b: it finds its tensor by binary search over chunk_start and updates elements
 // [c * kChunk, min((c + 1) * kChunk, numel)) of it, 4 at a time with vector accesses where all 5 pointers
-// allow them. The float32 arithmetic is explicit round-to-nearest (__fmul_rn, __fsub_rn, __fadd_rn: never
-// contracted into an FMA) in the reference's order, so g matches the eager reference bit for bit. Only g
-// is written.
+// allow them. The float32 arithmetic is explicit round-to-nearest (mul_rn, sub_rn, add_rn of
+// multi_tensor.cuh: never contracted into an FMA) in the reference's order, so g matches the eager reference
+// bit for bit. Only g is written.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,7 +29,8 @@ namespace simu_fast {
 namespace {
 
 // F32 / BF16 / F16, with_type, kVec (4 elements per thread-iteration on the vector path), Pack, load_pack,
-// store_pack, aligned_for_vec; the table: make_table (host), load_chunk_meta (device).
+// store_pack, aligned_for_vec; mul_rn / sub_rn / add_rn; the table: make_table (host), load_chunk_meta
+// (device); the checks dtype_code, check_tensor, cuda_device.
 using namespace multi_tensor;
 
 constexpr int kThreads = 512;          // threads per block (multiple of 32)
@@ -54,13 +55,13 @@ static_assert(sizeof(TensorMeta) == 8 * sizeof(int64_t), "TensorMeta is 8 int64 
 template <bool kSquared>
 __device__ __forceinline__ float ssiuu_element(float g, float phi, float d, float phi_prev, float d_prev,
                                                float scale) {
-  const float a = __fmul_rn(phi, d);
-  const float a_prev = __fmul_rn(phi_prev, d_prev);
-  const float delta = __fsub_rn(a, a_prev);
-  const float s = kSquared ? delta : __fsub_rn(delta > 0.f ? 1.f : 0.f, delta < 0.f ? 1.f : 0.f);
+  const float a = mul_rn(phi, d);
+  const float a_prev = mul_rn(phi_prev, d_prev);
+  const float delta = sub_rn(a, a_prev);
+  const float s = kSquared ? delta : sub_rn(delta > 0.f ? 1.f : 0.f, delta < 0.f ? 1.f : 0.f);
   const float negative = a < 0.f ? 1.f : 0.f;
-  const float term = __fmul_rn(__fmul_rn(__fmul_rn(negative, s), d), scale);
-  return __fadd_rn(g, term);
+  const float term = mul_rn(mul_rn(mul_rn(negative, s), d), scale);
+  return add_rn(g, term);
 }
 
 template <typename GT, typename PT, typename DT, bool kSquared>
@@ -135,37 +136,17 @@ void launch(const std::vector<TensorMeta>& metas, const Op& op, const at::Device
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// 0: float32, 1: bfloat16, 2: float16.
-int dtype_code(at::ScalarType t, const char* what, size_t i) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default: TORCH_CHECK(false, "ssiuu_regularize_cuda: ", what, " ", i, " must be float32, bfloat16 or float16, got ", t);
-  }
-  return -1;
-}
-
-void check_tensor(const at::Tensor& x, const at::Device& device, int64_t numel, const char* what, size_t i) {
-  TORCH_CHECK(x.device() == device, "ssiuu_regularize_cuda: ", what, " ", i, " is on ", x.device(), ", expected ",
-              device);
-  TORCH_CHECK(x.is_contiguous(), "ssiuu_regularize_cuda: ", what, " ", i, " must be contiguous");
-  TORCH_CHECK(x.numel() == numel, "ssiuu_regularize_cuda: ", what, " ", i, " has ", x.numel(),
-              " elements, expected ", numel);
-}
-
 }  // namespace
 
 void ssiuu_regularize_cuda(TensorList grads, TensorList params, TensorList prob_grads, TensorList prev_params,
                            TensorList prev_prob_grads, double lam, bool squared) {
+  constexpr const char* op = "ssiuu_regularize_cuda";
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && prob_grads.size() == n && prev_params.size() == n && prev_prob_grads.size() == n,
               "ssiuu_regularize_cuda: grads, params, prob_grads, prev_params and prev_prob_grads must have the same "
               "length (", n, ")");
   if (n == 0) return;
-  TORCH_CHECK(params[0].is_cuda(), "ssiuu_regularize_cuda: tensors must be on a CUDA device, got ",
-              params[0].device());
-  const at::Device device = params[0].device();
+  const at::Device device = cuda_device(params[0], op);
   const c10::cuda::CUDAGuard guard(device);
   // The reference rounds lam (norm) or 2 lam (squared) to float32 once.
   const float scale = static_cast<float>(squared ? 2.0 * lam : lam);
@@ -175,18 +156,18 @@ void ssiuu_regularize_cuda(TensorList grads, TensorList params, TensorList prob_
     const at::Tensor &g = grads[i], &p = params[i], &d = prob_grads[i];
     const at::Tensor &pp = prev_params[i], &dp = prev_prob_grads[i];
     const int64_t numel = p.numel();
-    check_tensor(p, device, numel, "parameter", i);
-    check_tensor(g, device, numel, "gradient", i);
-    check_tensor(d, device, numel, "probability gradient", i);
-    check_tensor(pp, device, numel, "previous parameter", i);
-    check_tensor(dp, device, numel, "previous probability gradient", i);
+    check_tensor(p, device, numel, op, "parameter", i);
+    check_tensor(g, device, numel, op, "gradient", i);
+    check_tensor(d, device, numel, op, "probability gradient", i);
+    check_tensor(pp, device, numel, op, "previous parameter", i);
+    check_tensor(dp, device, numel, op, "previous probability gradient", i);
     TORCH_CHECK(pp.scalar_type() == p.scalar_type(), "ssiuu_regularize_cuda: previous parameter ", i,
                 " must have the parameter's dtype");
     TORCH_CHECK(dp.scalar_type() == d.scalar_type(), "ssiuu_regularize_cuda: previous probability gradient ", i,
                 " must have the probability gradient's dtype");
-    const int gc = dtype_code(g.scalar_type(), "gradient", i);
-    const int pc = dtype_code(p.scalar_type(), "parameter", i);
-    const int dc = dtype_code(d.scalar_type(), "probability gradient", i);
+    const int gc = dtype_code(g.scalar_type(), op, "gradient", i);
+    const int pc = dtype_code(p.scalar_type(), op, "parameter", i);
+    const int dc = dtype_code(d.scalar_type(), op, "probability gradient", i);
     if (numel == 0) continue;
     TensorMeta t{};
     t.ptr[kG] = reinterpret_cast<int64_t>(g.data_ptr());

@@ -1,7 +1,8 @@
 """Masked Hessian EMA for SophiaG's update_hessian(): h <- beta2 * h + (1 - beta2) * g^2 on selected elements.
 
 g is the gradient now in p.grad (for the GNB estimator, the gradient of a loss on labels sampled from
-the model's own logits). Same backends and mask layout as sophia_step.
+the model's own logits). Same backends and mask layout as sophia_step: cpu (csrc/cpu/hessian_ema.cpp),
+cuda (csrc/cuda/hessian_ema.cu) and triton (triton_kernels/hessian_ema.py).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def hessian_ema(hessians: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     kinds, mask_tensors, row_lens = kernel_mask_args(masks, device)
     args = (list(hessians), list(grads), kinds, mask_tensors, row_lens, float(beta2))
     if chosen == "triton":
-        from ..triton_kernels import sophia_step as triton_sophia
+        from ..triton_kernels import hessian_ema as triton_hessian_ema
 
-        return triton_sophia.hessian_ema(*args)
+        return triton_hessian_ema.hessian_ema(*args)
     fn = extension().hessian_ema_cuda if chosen == "cuda" else extension().hessian_ema_cpu
     fn(*args)

@@ -2,7 +2,8 @@
 
 The optimizers run it before a step (nonfinite="raise" | "skip") so that a NaN/inf gradient is caught
 before it touches any parameter or state. Only selected elements are read: with sparse neuron masks
-the check costs as little as the step.
+the check costs as little as the step. Backends: reference (below), cpu (csrc/cpu/nonfinite_check.cpp),
+cuda (csrc/cuda/nonfinite_check.cu) and triton (triton_kernels/nonfinite_check.py).
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ def count_nonfinite(grads: Sequence[torch.Tensor], masks: Sequence[UpdateMask], 
                                      else kernel_mask_args(masks, device))
     args = (list(grads), kinds, mask_tensors, row_lens)
     if chosen == "triton":
-        from ..triton_kernels import sophia_step as triton_sophia
+        from ..triton_kernels import nonfinite_check as triton_nonfinite
 
-        fn = triton_sophia.count_nonfinite
+        fn = triton_nonfinite.count_nonfinite
     else:
         fn = extension().count_nonfinite_cuda if chosen == "cuda" else extension().count_nonfinite_cpu
     return run_kernel(fn, args, checks) if prepared is not None else fn(*args)

@@ -463,7 +463,7 @@ def test_triton_code_paths(triton_backend, gen, monkeypatch, kind, variant):
     """int64-offsets: the 64-bit offset specialisation (normally for tensors of 2^31+ elements) on small
     data. small-blocks: 64-item programs, so that many programs, partial tail blocks and the atomic
     count reduction run even under the interpreter (which otherwise uses one large program)."""
-    from simu_fast.triton_kernels import sophia_step as tk
+    from simu_fast.triton_kernels import masked_elements as tk  # the launch helpers of all three ops
 
     if variant == "int64-offsets":
         monkeypatch.setattr(tk, "_I32_LIMIT", 0)

@@ -26,9 +26,10 @@ How:
   dtype and data_ptr alignment are read); sizes are Python ints, so a 2^31-element case costs nothing.
 - The arguments are built as the launchers build them, with the launchers' own constants and helpers
   (_GPU_BLOCK / _GPU_WARPS..., _launch_config(cuda), _work, _mask_arg, _use_i64, _FORMATS, _EXP_MASKS,
-  bits_view, _i32 / _i64): when a launcher changes a block size, the compile here follows it. Where a
-  launcher computes values inline (radix_histogram's prefix masks, ig_accumulate's chunk), the builder
-  repeats that computation, with the launcher's constants.
+  bits_view, _i32 / _i64; the masked ops' shared ones from masked_elements, which their modules import):
+  when a launcher changes a block size, the compile here follows it. Where a launcher computes values
+  inline (radix_histogram's prefix masks, ig_accumulate's chunk), the builder repeats that computation,
+  with the launcher's constants.
 - Checked per case: PTX (.target sm_90a, one entry) and a cubin were produced for GPUTarget cuda/90, the
   launcher's num_warps / enable_fp_fusion reached the compiler, and the kernel's shared memory fits an
   sm_90 block. Register counts and loading the cubin need a GPU: the gpu-marked parity tests do that.
@@ -89,8 +90,9 @@ def _cases():
                                    (BF16, True, 1_000_003), (F16, False, 1_000_003), (F16, True, 4096)]:
         add("radix_select", "_select_mask_kernel", dtype=dtype, absolute=absolute, numel=numel)
 
-    # sophia_step: every mask kind x parameter dtype, gradient dtypes and flags spread over them; "big"
-    # parameters have 2^31 elements (USE_I64; the work count itself int64 for FULL / DENSE)
+    # the masked SophiaG ops (sophia_step, hessian_ema, nonfinite_check): every mask kind x parameter dtype,
+    # gradient dtypes and flags spread over them; "big" parameters have 2^31 elements (USE_I64; the work
+    # count itself int64 for FULL / DENSE)
     for kind, p, g, maximize, update_h, stochastic, big in [
             ("FULL", F32, F32, False, False, False, True), ("FULL", BF16, BF16, False, True, True, False),
             ("FULL", F16, F16, True, False, False, False), ("ROWS", F32, BF16, False, True, False, False),
@@ -102,11 +104,11 @@ def _cases():
             stochastic=stochastic, big=big)
     for kind, g, big in [("FULL", F32, False), ("ROWS", BF16, False), ("COLS", F16, False),
                          ("DENSE", BF16, False), ("FULL", BF16, True), ("COLS", F32, True)]:
-        add("sophia_step", "_hessian_ema_kernel", kind=kind, g=g, big=big)
+        add("hessian_ema", "_hessian_ema_kernel", kind=kind, g=g, big=big)
     # out_index: count_nonfinite hands the kernel out[i:], an int64 pointer 8 * i bytes into its output
     for kind, g, big, out_index in [("FULL", F32, False, 0), ("ROWS", BF16, False, 1), ("COLS", F16, False, 2),
                                     ("DENSE", F32, False, 3), ("FULL", BF16, True, 0), ("DENSE", F16, True, 1)]:
-        add("sophia_step", "_count_nonfinite_kernel", kind=kind, g=g, big=big, out_index=out_index)
+        add("nonfinite_check", "_count_nonfinite_kernel", kind=kind, g=g, big=big, out_index=out_index)
 
     # ssiuu_regularize: g, phi, d dtypes (each its own), both penalties
     for g, p, d, squared, numel in [(F32, F32, F32, True, 4096), (BF16, BF16, BF16, False, 1_000_003),
@@ -194,11 +196,15 @@ def _args_select_mask(mod, dtype, absolute, numel):
 
 def _mask_layout(mod, kind, big, dummy):
     """(kind code, mask tensor handed to the kernel, n_index, row_len, numel) of a parameter: [4096, 1024]
-    (or [2^17, 2^14] = 2^31 elements when big), 300 rows / columns selected for ROWS / COLS."""
+    (or [2^17, 2^14] = 2^31 elements when big), 300 rows / columns selected for ROWS / COLS. The kind codes
+    come from masked_elements (shared by the masked ops' modules), the mask argument from mod's launcher."""
+    import importlib
+
+    masked = importlib.import_module(f"{PACKAGE}.masked_elements")
     rows, row_len = (2**17, 2**14) if big else (4096, 1024)
-    code = getattr(mod, kind)
-    mask_tensor = {mod.ROWS: _tensor("int64", 300), mod.COLS: _tensor("int64", 300),
-                   mod.DENSE: _tensor("uint8"), mod.FULL: _tensor("int64", 0)}[code]
+    code = getattr(masked, kind)
+    mask_tensor = {masked.ROWS: _tensor("int64", 300), masked.COLS: _tensor("int64", 300),
+                   masked.DENSE: _tensor("uint8"), masked.FULL: _tensor("int64", 0)}[code]
     mask_arg, n_index = mod._mask_arg(code, mask_tensor, dummy)
     return code, mask_arg, n_index, row_len, rows * row_len
 
@@ -255,8 +261,8 @@ BUILDERS = {
     ("radix_select", "_radix_histogram_kernel"): _args_radix_histogram,
     ("radix_select", "_select_mask_kernel"): _args_select_mask,
     ("sophia_step", "_sophia_step_kernel"): _args_sophia_step,
-    ("sophia_step", "_hessian_ema_kernel"): _args_hessian_ema,
-    ("sophia_step", "_count_nonfinite_kernel"): _args_count_nonfinite,
+    ("hessian_ema", "_hessian_ema_kernel"): _args_hessian_ema,
+    ("nonfinite_check", "_count_nonfinite_kernel"): _args_count_nonfinite,
     ("ssiuu_regularize", "_ssiuu_kernel"): _args_ssiuu,
 }
 
