@@ -34,14 +34,14 @@ def reference_keys(x: torch.Tensor, absolute: bool) -> torch.Tensor:
     """Order-preserving unsigned keys as int64: ascending key == ascending value; -0.0 -> +0.0."""
     bits = KEY_BITS[x.dtype]
     flat = x.reshape(-1)
-    if absolute:
-        flat = flat.abs()
     if bits == 32:
         raw = flat.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     else:
         raw = flat.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     sign = 1 << (bits - 1)
     full = (1 << bits) - 1
+    if absolute:  # |x| as the kernels take it: the sign bit cleared (torch's abs may rewrite a NaN's payload)
+        raw = raw & (sign - 1)
     raw = torch.where(raw == sign, 0, raw)  # -0.0 ties with +0.0
     return torch.where(raw & sign != 0, full - raw, raw | sign)
 
