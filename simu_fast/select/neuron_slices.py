@@ -15,8 +15,11 @@ the optimizer owns instead of the weight, which is frozen:
   (index_copy_; an FSDP2-sharded weight takes its rows of the slice on each rank), so anything that reads
   the model (evaluation, saving, the GNB Hessian's forward) sees the update.
 
-Optimizer state (SophiaG's m and h) is therefore [H, k] float32 per layer, and the optimizer's state_dict,
-DCP and resume carry it like any parameter's. The slices live outside the model's modules: model.state_dict()
+Optimizer state (SophiaG's m and h) is therefore [H, k] float32 per layer, and the optimizer's own
+state_dict() and load_state_dict() (what the Unlearner's checkpoints and resume use, per rank under FSDP2)
+carry it like any parameter's. torch.distributed.checkpoint's get_optimizer_state_dict(model, optimizer)
+does not: it names optimizer state by the model's parameter names, and the slices are not model parameters
+(it fails with a KeyError); with DCP-based checkpointing of your own, use SIMU(sparse=False). The slices live outside the model's modules: model.state_dict()
 and save_pretrained are unchanged. With several processes every rank holds the whole slices and the backward
 averages their gradients over the ranks itself (neither DDP nor FSDP2 knows them), for every backward: the
 loss's, each accumulated micro-batch's, the GNB Hessian's. A module whose weight requires grad again (a
