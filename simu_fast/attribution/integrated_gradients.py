@@ -217,7 +217,9 @@ class NeuronAttributor:
         base_weight = torch.full((n_ex,), self.weights[shared] if shared is not None else 0.0, device=device)
         base_pos = position_mask(labels_e, attn_e, self.positions)
         branch_pos = position_mask(labels_e.repeat(m, 1), attn_e.repeat(m, 1), self.positions)
-        state = {"row_example": torch.arange(n_ex, device=device)}
+        # each row's example: the base rows, then steps x examples more at each hooked layer, in layer order
+        row_example = torch.cat([torch.arange(n_ex, device=device)] +
+                                [torch.arange(n_ex, device=device).repeat(m)] * (len(slots) if m else 0))
         blocks: dict[int, tuple[int, int]] = {}
         by_layer = {self.layers[li]: li for li in slots}
         first = min(by_layer)
@@ -228,9 +230,8 @@ class NeuronAttributor:
             if layer in by_layer and m:  # append this layer's rows: copies of the base rows, once per step
                 lo = hidden.shape[0]
                 hidden = torch.cat([hidden, hidden[:n_ex].detach().repeat(m, *([1] * (hidden.dim() - 1)))])
-                state["row_example"] = torch.cat([state["row_example"], torch.arange(n_ex, device=device).repeat(m)])
                 blocks[by_layer[layer]] = (lo, hidden.shape[0])
-            rows = state["row_example"]
+            rows = row_example[:hidden.shape[0]]
 
             def per_row(v):  # an input with one entry per example (the attention mask): one per row
                 return (v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n_ex
@@ -273,9 +274,6 @@ class NeuronAttributor:
                     lambda mod, args, kwargs, layer=index: expand(mod, args, kwargs, layer), with_kwargs=True))
         for li in slots:
             handles.append(self.modules[self.layers[li]].register_forward_pre_hook(scale(li)))
-        # the rows' labels: known before the forward (the rows are appended in a known order)
-        row_example = torch.cat([torch.arange(n_ex, device=device)] +
-                                [torch.arange(n_ex, device=device).repeat(m)] * (len(slots) if m else 0))
         row_labels = labels_e.index_select(0, row_example).clone()
         if shared is None:
             row_labels[:n_ex] = IGNORE_INDEX  # the base rows only carry the prefix: no target

@@ -83,14 +83,21 @@ class _Slice:
         self.name, self.module, self.axis = name, module, axis
         weight = module.weight
         self.index = index.to(device=weight.device, dtype=torch.int64)
-        with torch.no_grad():
-            full = weight.full_tensor() if is_dtensor(weight) else weight
-            values = full.index_select(1 if axis == COLUMNS else 0, self.index)
-            self.values = torch.nn.Parameter(values.detach().clone().contiguous())
-            self.bias_values = None
-            if with_bias:
-                bias = module.bias.full_tensor() if is_dtensor(module.bias) else module.bias
-                self.bias_values = torch.nn.Parameter(bias.index_select(0, self.index).detach().clone())
+        values, bias_values = self._current(with_bias)
+        self.values = torch.nn.Parameter(values.contiguous())
+        self.bias_values = torch.nn.Parameter(bias_values) if with_bias else None
+
+    @torch.no_grad()
+    def _current(self, with_bias: bool):
+        """Copies of the selected slice of the module's weight (and bias) as they are now (full tensors of
+        sharded ones)."""
+        weight, bias = self.module.weight, self.module.bias
+        weight = weight.full_tensor() if is_dtensor(weight) else weight
+        values = weight.index_select(1 if self.axis == COLUMNS else 0, self.index).clone()
+        if not with_bias:
+            return values, None
+        bias = bias.full_tensor() if is_dtensor(bias) else bias
+        return values, bias.index_select(0, self.index).clone()
 
     def parameters(self) -> list:
         return [self.values] + ([self.bias_values] if self.bias_values is not None else [])
@@ -107,12 +114,10 @@ class _Slice:
     @torch.no_grad()
     def read_from_model(self) -> None:
         """The slice's values from the module's weights (after the model was loaded, e.g. on resume)."""
-        weight = self.module.weight
-        full = weight.full_tensor() if is_dtensor(weight) else weight
-        self.values.copy_(full.index_select(1 if self.axis == COLUMNS else 0, self.index))
-        if self.bias_values is not None:
-            bias = self.module.bias.full_tensor() if is_dtensor(self.module.bias) else self.module.bias
-            self.bias_values.copy_(bias.index_select(0, self.index))
+        values, bias_values = self._current(self.bias_values is not None)
+        self.values.copy_(values)
+        if bias_values is not None:
+            self.bias_values.copy_(bias_values)
 
     def patch(self) -> None:
         slice_ = self
