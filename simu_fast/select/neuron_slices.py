@@ -10,7 +10,8 @@ the optimizer owns instead of the weight, which is frozen:
   current values), so outputs equal the dense path bit for bit;
 - backward: the input gradient as usual, and the slice's gradient alone: grad_out^T @ x[:, idx] for
   columns (only x[:, idx] is saved, not x), grad_out[:, idx]^T @ x for rows. The [H, F] weight gradient
-  never exists. Its values equal the dense gradient's slice up to the float32 GEMM's summation order;
+  never exists. On the CPU in float32 its values equal the dense gradient's slice bit for bit (see
+  _MIN_GEMM_WIDTH; another BLAS may sum in another order, which changes the last bits only);
 - after every optimizer.step() (a step post-hook) the slices are written back into the weights
   (index_copy_; an FSDP2-sharded weight takes its rows of the slice on each rank), so anything that reads
   the model (evaluation, saving, the GNB Hessian's forward) sees the update.
@@ -40,6 +41,20 @@ from ..distributed.dtensor import is_dtensor, local, row_range
 COLUMNS, ROWS = "columns", "rows"
 
 
+# MKL's float32 GEMM takes another kernel, which sums the tokens in another order, when a dimension of the
+# output is under 12; the full [H, F] gradient never has one. Zero columns up to 16 keep the slice's GEMM on
+# the kernel the dense gradient uses: measured on this project's CPUs, every slice then equals the dense
+# gradient's slice bit for bit (k = 1..100, 37-1024 tokens, 1 or 2 threads); without them k < 12 differs in
+# the last bits. The zeros add nothing to any sum.
+_MIN_GEMM_WIDTH = 16
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """t ([tokens, k]) with zero columns up to _MIN_GEMM_WIDTH."""
+    k = t.shape[-1]
+    return F.pad(t, (0, _MIN_GEMM_WIDTH - k)) if k < _MIN_GEMM_WIDTH else t
+
+
 class _SliceLinear(torch.autograd.Function):
     """y = F.linear(x, weight, bias); gradients for x and for the selected slice (and bias rows) only."""
 
@@ -64,13 +79,13 @@ class _SliceLinear(torch.autograd.Function):
         a = saved.reshape(-1, saved.shape[-1]).to(compute)
         grad_bias_values = None
         if ctx.axis == COLUMNS:
-            grad_values = g.t() @ a  # [out, k]
+            grad_values = (g.t() @ _padded(a))[:, :index.numel()]  # [out, k]
         else:
             g_sel = g.index_select(1, index)  # [tokens, k]
-            grad_values = g_sel.t() @ a  # [k, in]
+            grad_values = (_padded(g_sel).t() @ a)[:index.numel()]  # [k, in]
             if ctx.has_bias_values:
                 grad_bias_values = g_sel.sum(0).to(values_dtype)
-        grad_values = grad_values.to(values_dtype)
+        grad_values = grad_values.to(values_dtype).contiguous()
         if _dist.is_initialized() and _dist.world_size() > 1:
             # every rank holds the whole slice and neither DDP nor FSDP2 knows it: average this backward's
             # contribution here, so accumulation, the GNB Hessian's backward and clipping all see the mean
