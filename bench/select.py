@@ -20,12 +20,14 @@ Methods (same x, same k; timed interleaved, one call of each per round):
 - kth_largest/<b>: simu_fast.ops.radix_select.kth_largest(x, k, backend=b).
 
 Per row, besides the common fields (median/min ms, speedup = torch.topk median / median):
-- passes (ours): histogram passes + 1 mask pass (topk_mask) or histogram passes (kth_largest), counted by
-  wrapping the driver's histogram dispatch in one extra, untimed call; passes_detail: "4K+3I+M" = 4 key passes,
-  3 index passes, the mask pass; full_passes: the passes that read all of x (index passes after the first
-  only read the window of indices that can still match: 2^(shift+8) of them); bytes_moved: the bytes those
-  passes read and write. torch methods: None (not observable from outside).
-- index_bytes: index memory the method allocates: ours 0; torch.topk k*8 (its int64 indices); torch.sort
+- passes (ours): the kernel passes over x, counted by wrapping the driver's dispatches in one extra, untimed
+  call; passes_detail: "4K+3I+M" = 4 key passes, 3 index passes, the mask pass; "B (+13 small)" = the
+  bracket pass alone over x, then 13 passes over the sample (up to 65536 elements) and the candidates; full_passes:
+  the passes that read all of x (index passes after the first only read the window of indices that can
+  still match: 2^(shift+8) of them); bytes_moved: the bytes all passes read and write (the candidates'
+  lists not counted). torch methods: None (not observable from outside).
+- index_bytes: index memory the method allocates: ours 0 for the radix passes, the bracket's candidate lists
+  (12 bytes per candidate, about 1-3% of n) not counted; torch.topk k*8 (its int64 indices); torch.sort
   n*8; torch.kthvalue on the CPU n*8 (ATen's kthvalue_out_impl_cpu copies x and allocates an int64 index per
   element), on a GPU None (radix select in place: see peak memory).
 - peak_mem_mb: GPU only: torch.cuda.max_memory_allocated during one warm call, above what was allocated
@@ -122,31 +124,50 @@ def reference(x: torch.Tensor, k: int) -> Reference:
     return Reference(k, mask, exact, float(kth), above, equal)
 
 
-def count_passes(fn: Callable[[], object], n: int, mask_pass: bool) -> dict:
-    """Run fn once with the driver's histogram dispatch wrapped; count and size its passes."""
+def count_passes(fn: Callable[[], object], n: int) -> dict:
+    """Run fn once with the driver's kernel dispatches wrapped; count and size the passes over x (n elements)
+    and those over smaller tensors (the bracket's sample and candidates)."""
     from simu_fast.ops import radix_select as rs
 
     calls = []
-    original = rs._histogram
+    originals = rs._histogram, rs._select_mask, rs._bracket_mask
 
-    def counting(x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal, backend):
-        calls.append((mode, prefix_bits, shift))
-        return original(x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal, backend)
+    def histogram(x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal, backend):
+        calls.append(("K" if mode == rs.KEYS else "I", x.numel(), prefix_bits, shift))
+        return originals[0](x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal, backend)
 
-    rs._histogram = counting
+    def select(x, *args):
+        calls.append(("M", x.numel(), 0, 0))
+        return originals[1](x, *args)
+
+    def bracket(x, *args):
+        calls.append(("B", x.numel(), 0, 0))
+        return originals[2](x, *args)
+
+    rs._histogram, rs._select_mask, rs._bracket_mask = histogram, select, bracket
     try:
         fn()
     finally:
-        rs._histogram = original
-    key = [c for c in calls if c[0] == rs.KEYS]
-    index = [c for c in calls if c[0] == rs.INDICES]
-    # an index pass with a prefix only visits the window of indices that pass it: 2^(shift+8)
-    read = len(key) * n + sum(n if pb == 0 else min(n, 1 << (shift + 8)) for _, pb, shift in index)
-    full = len(key) + sum(1 for _, pb, _ in index if pb == 0)
-    detail = f"{len(key)}K" + (f"+{len(index)}I" if index else "") + ("+M" if mask_pass else "")
+        rs._histogram, rs._select_mask, rs._bracket_mask = originals
     itemsize = torch.tensor([], dtype=DTYPE).element_size()
-    return dict(passes=len(calls) + int(mask_pass), full_passes=full + int(mask_pass), passes_detail=detail,
-                bytes_moved=read * itemsize + ((n * itemsize + n) if mask_pass else 0))
+    read = written = 0
+    full, small, detail = 0, 0, {}
+    for kind, numel, prefix_bits, shift in calls:
+        # an index pass with a prefix only visits the window of indices that pass it: 2^(shift+8)
+        visited = min(numel, 1 << (shift + 8)) if kind == "I" and prefix_bits else numel
+        read += visited * itemsize
+        written += numel if kind in ("M", "B") else 0
+        if numel < n:
+            small += 1
+            continue
+        detail[kind] = detail.get(kind, 0) + 1
+        full += visited == n
+    text = "+".join(f"{count}{kind}" if count > 1 or kind in "KI" else kind
+                    for kind, count in sorted(detail.items(), key=lambda kv: "BKIM".index(kv[0])))
+    if small:
+        text += f" (+{small} small)"
+    return dict(passes=sum(detail.values()), full_passes=full, passes_detail=text, small_passes=small,
+                bytes_moved=read + written)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -235,7 +256,7 @@ def bench_case(x: torch.Tensor, size: str, dist: str, frac: float, device: torch
     passes = {}
     for name in timed:
         if "/" in name:
-            passes[name] = count_passes(timed[name], n, mask_pass=name.startswith("topk_mask"))
+            passes[name] = count_passes(timed[name], n)
 
     times = common.time_interleaved(timed, device, **timing)
     mem = {name: common.peak_memory(fn, device)[0] for name, fn in timed.items()}

@@ -37,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ig_accumulate_cpu", &simu_fast::ig_accumulate_cpu);
   m.def("radix_histogram_cpu", &simu_fast::radix_histogram_cpu);
   m.def("select_mask_cpu", &simu_fast::select_mask_cpu);
+  m.def("bracket_mask_cpu", &simu_fast::bracket_mask_cpu);
   m.def("ssiuu_regularize_cpu", &simu_fast::ssiuu_regularize_cpu);
 #ifdef SIMU_FAST_WITH_CUDA
   m.def("sophia_step_cuda", &simu_fast::sophia_step_cuda);
@@ -45,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ig_accumulate_cuda", &simu_fast::ig_accumulate_cuda);
   m.def("radix_histogram_cuda", &simu_fast::radix_histogram_cuda);
   m.def("select_mask_cuda", &simu_fast::select_mask_cuda);
+  m.def("bracket_mask_cuda", &simu_fast::bracket_mask_cuda);
   m.def("ssiuu_regularize_cuda", &simu_fast::ssiuu_regularize_cuda);
 #endif
 }

@@ -10,6 +10,12 @@
 //        rule applied to the index; bin 256 is 0.
 //   select_mask(x, absolute, kth_key, index_cutoff, index_offset)
 //     -> uint8 [numel]: 1 where key > kth_key or (key == kth_key and index_offset + i <= index_cutoff).
+//   bracket_mask(x, absolute, lo_key, hi_key, capacity) -> (uint8 [numel], int64 index, values, int64 [3])
+//     one pass for a top-k whose k-th key is expected in [lo_key, hi_key] (0 <= lo_key <= hi_key < 2^bits):
+//     the mask is 1 where the element is not NaN and key > hi_key, else 0; counts = (elements above hi_key,
+//     candidates, NaN elements), the candidates being the non-NaN elements with lo_key <= key <= hi_key. The
+//     candidates' flat indices and values (x's dtype) fill the first min(candidates, capacity) entries of
+//     index and values (in ascending index order on the CPU, in any order on CUDA; the tensors may be longer).
 //
 // x: contiguous float32 / bfloat16 / float16, any numel (int64 indexing). Keys are 32-bit for float32 and
 // 16-bit for the 16-bit types: ascending key == ascending value, -0.0 folded onto +0.0 (see radix_key).
@@ -18,6 +24,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "update_mask.h"  // SF_HD
 
@@ -160,15 +167,27 @@ inline int radix_key_bits(const at::Tensor& x, const char* op) {
   return 0;
 }
 
+// bracket_mask's keys checked against the key width (`op` starts the message).
+inline void check_bracket(int key_bits, int64_t lo_key, int64_t hi_key, int64_t capacity, const char* op) {
+  const int64_t full = (int64_t{1} << key_bits) - 1;
+  TORCH_CHECK(0 <= lo_key && lo_key <= hi_key && hi_key <= full, op, ": need 0 <= lo_key <= hi_key <= ", full,
+              ", got lo_key=", lo_key, ", hi_key=", hi_key);
+  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0, got ", capacity);
+}
+
 at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_t key_prefix, int64_t prefix_bits,
                                int64_t shift, int64_t index_offset, int64_t key_equal);
 at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff, int64_t index_offset);
+std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
+                                         int64_t capacity);
 
 #ifdef SIMU_FAST_WITH_CUDA
 at::Tensor radix_histogram_cuda(at::Tensor x, bool absolute, int64_t mode, int64_t key_prefix, int64_t prefix_bits,
                                 int64_t shift, int64_t index_offset, int64_t key_equal);
 at::Tensor select_mask_cuda(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff,
                             int64_t index_offset);
+std::vector<at::Tensor> bracket_mask_cuda(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
+                                          int64_t capacity);
 #endif
 
 }  // namespace simu_fast

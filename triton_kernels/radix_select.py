@@ -1,4 +1,4 @@
-"""Triton kernels for radix select (exact top-k): radix_histogram and select_mask.
+"""Triton kernels for radix select (exact top-k): radix_histogram, select_mask and bracket_mask.
 
 Semantics: simu_fast/ops/radix_select.py (reference_keys, reference_radix_histogram, reference_select_mask;
 the driver there calls these two functions with the signatures of the C++ kernels). The argument plans
@@ -18,6 +18,9 @@ Layout of the work:
   At the end each program adds its non-zero bins into the int64 [257] output with tl.atomic_add
   (integer: deterministic).
 - select_mask: one elementwise pass writing uint8.
+- bracket_mask: one elementwise pass writing uint8; per block, the counts go out with one atomic each and
+  the candidates take consecutive slots reserved with one atomic on the candidate counter (tl.cumsum gives
+  each its place): in index order within a block, blocks in any order.
 - Offsets are int64 (x may pass 2^31 elements).
 - 32-bit kernel arguments (masks, keys) are passed as signed 32-bit values and bitcast to uint32 inside,
   so a value's magnitude does not change the argument type (and with it the compiled variant); the
@@ -117,6 +120,33 @@ def _select_mask_kernel(x_ptr, out_ptr, numel, kth, cut, ABSOLUTE: tl.constexpr,
     tl.store(out_ptr + offs, selected.to(tl.uint8), mask=inb)
 
 
+@triton.jit(do_not_specialize=["lo", "hi", "capacity"])
+def _bracket_mask_kernel(x_ptr, out_ptr, index_ptr, values_ptr, counts_ptr, numel, lo, hi, capacity, ABSOLUTE: tl.constexpr,
+                         SIGN: tl.constexpr, INF: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    inb = offs < numel
+    key, nan = _keys(x_ptr, offs, inb, ABSOLUTE, SIGN, INF, WIDE)
+    nan = inb & nan
+    valid = inb & (nan == 0)
+    lo_key = lo.to(tl.uint32, bitcast=True)
+    hi_key = hi.to(tl.uint32, bitcast=True)
+    up = valid & (key > hi_key)
+    candidate = valid & (key >= lo_key) & (key <= hi_key)
+    tl.store(out_ptr + offs, up.to(tl.uint8), mask=inb)
+    above = tl.sum(up.to(tl.int64), axis=0)
+    nans = tl.sum(nan.to(tl.int64), axis=0)
+    flags = candidate.to(tl.int64)
+    found = tl.sum(flags, axis=0)
+    tl.atomic_add(counts_ptr + 0, above, mask=above != 0, sem="relaxed")
+    tl.atomic_add(counts_ptr + 2, nans, mask=nans != 0, sem="relaxed")
+    if found != 0:
+        first = tl.atomic_add(counts_ptr + 1, found, sem="relaxed")
+        slot = first + tl.cumsum(flags, axis=0) - 1
+        kept = candidate & (slot < capacity)
+        tl.store(index_ptr + slot, offs, mask=kept)
+        tl.store(values_ptr + slot, tl.load(x_ptr + offs, mask=kept, other=0), mask=kept)
+
+
 # Triton decides at decoration time (TRITON_INTERPRET read at import) whether kernels are interpreted.
 _INTERPRETED = type(_select_mask_kernel).__name__ == "InterpretedFunction"
 
@@ -213,3 +243,30 @@ def select_mask(x: torch.Tensor, absolute: bool, kth_key: int, index_cutoff: int
         x.view(view_dtype), out, numel, _i32(kth), cut, ABSOLUTE=bool(absolute), SIGN=sign, INF=inf, WIDE=wide,
         BLOCK=block, **opts)
     return out
+
+
+def bracket_mask(x: torch.Tensor, absolute: bool, lo_key: int, hi_key: int, capacity: int):
+    """(uint8 [numel]: 1 where key > hi_key, int64 candidate indices and their values (the first
+    min(count, capacity) are valid, in any order), int64 [3]: above, candidates, NaN); see
+    reference_bracket_mask."""
+    view_dtype, sign, inf, wide = _check(x, "bracket_mask")
+    full = (1 << (32 if wide else 16)) - 1
+    if not 0 <= lo_key <= hi_key <= full or capacity < 0:
+        raise ValueError(f"bracket_mask (triton): need 0 <= lo_key <= hi_key <= {full} and capacity >= 0, got "
+                         f"lo_key={lo_key}, hi_key={hi_key}, capacity={capacity}")
+    numel = x.numel()
+    out = torch.empty(numel, dtype=torch.uint8, device=x.device)
+    index = torch.empty(min(capacity, numel), dtype=torch.int64, device=x.device)
+    values = torch.empty(index.numel(), dtype=x.dtype, device=x.device)
+    counts = torch.zeros(3, dtype=torch.int64, device=x.device)
+    if numel == 0:
+        return out, index, values, counts
+    if _INTERPRETED:
+        block = min(_INTERPRET_BLOCK, max(16, triton.next_power_of_2(numel)))
+        opts = {}
+    else:
+        block, opts = _GPU_SELECT_BLOCK, {"num_warps": _GPU_SELECT_WARPS}
+    _bracket_mask_kernel[(triton.cdiv(numel, block),)](
+        x.view(view_dtype), out, index, values.view(view_dtype), counts, numel, _i32(lo_key), _i32(hi_key), index.numel(),
+        ABSOLUTE=bool(absolute), SIGN=sign, INF=inf, WIDE=wide, BLOCK=block, **opts)
+    return out, index, values, counts

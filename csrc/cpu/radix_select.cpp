@@ -1,4 +1,4 @@
-// Radix select kernels on the CPU: radix_histogram and select_mask. Semantics: simu_fast/ops/radix_select.py;
+// Radix select kernels on the CPU: radix_histogram, select_mask and bracket_mask. Semantics: simu_fast/ops/radix_select.py;
 // the key transform and the argument plans are in ../radix_select.h.
 //
 // radix_histogram: x is cut into one contiguous chunk per thread (at::parallel_for over the chunks); a chunk
@@ -11,18 +11,35 @@
 //
 // select_mask: one pass, threads over ranges; within a range the index test splits it at the cut-off, so
 // each part is a plain SIMD compare of 32-bit keys (key >= kth before the cut-off, key > kth after it).
+//
+// bracket_mask: one pass, one contiguous chunk per thread; a block of kBlock elements is a SIMD loop writing
+// the mask bytes (key > hi), counting those and the NaN and flagging the candidates (lo <= key <= hi) in a
+// local byte array, then a scan of the flags eight at a time (one 64-bit test per eight elements: the
+// candidates are a few percent of x) appends the candidates' indices and values to the chunk's lists
+// without a branch per element. The lists are concatenated in chunk order: the candidates come out in
+// ascending index order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a bracket
+// that missed costs no more memory than that.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <vector>
 
 #include "../radix_select.h"
 
 namespace simu_fast {
 namespace {
+
+// The extension is built for the baseline x86-64 (SSE2); a pass that must run at memory speed also gets
+// AVX2 and AVX-512 versions, picked at load time by the CPU it runs on (GCC's target_clones).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMU_FAST_WIDE_SIMD __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define SIMU_FAST_WIDE_SIMD
+#endif
 
 constexpr int64_t kBlock = 1024;         // elements binned per inner SIMD loop
 constexpr int64_t kMinChunk = 1 << 16;   // elements per thread, at least
@@ -131,6 +148,101 @@ void select(const at::Tensor& x, bool absolute, const RadixSelectPlan& p, uint8_
   });
 }
 
+template <typename Bits>
+struct BracketChunk {
+  int64_t above = 0, candidates = 0, nan = 0, stored = 0;
+  std::vector<int64_t> index;  // [0, stored) hold the chunk's candidates; the rest is room
+  std::vector<Bits> bits;
+};
+
+template <typename Format>
+SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x, uint8_t* __restrict out,
+                                       int64_t begin, int64_t end, bool absolute, uint32_t lo, uint32_t hi,
+                                       int64_t capacity, BracketChunk<typename Format::Bits>& c) {
+  alignas(64) uint8_t flag[kBlock];  // 1: a candidate, 2: NaN
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    const typename Format::Bits* __restrict xb = x + b;
+    uint8_t* __restrict ob = out + b;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t raw = xb[j];
+      const uint32_t key = radix_key(raw, Format::kSign, absolute);
+      const bool is_nan = radix_is_nan(raw, Format::kSign, Format::kInf);
+      ob[j] = (!is_nan && key > hi) ? 1 : 0;
+      flag[j] = is_nan ? 2 : ((key >= lo && key <= hi) ? 1 : 0);
+    }
+    uint32_t above = 0;
+#pragma omp simd reduction(+ : above)
+    for (int64_t j = 0; j < n; ++j) above += ob[j];
+    c.above += above;
+    for (int64_t j = n; j < kBlock && j % 8 != 0; ++j) flag[j] = 0;  // whole words below
+    for (int64_t j = 0; j < n; j += 8) {  // the flags eight at a time: most words are zero
+      uint64_t word;
+      std::memcpy(&word, flag + j, 8);
+      if (word == 0) continue;
+      const int64_t m = std::min<int64_t>(8, n - j);
+      if (c.stored + 8 > static_cast<int64_t>(c.index.size())) {  // room for eight more, doubling
+        const size_t room = std::max<size_t>(4096, 2 * c.index.size());
+        c.index.resize(room);
+        c.bits.resize(room);
+      }
+      int64_t* __restrict index = c.index.data();
+      typename Format::Bits* __restrict kept = c.bits.data();
+      int64_t stored = c.stored, nan = 0;
+      for (int64_t t = 0; t < m; ++t) {  // branch-free: every element is written, candidates advance
+        const uint32_t f = flag[j + t];
+        index[stored] = b + j + t;
+        kept[stored] = xb[j + t];
+        stored += f & 1u;
+        nan += f >> 1;
+      }
+      c.nan += nan;
+      c.candidates += stored - c.stored;
+      c.stored = std::min(stored, capacity);  // past capacity: counted, not kept
+    }
+  }
+}
+
+template <typename Format>
+std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity) {
+  using Bits = typename Format::Bits;
+  const auto* bits = reinterpret_cast<const Bits*>(x.data_ptr());
+  const int64_t numel = x.numel();
+  at::Tensor mask = at::empty({numel}, x.options().dtype(at::kByte));
+  uint8_t* out = mask.data_ptr<uint8_t>();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads, numel / kMinChunk));
+  const int64_t chunk = (numel + chunks - 1) / chunks;
+  std::vector<BracketChunk<Bits>> parts(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * chunk, end = std::min(numel, begin + chunk);
+      if (begin < end) bracket_chunk<Format>(bits, out, begin, end, absolute, lo, hi, capacity, parts[c]);
+    }
+  });
+  at::Tensor counts = at::zeros({3}, x.options().dtype(at::kLong));
+  int64_t* n = counts.data_ptr<int64_t>();
+  int64_t stored = 0;
+  for (const auto& c : parts) {
+    n[0] += c.above;
+    n[1] += c.candidates;
+    n[2] += c.nan;
+    stored += c.stored;
+  }
+  const int64_t kept = std::min(stored, capacity);
+  at::Tensor index = at::empty({kept}, x.options().dtype(at::kLong));
+  at::Tensor values = at::empty({kept}, x.options());
+  int64_t filled = 0;
+  for (const auto& c : parts) {
+    const int64_t take = std::min(c.stored, kept - filled);
+    std::copy(c.index.begin(), c.index.begin() + take, index.data_ptr<int64_t>() + filled);
+    std::copy(c.bits.begin(), c.bits.begin() + take, reinterpret_cast<Bits*>(values.data_ptr()) + filled);
+    filled += take;
+  }
+  return {mask, index, values, counts};
+}
+
 void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
@@ -179,6 +291,20 @@ at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t
     default: select<RadixF16>(x, absolute, plan, o); break;
   }
   return out;
+}
+
+std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
+                                         int64_t capacity) {
+  constexpr const char* op = "bracket_mask_cpu";
+  check_input(x, op);
+  const int bits = radix_key_bits(x, op);
+  check_bracket(bits, lo_key, hi_key, capacity, op);
+  const auto lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
+  switch (x.scalar_type()) {
+    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity);
+    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity);
+    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity);
+  }
 }
 
 }  // namespace simu_fast

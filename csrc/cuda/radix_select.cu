@@ -1,4 +1,4 @@
-// Radix select kernels on CUDA: radix_histogram and select_mask. Semantics: simu_fast/ops/radix_select.py;
+// Radix select kernels on CUDA: radix_histogram, select_mask and bracket_mask. Semantics: simu_fast/ops/radix_select.py;
 // the key transform and the argument plans are in ../radix_select.h (shared with the CPU kernels).
 //
 // radix_histogram: a grid-stride loop in which every warp takes 32 consecutive items per step (an item is
@@ -21,6 +21,10 @@
 //
 // select_mask: one elementwise pass, grid-stride, 16-byte loads and 4- or 8-byte stores of the mask bytes
 // when x is 16-byte aligned (and the output 8-byte aligned, as fresh allocations are).
+// bracket_mask: one grid-stride pass, one element per lane per step (warp-uniform trip count), writing the
+// mask bytes; the counts are summed per warp with shuffles and added with one 64-bit atomic per warp and
+// block; the candidates reserve their slots with one warp-aggregated atomic on the candidate counter
+// (__ballot_sync: the lanes' order within the warp is kept, the warps' order is not).
 // All indices are int64 (x may pass 2^31 elements).
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -183,6 +187,52 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename Format>
+__global__ void bracket_mask_kernel(const typename Format::Bits* __restrict__ x, int64_t numel, bool absolute,
+                                    uint32_t lo, uint32_t hi, int64_t capacity, uint8_t* __restrict__ out,
+                                    int64_t* __restrict__ index, typename Format::Bits* __restrict__ values,
+                                    unsigned long long* __restrict__ counts) {
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  unsigned long long above = 0, nan = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < numel;
+       base += stride) {
+    const int64_t i = base + lane;
+    bool candidate = false;
+    uint32_t raw = 0;
+    if (i < numel) {
+      raw = static_cast<uint32_t>(x[i]);
+      const uint32_t key = radix_key(raw, Format::kSign, absolute);
+      const bool is_nan = radix_is_nan(raw, Format::kSign, Format::kInf);
+      const bool up = !is_nan && key > hi;
+      candidate = !is_nan && key >= lo && key <= hi;
+      out[i] = up ? 1 : 0;
+      above += up ? 1 : 0;
+      nan += is_nan ? 1 : 0;
+    }
+    const unsigned ballot = __ballot_sync(0xFFFFFFFFu, candidate);
+    if (ballot == 0) continue;
+    unsigned long long first = 0;
+    if (lane == 0) first = atomicAdd(counts + 1, static_cast<unsigned long long>(__popc(ballot)));
+    first = __shfl_sync(0xFFFFFFFFu, first, 0);
+    if (candidate) {
+      const unsigned long long slot = first + __popc(ballot & ((1u << lane) - 1u));
+      if (slot < static_cast<unsigned long long>(capacity)) {
+        index[slot] = i;
+        values[slot] = static_cast<typename Format::Bits>(raw);
+      }
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    above += __shfl_down_sync(0xFFFFFFFFu, above, offset);
+    nan += __shfl_down_sync(0xFFFFFFFFu, nan, offset);
+  }
+  if (lane == 0) {
+    if (above) atomicAdd(counts + 0, above);
+    if (nan) atomicAdd(counts + 2, nan);
+  }
+}
+
 // ---- host side -------------------------------------------------------------------------------------------
 
 int64_t grid_for(int64_t items) {
@@ -287,6 +337,39 @@ at::Tensor select_mask_cuda(at::Tensor x, bool absolute, int64_t kth_key, int64_
     default: launch_select<RadixF16>(x, absolute, plan, out); break;
   }
   return out;
+}
+
+std::vector<at::Tensor> bracket_mask_cuda(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
+                                          int64_t capacity) {
+  constexpr const char* op = "bracket_mask_cuda";
+  check_input(x, op);
+  const int bits = radix_key_bits(x, op);
+  check_bracket(bits, lo_key, hi_key, capacity, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t numel = x.numel();
+  at::Tensor mask = at::empty({numel}, x.options().dtype(at::kByte));
+  at::Tensor index = at::empty({std::min(capacity, numel)}, x.options().dtype(at::kLong));
+  at::Tensor values = at::empty({index.numel()}, x.options());
+  at::Tensor counts = at::zeros({3}, x.options().dtype(at::kLong));
+  if (numel == 0) return {mask, index, values, counts};
+  const auto lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
+  const auto blocks = static_cast<unsigned>(grid_for(numel));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto* c = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  const int64_t cap = index.numel();
+  switch (x.scalar_type()) {
+#define SIMU_FAST_BRACKET(Format)                                                                              \
+  bracket_mask_kernel<Format><<<blocks, kThreads, 0, stream>>>(                                                 \
+      reinterpret_cast<const typename Format::Bits*>(x.data_ptr()), numel, absolute, lo, hi, cap,              \
+      mask.data_ptr<uint8_t>(), index.data_ptr<int64_t>(),                                                     \
+      reinterpret_cast<typename Format::Bits*>(values.data_ptr()), c)
+    case at::kFloat: SIMU_FAST_BRACKET(RadixF32); break;
+    case at::kBFloat16: SIMU_FAST_BRACKET(RadixBF16); break;
+    default: SIMU_FAST_BRACKET(RadixF16); break;
+#undef SIMU_FAST_BRACKET
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mask, index, values, counts};
 }
 
 }  // namespace simu_fast

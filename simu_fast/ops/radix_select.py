@@ -8,14 +8,28 @@ elements (from the top index bit down, ascending) find the index cut-off. One la
 
     selected = key > kth_key  or  (key == kth_key and index <= index_cutoff)
 
+A large topk_mask first tries one pass instead (`bracket_mask`): the k-th largest of a fixed pseudo-random
+sample of x (runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a bracket [lo, hi] that holds
+the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the binomial); the pass writes the mask of the keys above
+hi, counts them and lists the candidates inside the bracket (a few percent of x). When the k-th key is
+there (above < k <= above + candidates) the top-k among the candidates (the same radix passes, on them
+only, the lower index first) completes the mask: exact whatever the sample. When it is not, or the
+candidates outgrow their room, the radix passes over x run as without the bracket: the sample decides only
+the speed, never the result. When the sample shows many ties in the bracket (more than 1/32 of x expected as
+candidates), listing them would cost more than the radix passes: a bracket of one key (the k-th value heavily
+tied) then counts the keys above and at it in one pass and the index passes find the cut-off among the tied
+ones (three passes over x instead of the radix's five or more); a wider one runs the radix passes at once.
+
 Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
-prefix, plus a NaN count) and `select_mask`. Backends: reference (torch below), cpu, cuda, triton. With a
+prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda, triton. With a
 torch.distributed `group`, the histograms are all-reduced so each rank selects its shard against the
 global k-th value, and indices are global (rank offsets from the shard sizes): every rank agrees.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import math
 
 import torch
 
@@ -26,6 +40,11 @@ VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEY_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
 # histogram modes
 KEYS, INDICES = 0, 1
+# the bracket pass (see the module docstring)
+BRACKET_MIN_NUMEL = 1 << 18     # below: the radix passes cost little, the sample would not pay
+SAMPLE_RUNS, SAMPLE_RUN = 4096, 16  # runs at most, and at most 1/32 of x
+BRACKET_SIGMAS = 4.0
+MAX_CANDIDATE_FRACTION = 1 / 32  # the sample expects more candidates (many ties at the k-th value): no bracket
 
 
 # ---- reference building blocks (the definition of every kernel) ------------------------------------
@@ -74,6 +93,20 @@ def reference_select_mask(x, absolute, kth_key, index_cutoff, index_offset) -> t
     return ((keys > kth_key) | ((keys == kth_key) & (index <= index_cutoff))).reshape(x.shape)
 
 
+def reference_bracket_mask(x, absolute, lo_key, hi_key, capacity):
+    """(uint8 mask of the non-NaN keys > hi_key, int64 flat indices and values of the first
+    min(count, capacity) candidates (non-NaN, lo_key <= key <= hi_key) in ascending index order, int64 [3]:
+    above, candidates, NaN)."""
+    keys = reference_keys(x, absolute)
+    nan = torch.isnan(x.reshape(-1))
+    above = (keys > hi_key) & ~nan
+    candidate = (keys >= lo_key) & (keys <= hi_key) & ~nan
+    index = torch.nonzero(candidate).reshape(-1)
+    counts = torch.stack([above.sum(), candidate.sum(), nan.sum()]).to(torch.int64)
+    index = index[:capacity]
+    return above.to(torch.uint8), index, x.reshape(-1)[index], counts
+
+
 def reference_topk_mask(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
     """The definition: a stable descending sort picks the k largest, lower index first among equals."""
     values = (x.abs() if absolute else x).reshape(-1).float()
@@ -115,6 +148,30 @@ def _select_mask(x, absolute, kth_key, index_cutoff, index_offset, backend):
         fn = extension().select_mask_cuda if backend == "cuda" else extension().select_mask_cpu
         out = fn(*args)
     return out.view(torch.bool).reshape(x.shape)
+
+
+def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend):
+    """(bool mask [numel] of the keys above hi_key, the candidates' flat indices in ascending order and their
+    values (None, None when more than `capacity` were found), counts [above, candidates, NaN] as ints)."""
+    if backend == "reference":
+        out, index, values, counts = reference_bracket_mask(x, absolute, lo_key, hi_key, capacity)
+    else:
+        args = (x, bool(absolute), int(lo_key), int(hi_key), int(capacity))
+        if backend == "triton":
+            from ..triton_kernels import radix_select as triton_radix
+
+            out, index, values, counts = triton_radix.bracket_mask(*args)
+        else:
+            fn = extension().bracket_mask_cuda if backend == "cuda" else extension().bracket_mask_cpu
+            out, index, values, counts = fn(*args)
+    above, found, nan = counts.tolist()
+    if found > capacity:
+        return out.view(torch.bool), None, None, (above, found, nan)
+    index, values = index[:found], values[:found]
+    if backend in ("cuda", "triton"):  # the GPU kernels list the candidates in no particular order
+        index, order = torch.sort(index)
+        values = values[order]
+    return out.view(torch.bool), index, values, (above, found, nan)
 
 
 def _check_values(op: str, x: torch.Tensor) -> torch.Tensor:
@@ -160,10 +217,16 @@ def _locate(x, k, absolute, backend, group, need_cutoff=True) -> tuple[int, int,
     equal_count = counts[digit]
     if remaining == equal_count or not need_cutoff:  # every element equal to the k-th value is selected
         return prefix, offset + total, offset
+    return prefix, _index_cutoff(x, absolute, prefix, remaining, offset, total, backend, group), offset
+
+
+def _index_cutoff(x, absolute, key, remaining, offset, total, backend, group) -> int:
+    """The global index of the `remaining`-th element (lowest index first) whose key equals `key`: histogram
+    passes over the indices of those elements, from the top index bit down."""
     index_bits = max(8, ((total - 1).bit_length() + 7) // 8 * 8)
     index_prefix = 0
     for step, shift in enumerate(range(index_bits - 8, -1, -8)):
-        hist = _all_reduce(_histogram(x, absolute, INDICES, index_prefix, step * 8, shift, offset, prefix, backend),
+        hist = _all_reduce(_histogram(x, absolute, INDICES, index_prefix, step * 8, shift, offset, key, backend),
                            group)
         counts = hist.tolist()
         for digit in range(256):  # ascending: the lowest indices first
@@ -171,7 +234,7 @@ def _locate(x, k, absolute, backend, group, need_cutoff=True) -> tuple[int, int,
                 break
             remaining -= counts[digit]
         index_prefix |= digit << shift
-    return prefix, index_prefix, offset
+    return index_prefix
 
 
 def _key_to_value(key: int, dtype: torch.dtype, absolute: bool) -> torch.Tensor:
@@ -182,6 +245,20 @@ def _key_to_value(key: int, dtype: torch.dtype, absolute: bool) -> torch.Tensor:
     if raw >= sign:
         raw -= 1 << bits
     return torch.tensor([raw], dtype=storage).view(dtype)[0]
+
+
+def _topk_at_tied_key(x, k, absolute, key, backend):
+    """The top-k mask when the sample says the k-th key is `key`, held by many elements: one pass counts the
+    keys above and equal to it (bracket_mask with no room for candidates), the index passes find the cut-off
+    among the equal ones, and the mask pass writes the result; None when the k-th key is another one."""
+    _, _, _, (above, equal, nan) = _bracket_mask(x, absolute, key, key, 0, backend)
+    if nan:
+        raise ValueError(f"x contains {nan} NaN value(s); top-k of NaN is undefined")
+    if not above < k <= above + equal:
+        return None
+    n = x.numel()
+    cutoff = n if k - above == equal else _index_cutoff(x, absolute, key, k - above, 0, n, backend, None)
+    return _select_mask(x, absolute, key, cutoff, 0, backend).reshape(-1)
 
 
 def kth_largest(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str = "auto",
@@ -198,8 +275,71 @@ def topk_mask(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str =
     With `group`, k counts over every rank's shard (in rank order) and each rank gets its shard's mask."""
     x = _check_values("topk_mask", x)
     chosen = resolve_backend(backend, x.device, "topk_mask")
-    key, cutoff, offset = _locate(x, int(k), absolute, chosen, group)
+    k = int(k)
+    if group is None and x.numel() >= BRACKET_MIN_NUMEL and 1 <= k <= x.numel():
+        mask = _topk_by_bracket(x, k, absolute, chosen)
+        if mask is not None:
+            return mask.reshape(x.shape)
+    key, cutoff, offset = _locate(x, k, absolute, chosen, group)
     return _select_mask(x, absolute, key, cutoff, offset, chosen)
+
+
+def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
+    """(lo_key, hi_key, expected candidates) around the k-th largest key of x from its sample, or None when
+    the sample holds NaN (the radix passes then report it). The sample's order statistics come from the
+    radix passes on the sample itself (cheaper than torch.kthvalue)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    generator = torch.Generator().manual_seed(0x5EED)  # a fixed sample: the same work for the same x
+    runs = max(1, min(SAMPLE_RUNS, n // (SAMPLE_RUN * 32)))
+    starts = torch.randint(0, n - SAMPLE_RUN + 1, (runs,), generator=generator)
+    positions = (starts[:, None] + torch.arange(SAMPLE_RUN)).reshape(-1).to(x.device)
+    sample = flat[positions]
+    if bool(torch.isnan(sample).any()):
+        return None
+    s = sample.numel()
+    q = k / n
+    spread = BRACKET_SIGMAS * math.sqrt(s * q * (1 - q)) + 1
+    hi_rank = math.floor(q * s - spread)  # the sample's hi_rank-th largest bounds the k-th from above
+    lo_rank = math.ceil(q * s + spread)
+    def sample_key(rank):
+        return _locate(sample, rank, absolute, backend, None, need_cutoff=False)[0]
+
+    hi_key = sample_key(hi_rank) if hi_rank >= 1 else (1 << KEY_BITS[x.dtype]) - 1
+    lo_key = sample_key(lo_rank) if lo_rank <= s else 0
+    # A bound past the sample's end is the key range's; but where the sample's extreme equals the other bound,
+    # the k-th is most likely that one, heavily tied, key: bracket it alone (the check after the pass holds)
+    if hi_rank < 1 and lo_rank <= s and sample_key(1) == lo_key:
+        hi_key = lo_key
+    if lo_rank > s and hi_rank >= 1 and sample_key(s) == hi_key:
+        lo_key = hi_key
+    inside = _bracket_mask(sample, absolute, lo_key, hi_key, 0, backend)[3][1]
+    return lo_key, hi_key, n * inside / s
+
+
+def _topk_by_bracket(x, k, absolute, backend):
+    """The top-k mask of x (flat) from one bracket pass and a top-k of its candidates; None when the bracket
+    missed the k-th key or its candidates outgrew their room (the caller then runs the radix passes)."""
+    bracket = sample_bracket(x, k, absolute, backend)
+    if bracket is None:
+        return None
+    lo_key, hi_key, expected = bracket
+    if expected > x.numel() * MAX_CANDIDATE_FRACTION:  # heavy ties in the bracket: listing them costs more
+        return _topk_at_tied_key(x, k, absolute, lo_key, backend) if lo_key == hi_key else None
+    capacity = min(x.numel(), int(2 * expected) + 4096)
+    mask, index, values, (above, found, nan) = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
+    if nan:
+        raise ValueError(f"x contains {nan} NaN value(s); top-k of NaN is undefined")
+    if index is None or not above < k <= above + found:
+        return None
+    need = k - above
+    if need < found and lo_key != hi_key:  # among the candidates: their own top-k, the lower index first
+        key, cutoff, _ = _locate(values, need, absolute, backend, None)
+        index = index[_select_mask(values, absolute, key, cutoff, 0, backend)]
+    else:  # every candidate has the k-th key (or all are needed): the first `need` by index
+        index = index[:need]
+    mask[index] = True
+    return mask
 
 
 def threshold_mask(x: torch.Tensor, value: float, *, absolute: bool = False, backend: str = "auto") -> torch.Tensor:

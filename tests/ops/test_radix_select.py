@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from simu_fast.ops import radix_select as rs
-from simu_fast.ops.radix_select import (INDICES, KEY_BITS, KEYS, kth_largest, reference_keys,
-                                        reference_kth_largest, reference_radix_histogram, reference_select_mask,
-                                        reference_topk_mask, threshold_mask, topk_mask)
+from simu_fast.ops.radix_select import (INDICES, KEY_BITS, KEYS, kth_largest, reference_bracket_mask,
+                                        reference_keys, reference_kth_largest, reference_radix_histogram,
+                                        reference_select_mask, reference_topk_mask, threshold_mask, topk_mask)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
@@ -229,6 +229,63 @@ def test_cpu_thread_counts(threads, rng, skip_unavailable):
         torch.set_num_threads(before)
 
 
+def _brackets(x, absolute, rng, trials):
+    """(lo_key, hi_key) pairs: around real keys (so candidates exist), the whole key range, one key, empty."""
+    bits = KEY_BITS[x.dtype]
+    full = (1 << bits) - 1
+    keys = reference_keys(x, absolute)[~torch.isnan(x.reshape(-1))]
+    pairs = [(0, full), (full, full), (0, 0)]
+    for _ in range(trials):
+        if keys.numel():
+            a, b = sorted(int(keys[rng.randrange(keys.numel())]) for _ in range(2))
+            pairs += [(a, b), (a, a)]
+        a, b = sorted(rng.randrange(1 << bits) for _ in range(2))
+        pairs.append((a, b))
+    return pairs
+
+
+def check_bracket(name, x, absolute, rng, trials=3):
+    for lo, hi in _brackets(x, absolute, rng, trials):
+        for capacity in (x.numel(), rng.randint(0, max(1, x.numel() // 4))):
+            mask, index, values, counts = rs._bracket_mask(x, absolute, lo, hi, capacity, name)
+            want_mask, want_index, want_values, want_counts = reference_bracket_mask(x, absolute, lo, hi, x.numel())
+            where = f"{name} lo={lo} hi={hi} capacity={capacity}"
+            assert mask.dtype == torch.bool and mask.device == x.device
+            assert torch.equal(mask.cpu(), want_mask.bool().cpu()), where
+            assert list(counts) == want_counts.tolist(), where
+            if counts[1] > capacity:
+                assert index is None and values is None, where
+            else:
+                assert torch.equal(index.cpu(), want_index.cpu()), where
+                assert torch.equal(values.cpu().view(torch.int16 if x.element_size() == 2 else torch.int32),
+                                   want_values.cpu().view(torch.int16 if x.element_size() == 2 else torch.int32)), where
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bracket_kernel_matches_reference(compiled_backend, dtype, absolute, rng):
+    """bracket_mask: the mask above the bracket, the three counts and the candidates (indices in ascending
+    order, values bit for bit), with NaN, +-inf, +-0 and ties in x; a capacity below the count lists none."""
+    name, device = compiled_backend
+    for n in _sizes(name, device):
+        for kind in ("random", "ties"):
+            x = make_values(kind, n, dtype, rng, device, nan=True)
+            check_bracket(name, x, absolute, rng, trials=2)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bracket_kernel_thread_counts(threads, rng, skip_unavailable):
+    """Per-thread candidate lists, concatenated in chunk order, give the same ascending list for any split."""
+    skip_unavailable("cpu", "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for kind in ("random", "ties"):
+            check_bracket("cpu", make_values(kind, 300_007, torch.float32, rng, "cpu", nan=True), False, rng, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------
 # public ops against the references
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +352,84 @@ def test_threshold_mask_matches_comparison(backend, dtype, absolute, rng):
                 mask = threshold_mask(x, value, absolute=absolute, backend=name)
                 assert mask.dtype == torch.bool and mask.shape == x.shape
                 assert torch.equal(mask, exact > value), f"{name} value={value!r}"
+
+
+def _bracket_sizes(name, device):
+    return [1 << 18, (1 << 20) + 4099] if name == "cpu" else [4099]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_topk_through_the_bracket_pass(backend, dtype, rng, monkeypatch):
+    """topk_mask's one-pass route (a sampled bracket, then a top-k of the candidates) is exact: every k from 1
+    to n, random, tied, sorted and reversed data, absolute on and off. Sizes from BRACKET_MIN_NUMEL on the
+    CPU; the other backends take the route at small sizes with a smaller sample."""
+    name, device = backend
+    calls = []
+    real = rs._topk_by_bracket
+    monkeypatch.setattr(rs, "_topk_by_bracket", lambda *a: calls.append(real(*a)) or calls[-1])
+    if name != "cpu":
+        monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
+        monkeypatch.setattr(rs, "SAMPLE_RUNS", 32)
+    for n in _bracket_sizes(name, device):
+        for kind in ("random", "ties", "sorted", "reversed"):
+            base = "random" if kind in ("sorted", "reversed") else kind
+            x = make_values(base, n, dtype, rng, device)
+            if kind != base:
+                x = torch.sort(x, descending=kind == "reversed").values
+            absolute = rng.random() < 0.5
+            for k in sorted({1, 2, n // 1000 + 1, rng.randint(1, n), n // 2, n - 1, n}):
+                check_topk(name, x, k, absolute)
+    assert any(mask is not None for mask in calls), "the bracket route never completed"
+
+
+def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
+    """Brackets that miss the k-th key (all above it, all below it), hold too many candidates for their
+    room, or fall among heavy ties still give the exact mask (the radix passes take over)."""
+    name, device = backend
+    n = (1 << 20) + 17 if name == "cpu" else 4099
+    monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
+    x = make_values("random", n, torch.float32, rng, device)
+    keys = torch.sort(reference_keys(x, False), descending=True).values
+    k = rng.randint(200, n - 200)
+    full = (1 << 32) - 1
+    few = n / 64  # candidates expected: room for them, no heavy-tie refusal
+    cases = {"above the k-th": (int(keys[k - 5]), int(keys[k - 100]), few),
+             "below the k-th": (int(keys[k + 100]), int(keys[k + 5]), few),
+             "no room": (0, full, 0), "heavy ties": (0, full, n)}
+    real = rs._bracket_mask
+    for case, bracket in cases.items():
+        passes = []
+        monkeypatch.setattr(rs, "sample_bracket", lambda *a, b=bracket: b)
+        monkeypatch.setattr(rs, "_bracket_mask", lambda *a: passes.append(a) or real(*a))
+        check_topk(name, x, k, False)
+        assert bool(passes) == (case != "heavy ties"), case  # heavy ties: the radix passes at once
+    monkeypatch.setattr(rs, "sample_bracket", lambda *a: None)  # the sample held NaN
+    check_topk(name, x, k, False)
+
+
+def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
+    """A bracket of one key: the right key (the k-th value, tied many times) takes the three-pass route; a
+    wrong key (above or below the k-th) falls back to the radix passes; both exact. Also through the sample."""
+    name, device = backend
+    n = (1 << 20) + 17 if name == "cpu" else 4099
+    monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
+    x = make_values("ties", n, torch.float32, rng, device)
+    keys = torch.sort(reference_keys(x, False), descending=True).values
+    distinct = torch.unique(keys).tolist()
+    for _ in range(3):
+        k = rng.randint(1, n)
+        kth = int(keys[k - 1])
+        for key in {kth, rng.choice(distinct)}:
+            routes = []
+            real_tied, real_locate = rs._topk_at_tied_key, rs._locate
+            monkeypatch.setattr(rs, "sample_bracket", lambda *a, v=key: (v, v, n))
+            monkeypatch.setattr(rs, "_topk_at_tied_key", lambda *a: routes.append("tied") or real_tied(*a))
+            monkeypatch.setattr(rs, "_locate", lambda *a, **kw: routes.append("radix") or real_locate(*a, **kw))
+            check_topk(name, x, k, False)
+            assert routes == (["tied"] if key == kth else ["tied", "radix"]), (key, kth, routes)
+            monkeypatch.undo()
+            monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
+        check_topk(name, x, k, rng.random() < 0.5)  # the sample's own bracket
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def _cases():
     for dtype, absolute, numel in [(F32, False, 1_000_003), (F32, True, BIG + 7), (BF16, False, 4096),
                                    (BF16, True, 1_000_003), (F16, False, 1_000_003), (F16, True, 4096)]:
         add("radix_select", "_select_mask_kernel", dtype=dtype, absolute=absolute, numel=numel)
+        add("radix_select", "_bracket_mask_kernel", dtype=dtype, absolute=absolute, numel=numel)
 
     # the masked SophiaG ops (sophia_step, hessian_ema, nonfinite_check): every mask kind x parameter dtype,
     # gradient dtypes and flags spread over them; "big" parameters have 2^31 elements (USE_I64; the work
@@ -194,6 +195,18 @@ def _args_select_mask(mod, dtype, absolute, numel):
                       num_warps=mod._GPU_SELECT_WARPS)
 
 
+def _args_bracket_mask(mod, dtype, absolute, numel):
+    import torch
+
+    view_dtype, sign, inf, wide = mod._FORMATS[getattr(torch, dtype)]
+    full = (1 << (32 if wide else 16)) - 1
+    lo, hi = full - 0x4321, full - 0x1234  # keys with the sign bit set: passed as negative int32
+    args = (_tensor(view_dtype), _tensor("uint8"), _tensor("int64"), _tensor(view_dtype), _tensor("int64", 3), numel,
+            mod._i32(lo), mod._i32(hi), numel // 16)
+    return args, dict(ABSOLUTE=bool(absolute), SIGN=sign, INF=inf, WIDE=wide, BLOCK=mod._GPU_SELECT_BLOCK,
+                      num_warps=mod._GPU_SELECT_WARPS)
+
+
 def _mask_layout(mod, kind, big, dummy):
     """(kind code, mask tensor handed to the kernel, n_index, row_len, numel) of a parameter: [4096, 1024]
     (or [2^17, 2^14] = 2^31 elements when big), 300 rows / columns selected for ROWS / COLS. The kind codes
@@ -260,6 +273,7 @@ BUILDERS = {
     ("ig_accumulate", "_ig_accumulate_kernel"): _args_ig_accumulate,
     ("radix_select", "_radix_histogram_kernel"): _args_radix_histogram,
     ("radix_select", "_select_mask_kernel"): _args_select_mask,
+    ("radix_select", "_bracket_mask_kernel"): _args_bracket_mask,
     ("sophia_step", "_sophia_step_kernel"): _args_sophia_step,
     ("hessian_ema", "_hessian_ema_kernel"): _args_hessian_ema,
     ("nonfinite_check", "_count_nonfinite_kernel"): _args_count_nonfinite,
