@@ -1,5 +1,5 @@
-// Radix select kernels on the CPU: radix_histogram, select_mask and bracket_mask. Semantics: simu_fast/ops/radix_select.py;
-// the key transform and the argument plans are in ../radix_select.h.
+// Radix select kernels on the CPU: radix_histogram, select_mask and bracket_mask. Semantics:
+// simu_fast/ops/radix_select.py; the key transform and the argument plans are in ../radix_select.h.
 //
 // radix_histogram: x is cut into one contiguous chunk per thread (at::parallel_for over the chunks); a chunk
 // is walked kBlock elements at a time: a branch-free SIMD loop turns the block into bin numbers (0..255 the
@@ -13,10 +13,10 @@
 // each part is a plain SIMD compare of 32-bit keys (key >= kth before the cut-off, key > kth after it).
 //
 // bracket_mask: one pass, one contiguous chunk per thread; a block of kBlock elements is a SIMD loop writing
-// the mask bytes (key > hi), counting those and the NaN and flagging the candidates (lo <= key <= hi) in a
-// local byte array, then a scan of the flags eight at a time (one 64-bit test per eight elements: the
-// candidates are a few percent of x) appends the candidates' indices and values to the chunk's lists
-// without a branch per element. The lists are concatenated in chunk order: the candidates come out in
+// the mask bytes (key > hi) and flagging the candidates (lo <= key <= hi) and the NaN in a local byte array,
+// a SIMD sum of the mask bytes, then a scan of the flags eight at a time (one 64-bit test per eight
+// elements: the candidates are a few percent of x) appends the candidates' indices and values to the
+// chunk's lists without a branch per element. The lists are concatenated in chunk order: the candidates come out in
 // ascending index order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a bracket
 // that missed costs no more memory than that.
 #include <ATen/Parallel.h>
@@ -34,9 +34,12 @@ namespace simu_fast {
 namespace {
 
 // The extension is built for the baseline x86-64 (SSE2); a pass that must run at memory speed also gets
-// AVX2 and AVX-512 versions, picked at load time by the CPU it runs on (GCC's target_clones).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// AVX2 and AVX-512 versions, picked at load time by the CPU it runs on (GCC's target_clones). Measured on
+// the bracket pass over 1e7 float32 with no candidates, 2 threads: 3.2-3.7 ms with them, 7.1-7.4 ms without.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11  // x86-64-v4: GCC 11
 #define SIMU_FAST_WIDE_SIMD __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMU_FAST_WIDE_SIMD __attribute__((target_clones("avx2", "default")))
 #else
 #define SIMU_FAST_WIDE_SIMD
 #endif

@@ -10,8 +10,8 @@ elements (from the top index bit down, ascending) find the index cut-off. One la
 
 A large topk_mask first tries one pass instead (`bracket_mask`): the k-th largest of a fixed pseudo-random
 sample of x (runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a bracket [lo, hi] that holds
-the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the binomial); the pass writes the mask of the keys above
-hi, counts them and lists the candidates inside the bracket (a few percent of x). When the k-th key is
+the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the binomial); the pass writes the
+mask of the keys above hi, counts them and lists the candidates inside the bracket (a few percent of x). When the k-th key is
 there (above < k <= above + candidates) the top-k among the candidates (the same radix passes, on them
 only, the lower index first) completes the mask: exact whatever the sample. When it is not, or the
 candidates outgrow their room, the radix passes over x run as without the bracket: the sample decides only
@@ -21,15 +21,14 @@ tied) then counts the keys above and at it in one pass and the index passes find
 ones (three passes over x instead of the radix's five or more); a wider one runs the radix passes at once.
 
 Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
-prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda, triton. With a
-torch.distributed `group`, the histograms are all-reduced so each rank selects its shard against the
+prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda,
+triton. With a torch.distributed `group` (no bracket there), the histograms are all-reduced so each rank selects its shard against the
 global k-th value, and indices are global (rank offsets from the shard sizes): every rank agrees.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import torch
 
@@ -174,6 +173,10 @@ def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend):
     return out.view(torch.bool), index, values, (above, found, nan)
 
 
+def _nan_error(count: int) -> ValueError:
+    return ValueError(f"x contains {count} NaN value(s); top-k of NaN is undefined")
+
+
 def _check_values(op: str, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
@@ -208,7 +211,7 @@ def _locate(x, k, absolute, backend, group, need_cutoff=True) -> tuple[int, int,
         hist = _all_reduce(_histogram(x, absolute, KEYS, prefix, step * 8, shift, offset, 0, backend), group)
         counts = hist.tolist()
         if step == 0 and counts[256]:
-            raise ValueError(f"x contains {counts[256]} NaN value(s); top-k of NaN is undefined")
+            raise _nan_error(counts[256])
         for digit in range(255, -1, -1):  # from the largest digit down
             if counts[digit] >= remaining:
                 break
@@ -253,7 +256,7 @@ def _topk_at_tied_key(x, k, absolute, key, backend):
     among the equal ones, and the mask pass writes the result; None when the k-th key is another one."""
     _, _, _, (above, equal, nan) = _bracket_mask(x, absolute, key, key, 0, backend)
     if nan:
-        raise ValueError(f"x contains {nan} NaN value(s); top-k of NaN is undefined")
+        raise _nan_error(nan)
     if not above < k <= above + equal:
         return None
     n = x.numel()
@@ -302,6 +305,7 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     spread = BRACKET_SIGMAS * math.sqrt(s * q * (1 - q)) + 1
     hi_rank = math.floor(q * s - spread)  # the sample's hi_rank-th largest bounds the k-th from above
     lo_rank = math.ceil(q * s + spread)
+
     def sample_key(rank):
         return _locate(sample, rank, absolute, backend, None, need_cutoff=False)[0]
 
@@ -329,7 +333,7 @@ def _topk_by_bracket(x, k, absolute, backend):
     capacity = min(x.numel(), int(2 * expected) + 4096)
     mask, index, values, (above, found, nan) = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
     if nan:
-        raise ValueError(f"x contains {nan} NaN value(s); top-k of NaN is undefined")
+        raise _nan_error(nan)
     if index is None or not above < k <= above + found:
         return None
     need = k - above
