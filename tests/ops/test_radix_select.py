@@ -212,7 +212,8 @@ def test_triton_many_programs(rng, monkeypatch, skip_unavailable):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_thread_counts(threads, rng, skip_unavailable):
-    """The C++ histogram splits x into one chunk per thread; any split gives the same counts."""
+    """The C++ histogram and bracket pass split x into one chunk per thread; any split gives the same counts
+    (and the bracket's candidate lists, concatenated in chunk order, the same ascending list)."""
     skip_unavailable("cpu", "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -221,6 +222,7 @@ def test_cpu_thread_counts(threads, rng, skip_unavailable):
             x = make_values(kind, 300_007, torch.float32, rng, "cpu", nan=kind == "random")
             check_histograms("cpu", x, True, rng, trials=2)
             check_select("cpu", x, False, rng, trials=2)
+            check_bracket("cpu", x, False, rng, trials=2)
             k = rng.randint(1, x.numel())
             if kind == "equal":
                 mask = topk_mask(x, k, backend="cpu")
@@ -271,19 +273,6 @@ def test_bracket_kernel_matches_reference(compiled_backend, dtype, absolute, rng
         for kind in ("random", "ties"):
             x = make_values(kind, n, dtype, rng, device, nan=True)
             check_bracket(name, x, absolute, rng, trials=2)
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-def test_bracket_kernel_thread_counts(threads, rng, skip_unavailable):
-    """Per-thread candidate lists, concatenated in chunk order, give the same ascending list for any split."""
-    skip_unavailable("cpu", "cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for kind in ("random", "ties"):
-            check_bracket("cpu", make_values(kind, 300_007, torch.float32, rng, "cpu", nan=True), False, rng, 2)
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
