@@ -43,9 +43,9 @@ COLUMNS, ROWS = "columns", "rows"
 
 # MKL's float32 GEMM takes another kernel, which sums the tokens in another order, when a dimension of the
 # output is under 12; the full [H, F] gradient never has one. Zero columns up to 16 keep the slice's GEMM on
-# the kernel the dense gradient uses: measured with torch 2.14 and MKL on x86 (AVX-512), every slice then equals the dense
-# gradient's slice bit for bit (k = 1..100, 37-1024 tokens, 1 or 2 threads); without them k < 12 differs in
-# the last bits. The zeros add nothing to any sum.
+# the kernel the dense gradient uses: measured with torch 2.14 and MKL on x86 (AVX-512), every slice then
+# equals the dense gradient's slice bit for bit (k = 1..100, 37-1024 tokens, 1 or 2 threads); without them
+# k < 12 differs in the last bits. The zeros add nothing to any sum.
 _MIN_GEMM_WIDTH = 16
 
 
