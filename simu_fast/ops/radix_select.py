@@ -8,7 +8,7 @@ elements (from the top index bit down, ascending) find the index cut-off. One la
 
     selected = key > kth_key  or  (key == kth_key and index <= index_cutoff)
 
-A large topk_mask first tries one pass instead (`bracket_mask`): the k-th largest of a fixed pseudo-random
+A large topk_mask (and kth_largest) first tries one pass instead (`bracket_mask`): the k-th largest of a fixed pseudo-random
 sample of x (runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a bracket [lo, hi] that holds
 the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the binomial); the pass writes the
 mask of the keys above hi, counts them and lists the candidates inside the bracket (a few percent of x). When the k-th key is
@@ -250,26 +250,17 @@ def _key_to_value(key: int, dtype: torch.dtype, absolute: bool) -> torch.Tensor:
     return torch.tensor([raw], dtype=storage).view(dtype)[0]
 
 
-def _topk_at_tied_key(x, k, absolute, key, backend):
-    """The top-k mask when the sample says the k-th key is `key`, held by many elements: one pass counts the
-    keys above and equal to it (bracket_mask with no room for candidates), the index passes find the cut-off
-    among the equal ones, and the mask pass writes the result; None when the k-th key is another one."""
-    _, _, _, (above, equal, nan) = _bracket_mask(x, absolute, key, key, 0, backend)
-    if nan:
-        raise _nan_error(nan)
-    if not above < k <= above + equal:
-        return None
-    n = x.numel()
-    cutoff = n if k - above == equal else _index_cutoff(x, absolute, key, k - above, 0, n, backend, None)
-    return _select_mask(x, absolute, key, cutoff, 0, backend).reshape(-1)
-
-
 def kth_largest(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str = "auto",
                 group=None) -> torch.Tensor:
     """The k-th largest value of x (of |x| with absolute=True), as a 0-d tensor of x's dtype on the CPU."""
     x = _check_values("kth_largest", x)
     chosen = resolve_backend(backend, x.device, "kth_largest")
-    key, _, _ = _locate(x, int(k), absolute, chosen, group, need_cutoff=False)
+    k = int(k)
+    key = None
+    if group is None and x.numel() >= BRACKET_MIN_NUMEL and 1 <= k <= x.numel():
+        key = _kth_key_by_bracket(x, k, absolute, chosen)
+    if key is None:
+        key, _, _ = _locate(x, k, absolute, chosen, group, need_cutoff=False)
     return _key_to_value(key, x.dtype, absolute)
 
 
@@ -321,22 +312,40 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     return lo_key, hi_key, n * inside / s
 
 
-def _topk_by_bracket(x, k, absolute, backend):
-    """The top-k mask of x (flat) from one bracket pass and a top-k of its candidates; None when the bracket
-    missed the k-th key or its candidates outgrew their room (the caller then runs the radix passes)."""
+def _bracket_around_kth(x, k, absolute, backend):
+    """One bracket pass around the k-th largest key of x: (mask of the keys above the bracket, lo_key, hi_key,
+    above, found, candidate indices, candidate values), or None when the sample held NaN, the bracket missed
+    the k-th key or its candidates outgrew their room (the caller then runs the radix passes). A bracket of
+    one heavily tied key lists no candidates (indices and values None): its key is then the k-th."""
     bracket = sample_bracket(x, k, absolute, backend)
     if bracket is None:
         return None
     lo_key, hi_key, expected = bracket
-    if expected > x.numel() * MAX_CANDIDATE_FRACTION:  # heavy ties in the bracket: listing them costs more
-        return _topk_at_tied_key(x, k, absolute, lo_key, backend) if lo_key == hi_key else None
-    capacity = min(x.numel(), int(2 * expected) + 4096)
+    tied = expected > x.numel() * MAX_CANDIDATE_FRACTION
+    if tied and lo_key != hi_key:  # heavy ties over a wider bracket: listing them costs more than the radix passes
+        return None
+    capacity = 0 if tied else min(x.numel(), int(2 * expected) + 4096)
     mask, index, values, (above, found, nan) = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
     if nan:
         raise _nan_error(nan)
-    if index is None or not above < k <= above + found:
+    if not above < k <= above + found or (index is None and not tied):
         return None
+    return mask, lo_key, hi_key, above, found, index, values
+
+
+def _topk_by_bracket(x, k, absolute, backend):
+    """The top-k mask of x (flat) from one bracket pass and a top-k of its candidates, or None (see
+    _bracket_around_kth). At a heavily tied k-th key: the index passes find the cut-off among the tied
+    elements and the mask pass writes the result (three passes over x instead of the radix's five or more)."""
+    bracket = _bracket_around_kth(x, k, absolute, backend)
+    if bracket is None:
+        return None
+    mask, lo_key, hi_key, above, found, index, values = bracket
     need = k - above
+    if index is None:
+        n = x.numel()
+        cutoff = n if need == found else _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
+        return _select_mask(x, absolute, lo_key, cutoff, 0, backend).reshape(-1)
     if need < found and lo_key != hi_key:  # among the candidates: their own top-k, the lower index first
         key, cutoff, _ = _locate(values, need, absolute, backend, None)
         index = index[_select_mask(values, absolute, key, cutoff, 0, backend)]
@@ -344,6 +353,17 @@ def _topk_by_bracket(x, k, absolute, backend):
         index = index[:need]
     mask[index] = True
     return mask
+
+
+def _kth_key_by_bracket(x, k, absolute, backend):
+    """The k-th largest key of x from one bracket pass and the radix passes on its candidates, or None."""
+    bracket = _bracket_around_kth(x, k, absolute, backend)
+    if bracket is None:
+        return None
+    _, lo_key, hi_key, above, _, _, values = bracket
+    if lo_key == hi_key:
+        return lo_key
+    return _locate(values, k - above, absolute, backend, None, need_cutoff=False)[0]
 
 
 def threshold_mask(x: torch.Tensor, value: float, *, absolute: bool = False, backend: str = "auto") -> torch.Tensor:

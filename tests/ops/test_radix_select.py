@@ -349,13 +349,14 @@ def _bracket_sizes(name, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_topk_through_the_bracket_pass(backend, dtype, rng, monkeypatch):
-    """topk_mask's one-pass route (a sampled bracket, then a top-k of the candidates) is exact: every k from 1
+    """topk_mask's and kth_largest's one-pass route (a sampled bracket, then a top-k of the candidates) is exact: every k from 1
     to n, random, tied, sorted and reversed data, absolute on and off. Sizes from BRACKET_MIN_NUMEL on the
     CPU; the other backends take the route at small sizes with a smaller sample."""
     name, device = backend
-    calls = []
-    real = rs._topk_by_bracket
+    calls, kth_calls = [], []
+    real, real_kth = rs._topk_by_bracket, rs._kth_key_by_bracket
     monkeypatch.setattr(rs, "_topk_by_bracket", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(rs, "_kth_key_by_bracket", lambda *a: kth_calls.append(real_kth(*a)) or kth_calls[-1])
     if name != "cpu":
         monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
         monkeypatch.setattr(rs, "SAMPLE_RUNS", 32)
@@ -368,7 +369,9 @@ def test_topk_through_the_bracket_pass(backend, dtype, rng, monkeypatch):
             absolute = rng.random() < 0.5
             for k in sorted({1, 2, n // 1000 + 1, rng.randint(1, n), n // 2, n - 1, n}):
                 check_topk(name, x, k, absolute)
+                check_kth(name, x, k, absolute)
     assert any(mask is not None for mask in calls), "the bracket route never completed"
+    assert any(key is not None for key in kth_calls), "kth_largest's bracket route never completed"
 
 
 def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
@@ -391,14 +394,17 @@ def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
         monkeypatch.setattr(rs, "sample_bracket", lambda *a, b=bracket: b)
         monkeypatch.setattr(rs, "_bracket_mask", lambda *a: passes.append(a) or real(*a))
         check_topk(name, x, k, False)
-        assert bool(passes) == (case != "heavy ties"), case  # heavy ties: the radix passes at once
+        check_kth(name, x, k, False)
+        assert len(passes) == (0 if case == "heavy ties" else 2), case  # heavy ties: the radix passes at once
     monkeypatch.setattr(rs, "sample_bracket", lambda *a: None)  # the sample held NaN
     check_topk(name, x, k, False)
+    check_kth(name, x, k, False)
 
 
 def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
-    """A bracket of one key: the right key (the k-th value, tied many times) takes the three-pass route; a
-    wrong key (above or below the k-th) falls back to the radix passes; both exact. Also through the sample."""
+    """A bracket of one key: the right key (the k-th value, tied many times) takes the counting pass (then, for
+    topk_mask, the index and mask passes), no radix passes over the keys; a wrong key (above or below the
+    k-th) falls back to the radix passes; both exact. Also through the sample."""
     name, device = backend
     n = (1 << 20) + 17 if name == "cpu" else 4099
     monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
@@ -410,15 +416,19 @@ def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
         kth = int(keys[k - 1])
         for key in {kth, rng.choice(distinct)}:
             routes = []
-            real_tied, real_locate = rs._topk_at_tied_key, rs._locate
+            real_pass, real_locate = rs._bracket_mask, rs._locate
             monkeypatch.setattr(rs, "sample_bracket", lambda *a, v=key: (v, v, n))
-            monkeypatch.setattr(rs, "_topk_at_tied_key", lambda *a: routes.append("tied") or real_tied(*a))
+            monkeypatch.setattr(rs, "_bracket_mask", lambda *a: routes.append("count") or real_pass(*a))
             monkeypatch.setattr(rs, "_locate", lambda *a, **kw: routes.append("radix") or real_locate(*a, **kw))
             check_topk(name, x, k, False)
-            assert routes == (["tied"] if key == kth else ["tied", "radix"]), (key, kth, routes)
+            check_kth(name, x, k, False)
+            once = ["count"] if key == kth else ["count", "radix"]
+            assert routes == once + once, (key, kth, routes)
             monkeypatch.undo()
             monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
-        check_topk(name, x, k, rng.random() < 0.5)  # the sample's own bracket
+        absolute = rng.random() < 0.5
+        check_topk(name, x, k, absolute)  # the sample's own bracket
+        check_kth(name, x, k, absolute)
 
 
 # ----------------------------------------------------------------------------------------------
