@@ -14,11 +14,11 @@
 //
 // bracket_mask: one pass, one contiguous chunk per thread; a block of kBlock elements is a SIMD loop writing
 // the mask bytes (key > hi) and flagging the candidates (lo <= key <= hi) and the NaN in a local byte array,
-// a SIMD sum of the mask bytes, then a scan of the flags eight at a time (one 64-bit test per eight
-// elements: the candidates are a few percent of x) appends the candidates' indices and values to the
-// chunk's lists without a branch per element. The lists are concatenated in chunk order: the candidates come out in
-// ascending index order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a bracket
-// that missed costs no more memory than that.
+// a SWAR count of the mask bytes, then a scan of the flags 64 at a time (as the bits of one word, one
+// step per candidate: they are a few percent of x) appends the candidates' indices and values to the
+// chunk's lists. The lists are concatenated in chunk order: the candidates come out in
+// ascending index order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a
+// bracket that missed costs no more memory than that, and a counting pass (capacity 0) runs at the mask's speed.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -27,6 +27,9 @@
 #include <array>
 #include <cstring>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../radix_select.h"
 
@@ -52,10 +55,29 @@ constexpr int kLocalBins = 258;          // 256 digits, NaN, not counted
 
 using Local = std::array<std::array<int64_t, kLocalBins>, kCopies>;
 
+// The number of bytes of bytes[0, n) whose bit `bit` is set, for n <= kBlock. SWAR: 64-bit adds of eight
+// lanes at a time (a lane sums at most kBlock / 8 <= 255 bits). In a stand-alone copy of the bracket pass
+// (1e7 float32, 2 threads) the pass took 1.8 ms with it, 2.9 ms with a widening SIMD sum of the bytes.
+inline uint32_t count_bit(const uint8_t* bytes, int64_t n, int bit) {
+  static_assert(kBlock / 8 <= 255, "a byte lane must not overflow");
+  const uint64_t lanes = 0x0101010101010101ull << bit;
+  uint64_t sums = 0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, bytes + j, 8);
+    sums += (word & lanes) >> bit;
+  }
+  uint32_t total = 0;
+  for (int lane = 0; lane < 8; ++lane) total += (sums >> (8 * lane)) & 0xFF;
+  for (; j < n; ++j) total += (bytes[j] >> bit) & 1u;
+  return total;
+}
+
 // Mode KEYS: every element of [begin, end) becomes a bin (0..255 the digit, 256 NaN, 257 not counted) in a
 // SIMD loop, then the bins are counted.
 template <typename Format>
-void key_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
+SIMU_FAST_WIDE_SIMD void key_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
                          const RadixHistogramPlan& p, Local& counts) {
   const bool absolute = p.absolute;
   const uint32_t key_mask = p.key_mask, key_target = p.key_target, key_shift = p.key_shift,
@@ -86,7 +108,7 @@ void key_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begi
 // Mode INDICES, within the index window (every index there passes the prefix test): a SIMD loop flags the
 // elements whose key == key_equal, then the flagged ones count the digit of their global index.
 template <typename Format>
-void index_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
+SIMU_FAST_WIDE_SIMD void index_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
                            const RadixHistogramPlan& p, Local& counts) {
   const bool absolute = p.absolute;
   const uint32_t key_equal = p.key_equal, shift = p.index_shift;
@@ -97,8 +119,13 @@ void index_histogram_chunk(const typename Format::Bits* __restrict x, int64_t be
     const typename Format::Bits* __restrict xb = x + b;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) equal[j] = radix_key(xb[j], Format::kSign, absolute) == key_equal ? 1 : 0;
-    for (int64_t j = 0; j < n; ++j) {
-      if (equal[j]) ++counts[j & (kCopies - 1)][((offset + b + j) >> shift) & 0xFF];
+    const int64_t first_digit = ((offset + b) >> shift) & 0xFF;
+    if (((offset + b) >> shift) == ((offset + b + n - 1) >> shift)) {  // the block within one digit: one count
+      counts[0][first_digit] += count_bit(equal, n, 0);
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) {  // branch-free: ties make the test unpredictable
+      counts[j & (kCopies - 1)][((offset + b + j) >> shift) & 0xFF] += equal[j];
     }
   }
 }
@@ -134,7 +161,7 @@ void histogram(const at::Tensor& x, const RadixHistogramPlan& p, int64_t* out) {
 
 // o[i] for i in [begin, end): i <= cut: key >= kth; i > cut: key > kth.
 template <typename Format>
-void select_range(const typename Format::Bits* __restrict x, uint8_t* __restrict o, int64_t begin, int64_t end,
+SIMU_FAST_WIDE_SIMD void select_range(const typename Format::Bits* __restrict x, uint8_t* __restrict o, int64_t begin, int64_t end,
                   bool absolute, uint32_t kth, int64_t cut) {
   const int64_t split = std::min(end, std::max(begin, cut + 1));
 #pragma omp simd
@@ -149,6 +176,22 @@ void select(const at::Tensor& x, bool absolute, const RadixSelectPlan& p, uint8_
   at::parallel_for(0, x.numel(), kSelectGrain, [&](int64_t begin, int64_t end) {
     select_range<Format>(bits, out, begin, end, absolute, p.kth, p.cut);
   });
+}
+
+// Bit t of the result: bit 0 of flag[t], t < 64 (flag 64-byte aligned). SSE2 (every x86-64) moves the bits
+// out 16 at a time; in a stand-alone copy of the bracket pass with 1.6% candidates this scan took 3.3 ms
+// against 4.2 ms for a test of every eight flags and a branch-free store of each of those eight.
+inline uint64_t candidate_bits(const uint8_t* flag) {
+  uint64_t bits = 0;
+#if defined(__SSE2__)
+  for (int q = 0; q < 4; ++q) {
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(flag + 16 * q));
+    bits |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(_mm_slli_epi16(v, 7)))) << (16 * q);
+  }
+#else
+  for (int t = 0; t < 64; ++t) bits |= static_cast<uint64_t>(flag[t] & 1u) << t;
+#endif
+  return bits;
 }
 
 template <typename Bits>
@@ -175,35 +218,32 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
       ob[j] = (!is_nan && key > hi) ? 1 : 0;
       flag[j] = is_nan ? 2 : ((key >= lo && key <= hi) ? 1 : 0);
     }
-    uint32_t above = 0;
-#pragma omp simd reduction(+ : above)
-    for (int64_t j = 0; j < n; ++j) above += ob[j];
-    c.above += above;
-    for (int64_t j = n; j < kBlock && j % 8 != 0; ++j) flag[j] = 0;  // whole words below
-    for (int64_t j = 0; j < n; j += 8) {  // the flags eight at a time: most words are zero
-      uint64_t word;
-      std::memcpy(&word, flag + j, 8);
-      if (word == 0) continue;
-      const int64_t m = std::min<int64_t>(8, n - j);
-      if (c.stored + 8 > static_cast<int64_t>(c.index.size())) {  // room for eight more, doubling
-        const size_t room = std::max<size_t>(4096, 2 * c.index.size());
-        c.index.resize(room);
-        c.bits.resize(room);
-      }
-      int64_t* __restrict index = c.index.data();
-      typename Format::Bits* __restrict kept = c.bits.data();
-      int64_t stored = c.stored, nan = 0;
-      for (int64_t t = 0; t < m; ++t) {  // branch-free: every element is written, candidates advance
-        const uint32_t f = flag[j + t];
+    c.above += count_bit(ob, n, 0);
+    if (c.stored >= capacity) {  // no room left (or none asked for): count the flags, list nothing
+      c.candidates += count_bit(flag, n, 0);
+      c.nan += count_bit(flag, n, 1);
+      continue;
+    }
+    c.nan += count_bit(flag, n, 1);
+    if (c.stored + kBlock > static_cast<int64_t>(c.index.size())) {  // room for a whole block more, doubling
+      const size_t room = std::max<size_t>(c.stored + kBlock, 2 * c.index.size());
+      c.index.resize(room);
+      c.bits.resize(room);
+    }
+    int64_t* __restrict index = c.index.data();
+    typename Format::Bits* __restrict kept = c.bits.data();
+    int64_t stored = c.stored;
+    for (int64_t j = n; j < kBlock && j % 64 != 0; ++j) flag[j] = 0;  // whole groups of 64 below
+    for (int64_t j = 0; j < n; j += 64) {  // 64 flags as bits, then one step per candidate
+      for (uint64_t bits = candidate_bits(flag + j); bits != 0; bits &= bits - 1) {
+        const int t = __builtin_ctzll(bits);
         index[stored] = b + j + t;
         kept[stored] = xb[j + t];
-        stored += f & 1u;
-        nan += f >> 1;
+        ++stored;
       }
-      c.nan += nan;
-      c.candidates += stored - c.stored;
-      c.stored = std::min(stored, capacity);  // past capacity: counted, not kept
     }
+    c.candidates += stored - c.stored;
+    c.stored = std::min(stored, capacity);  // past capacity: counted, not kept
   }
 }
 

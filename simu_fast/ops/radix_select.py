@@ -8,17 +8,20 @@ elements (from the top index bit down, ascending) find the index cut-off. One la
 
     selected = key > kth_key  or  (key == kth_key and index <= index_cutoff)
 
-A large topk_mask (and kth_largest) first tries one pass instead (`bracket_mask`): the k-th largest of a fixed pseudo-random
-sample of x (runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a bracket [lo, hi] that holds
-the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the binomial); the pass writes the
-mask of the keys above hi, counts them and lists the candidates inside the bracket (a few percent of x). When the k-th key is
-there (above < k <= above + candidates) the top-k among the candidates (the same radix passes, on them
-only, the lower index first) completes the mask: exact whatever the sample. When it is not, or the
-candidates outgrow their room, the radix passes over x run as without the bracket: the sample decides only
-the speed, never the result. When the sample shows many ties in the bracket (more than 1/32 of x expected as
-candidates), listing them would cost more than the radix passes: a bracket of one key (the k-th value heavily
-tied) then counts the keys above and at it in one pass and the index passes find the cut-off among the tied
-ones (three passes over x instead of the radix's five or more); a wider one runs the radix passes at once.
+A large topk_mask (and kth_largest) first tries one pass instead (`bracket_mask`): the k-th largest of a
+fixed pseudo-random sample of x (runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a
+bracket [lo, hi] that holds the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the
+binomial); the pass writes the mask of the keys above hi, counts them and lists the candidates inside the
+bracket (a few percent of x). When the k-th key is there (above < k <= above + candidates) the top-k among
+the candidates (the same radix passes, on them only, the lower index first) completes the mask: exact
+whatever the sample. When it is not, or the candidates outgrow their room, the radix passes over x run as
+without the bracket: the sample decides only the speed, never the result. When the sample shows many ties
+in the bracket (more than 1/32 of x expected as candidates), listing them would cost more than the radix
+passes: the pass then brackets one key, the k-th value heavily tied (the sample's bracket when it is that
+key alone; else the sample's k-th key, and if the count shows the k-th is not that one, its neighbour in
+the sample on the k-th's side, a second pass), and only counts the keys above and at it; the index passes
+find the cut-off among the tied ones (the first reads x, the next 1/256 of it), and the mask pass rewrites
+the indices up to the cut-off only. About two passes over x instead of the radix's five or more.
 
 Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
 prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda,
@@ -279,8 +282,9 @@ def topk_mask(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str =
 
 
 def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
-    """(lo_key, hi_key, expected candidates) around the k-th largest key of x from its sample, or None when
-    the sample holds NaN (the radix passes then report it). The sample's order statistics come from the
+    """(lo_key, hi_key, expected candidates, tied keys) around the k-th largest key of x from its sample, or
+    None when the sample holds NaN (the radix passes then report it). tied keys: None, or where the bracket
+    holds two or more heavily tied values, (the sample's k-th key, the sample). The sample's order statistics come from the
     radix passes on the sample itself (cheaper than torch.kthvalue)."""
     flat = x.reshape(-1)
     n = flat.numel()
@@ -309,43 +313,78 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     if lo_rank > s and hi_rank >= 1 and sample_key(s) == hi_key:
         lo_key = hi_key
     inside = _bracket_mask(sample, absolute, lo_key, hi_key, 0, backend)[3][1]
-    return lo_key, hi_key, n * inside / s
+    expected = n * inside / s
+    tied = None
+    if expected > n * MAX_CANDIDATE_FRACTION and lo_key != hi_key:
+        # heavy ties over a wider bracket (k near the boundary of two tied values): the sample's k-th key and
+        # its distinct neighbours, the keys most likely to be the k-th
+        tied = (sample_key(min(s, max(1, round(q * s)))), sample)
+    return lo_key, hi_key, expected, tied
 
 
 def _bracket_around_kth(x, k, absolute, backend):
     """One bracket pass around the k-th largest key of x: (mask of the keys above the bracket, lo_key, hi_key,
     above, found, candidate indices, candidate values), or None when the sample held NaN, the bracket missed
-    the k-th key or its candidates outgrew their room (the caller then runs the radix passes). A bracket of
-    one heavily tied key lists no candidates (indices and values None): its key is then the k-th."""
+    the k-th key or its candidates outgrew their room (the caller then runs the radix passes). Heavy ties:
+    a bracket of one key, counted and not listed (indices and values None), see _count_at_tied_key."""
     bracket = sample_bracket(x, k, absolute, backend)
     if bracket is None:
         return None
-    lo_key, hi_key, expected = bracket
-    tied = expected > x.numel() * MAX_CANDIDATE_FRACTION
-    if tied and lo_key != hi_key:  # heavy ties over a wider bracket: listing them costs more than the radix passes
-        return None
-    capacity = 0 if tied else min(x.numel(), int(2 * expected) + 4096)
+    lo_key, hi_key, expected, tied_keys = bracket
+    if expected > x.numel() * MAX_CANDIDATE_FRACTION:  # heavy ties: listing them costs more than the radix passes
+        return _count_at_tied_key(x, k, absolute, backend, lo_key if lo_key == hi_key else None, tied_keys)
+    capacity = min(x.numel(), int(2 * expected) + 4096)
     mask, index, values, (above, found, nan) = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
     if nan:
         raise _nan_error(nan)
-    if not above < k <= above + found or (index is None and not tied):
+    if index is None or not above < k <= above + found:
         return None
     return mask, lo_key, hi_key, above, found, index, values
+
+
+def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys):
+    """A bracket of one heavily tied key, by a counting pass (no candidates listed): single_key when the
+    sample's bracket is that key alone; else the sample's k-th key and, when the pass shows it is not the
+    k-th, its neighbour in the sample on the k-th's side (a second pass). As _bracket_around_kth's result,
+    or None."""
+    key = single_key if single_key is not None else (tied_keys[0] if tied_keys is not None else None)
+    for attempt in range(2):  # the first key, then at most one neighbour
+        if key is None:
+            return None
+        mask, _, _, (above, equal, nan) = _bracket_mask(x, absolute, key, key, 0, backend)
+        if nan:
+            raise _nan_error(nan)
+        if above < k <= above + equal:
+            return mask, key, key, above, equal, None, None
+        if single_key is not None:
+            return None
+        key = _neighbour_key(tied_keys[1], key, k <= above, absolute, backend)
+    return None
+
+
+def _neighbour_key(sample, key, higher, absolute, backend):
+    """The next key above (higher) or below `key` among the sample's keys, or None."""
+    _, _, _, (above, equal, _) = _bracket_mask(sample, absolute, key, key, 0, backend)
+    rank = above if higher else above + equal + 1
+    if not 1 <= rank <= sample.numel():
+        return None
+    return _locate(sample, rank, absolute, backend, None, need_cutoff=False)[0]
 
 
 def _topk_by_bracket(x, k, absolute, backend):
     """The top-k mask of x (flat) from one bracket pass and a top-k of its candidates, or None (see
     _bracket_around_kth). At a heavily tied k-th key: the index passes find the cut-off among the tied
-    elements and the mask pass writes the result (three passes over x instead of the radix's five or more)."""
+    elements and a mask pass over the indices up to it completes the counting pass's mask."""
     bracket = _bracket_around_kth(x, k, absolute, backend)
     if bracket is None:
         return None
     mask, lo_key, hi_key, above, found, index, values = bracket
     need = k - above
-    if index is None:
-        n = x.numel()
-        cutoff = n if need == found else _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
-        return _select_mask(x, absolute, lo_key, cutoff, 0, backend).reshape(-1)
+    if index is None:  # past the cut-off the mask is the pass's (key above); up to it, key at or above
+        flat, n = x.reshape(-1), x.numel()
+        cutoff = n - 1 if need == found else _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
+        mask[:cutoff + 1] = _select_mask(flat[:cutoff + 1], absolute, lo_key, cutoff, 0, backend)
+        return mask
     if need < found and lo_key != hi_key:  # among the candidates: their own top-k, the lower index first
         key, cutoff, _ = _locate(values, need, absolute, backend, None)
         index = index[_select_mask(values, absolute, key, cutoff, 0, backend)]

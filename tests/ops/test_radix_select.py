@@ -385,9 +385,9 @@ def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
     k = rng.randint(200, n - 200)
     full = (1 << 32) - 1
     few = n / 64  # candidates expected: room for them, no heavy-tie refusal
-    cases = {"above the k-th": (int(keys[k - 5]), int(keys[k - 100]), few),
-             "below the k-th": (int(keys[k + 100]), int(keys[k + 5]), few),
-             "no room": (0, full, 0), "heavy ties": (0, full, n)}
+    cases = {"above the k-th": (int(keys[k - 5]), int(keys[k - 100]), few, None),
+             "below the k-th": (int(keys[k + 100]), int(keys[k + 5]), few, None),
+             "no room": (0, full, 0, None), "heavy ties": (0, full, n, None)}
     real = rs._bracket_mask
     for case, bracket in cases.items():
         passes = []
@@ -417,7 +417,7 @@ def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
         for key in {kth, rng.choice(distinct)}:
             routes = []
             real_pass, real_locate = rs._bracket_mask, rs._locate
-            monkeypatch.setattr(rs, "sample_bracket", lambda *a, v=key: (v, v, n))
+            monkeypatch.setattr(rs, "sample_bracket", lambda *a, v=key: (v, v, n, None))
             monkeypatch.setattr(rs, "_bracket_mask", lambda *a: routes.append("count") or real_pass(*a))
             monkeypatch.setattr(rs, "_locate", lambda *a, **kw: routes.append("radix") or real_locate(*a, **kw))
             check_topk(name, x, k, False)
@@ -429,6 +429,52 @@ def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
         absolute = rng.random() < 0.5
         check_topk(name, x, k, absolute)  # the sample's own bracket
         check_kth(name, x, k, absolute)
+
+
+def test_topk_at_a_boundary_of_tied_values(backend, rng, monkeypatch):
+    """A bracket over two or more heavily tied values (k at or near the boundary of two): the counting pass
+    tries the sample's k-th key, then its neighbour on the k-th's side; when neither is the k-th the radix
+    passes take over. Exact every way; no radix pass over x when one of the two tries is right."""
+    name, device = backend
+    n = (1 << 20) + 17 if name == "cpu" else 4099
+    monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
+    x = make_values("ties", n, torch.float32, rng, device)
+    keys = torch.sort(reference_keys(x, False), descending=True).values
+    distinct = torch.unique(keys, sorted=True).flip(0).tolist()  # descending
+    assert len(distinct) >= 4
+    level = rng.randrange(1, len(distinct) - 2)
+    boundary = int((keys >= distinct[level]).sum())  # the k-th is the last of `level` / first of the next
+    real_pass, real_locate = rs._bracket_mask, rs._locate
+    for k in (boundary, boundary + 1):
+        kth = int(keys[k - 1])
+        at = distinct.index(kth)
+        for center, passes, radix in ((at, 1, False), (at - 1, 2, False), (at + 1, 2, False), (at + 2, 2, True)):
+            if not 0 <= center < len(distinct):
+                continue
+            tied = (distinct[center], x.clone())  # a copy of x as the sample: its neighbours are x's
+            routes = []
+            monkeypatch.setattr(rs, "sample_bracket", lambda *a, t=tied: (0, (1 << 32) - 1, n, t))
+            monkeypatch.setattr(rs, "_bracket_mask", lambda *a: (a[0] is x and routes.append("count")) or real_pass(*a))
+            monkeypatch.setattr(rs, "_locate",
+                                lambda *a, **kw: (a[0] is x and routes.append("radix")) or real_locate(*a, **kw))
+            check_topk(name, x, k, False)
+            check_kth(name, x, k, False)
+            once = ["count"] * passes + (["radix"] if radix else [])
+            assert routes == once + once, (k, center, at, routes)
+            monkeypatch.undo()
+            monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
+        check_topk(name, x, k, False)  # the sample's own bracket
+        check_kth(name, x, k, False)
+    # and on fixed data (the sample's bracket then is the same every run) it finds the k-th at a boundary
+    # without the radix passes over x
+    x = make_values("ties", n, torch.float32, random.Random(7), device)
+    keys = torch.sort(reference_keys(x, False), descending=True).values
+    for k in (int((keys >= torch.unique(keys)[-3]).sum()), int((keys >= torch.unique(keys)[-2]).sum()) + 1):
+        routes = []
+        monkeypatch.setattr(rs, "_locate", lambda *a, **kw: routes.append(a[0] is x) or real_locate(*a, **kw))
+        check_topk(name, x, k, False)
+        check_kth(name, x, k, False)
+        assert not any(routes), f"k={k}: the radix passes ran at a boundary of tied values"
 
 
 # ----------------------------------------------------------------------------------------------
