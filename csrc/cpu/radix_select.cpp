@@ -16,9 +16,9 @@
 // the mask bytes (key > hi) and flagging the candidates (lo <= key <= hi) and the NaN in a local byte array,
 // a SWAR count of the mask bytes, then a scan of the flags 64 at a time (as the bits of one word, one
 // step per candidate: they are a few percent of x) appends the candidates' indices and values to the
-// chunk's lists. The lists are concatenated in chunk order: the candidates come out in
-// ascending index order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a
-// bracket that missed costs no more memory than that, and a counting pass (capacity 0) runs at the mask's speed.
+// chunk's lists. The lists are concatenated in chunk order: the candidates come out in ascending index
+// order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a bracket that missed
+// costs no more memory than that, and a counting pass (capacity 0) runs at the speed of the mask alone.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -77,8 +77,8 @@ inline uint32_t count_bit(const uint8_t* bytes, int64_t n, int bit) {
 // Mode KEYS: every element of [begin, end) becomes a bin (0..255 the digit, 256 NaN, 257 not counted) in a
 // SIMD loop, then the bins are counted.
 template <typename Format>
-SIMU_FAST_WIDE_SIMD void key_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
-                         const RadixHistogramPlan& p, Local& counts) {
+SIMU_FAST_WIDE_SIMD void key_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin,
+                                             int64_t end, const RadixHistogramPlan& p, Local& counts) {
   const bool absolute = p.absolute;
   const uint32_t key_mask = p.key_mask, key_target = p.key_target, key_shift = p.key_shift,
                  key_digit = p.key_digit;
@@ -108,8 +108,8 @@ SIMU_FAST_WIDE_SIMD void key_histogram_chunk(const typename Format::Bits* __rest
 // Mode INDICES, within the index window (every index there passes the prefix test): a SIMD loop flags the
 // elements whose key == key_equal, then the flagged ones count the digit of their global index.
 template <typename Format>
-SIMU_FAST_WIDE_SIMD void index_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin, int64_t end,
-                           const RadixHistogramPlan& p, Local& counts) {
+SIMU_FAST_WIDE_SIMD void index_histogram_chunk(const typename Format::Bits* __restrict x, int64_t begin,
+                                               int64_t end, const RadixHistogramPlan& p, Local& counts) {
   const bool absolute = p.absolute;
   const uint32_t key_equal = p.key_equal, shift = p.index_shift;
   const int64_t offset = p.index_offset;
@@ -161,8 +161,8 @@ void histogram(const at::Tensor& x, const RadixHistogramPlan& p, int64_t* out) {
 
 // o[i] for i in [begin, end): i <= cut: key >= kth; i > cut: key > kth.
 template <typename Format>
-SIMU_FAST_WIDE_SIMD void select_range(const typename Format::Bits* __restrict x, uint8_t* __restrict o, int64_t begin, int64_t end,
-                  bool absolute, uint32_t kth, int64_t cut) {
+SIMU_FAST_WIDE_SIMD void select_range(const typename Format::Bits* __restrict x, uint8_t* __restrict o,
+                                      int64_t begin, int64_t end, bool absolute, uint32_t kth, int64_t cut) {
   const int64_t split = std::min(end, std::max(begin, cut + 1));
 #pragma omp simd
   for (int64_t i = begin; i < split; ++i) o[i] = radix_key(x[i], Format::kSign, absolute) >= kth ? 1 : 0;
@@ -219,12 +219,11 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
       flag[j] = is_nan ? 2 : ((key >= lo && key <= hi) ? 1 : 0);
     }
     c.above += count_bit(ob, n, 0);
-    if (c.stored >= capacity) {  // no room left (or none asked for): count the flags, list nothing
+    c.nan += count_bit(flag, n, 1);
+    if (c.stored >= capacity) {  // no room left (or none asked for): count the candidates, list nothing
       c.candidates += count_bit(flag, n, 0);
-      c.nan += count_bit(flag, n, 1);
       continue;
     }
-    c.nan += count_bit(flag, n, 1);
     if (c.stored + kBlock > static_cast<int64_t>(c.index.size())) {  // room for a whole block more, doubling
       const size_t room = std::max<size_t>(c.stored + kBlock, 2 * c.index.size());
       c.index.resize(room);

@@ -25,8 +25,9 @@ the indices up to the cut-off only. About two passes over x instead of the radix
 
 Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
 prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda,
-triton. With a torch.distributed `group` (no bracket there), the histograms are all-reduced so each rank selects its shard against the
-global k-th value, and indices are global (rank offsets from the shard sizes): every rank agrees.
+triton. With a torch.distributed `group` (no bracket there), the histograms are all-reduced so each rank
+selects its shard against the global k-th value, and indices are global (rank offsets from the shard
+sizes): every rank agrees.
 """
 from __future__ import annotations
 
@@ -284,8 +285,8 @@ def topk_mask(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str =
 def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     """(lo_key, hi_key, expected candidates, tied keys) around the k-th largest key of x from its sample, or
     None when the sample holds NaN (the radix passes then report it). tied keys: None, or where the bracket
-    holds two or more heavily tied values, (the sample's k-th key, the sample). The sample's order statistics come from the
-    radix passes on the sample itself (cheaper than torch.kthvalue)."""
+    holds two or more heavily tied values, (the sample's k-th key, the sample). The sample's order
+    statistics come from the radix passes on the sample itself (cheaper than torch.kthvalue)."""
     flat = x.reshape(-1)
     n = flat.numel()
     generator = torch.Generator().manual_seed(0x5EED)  # a fixed sample: the same work for the same x
@@ -316,8 +317,8 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     expected = n * inside / s
     tied = None
     if expected > n * MAX_CANDIDATE_FRACTION and lo_key != hi_key:
-        # heavy ties over a wider bracket (k near the boundary of two tied values): the sample's k-th key and
-        # its distinct neighbours, the keys most likely to be the k-th
+        # heavy ties over a wider bracket (k near the boundary of two tied values): the sample's k-th key is
+        # the likeliest k-th, its neighbours in the sample the next likeliest (see _count_at_tied_key)
         tied = (sample_key(min(s, max(1, round(q * s)))), sample)
     return lo_key, hi_key, expected, tied
 

@@ -349,8 +349,8 @@ def _bracket_sizes(name, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_topk_through_the_bracket_pass(backend, dtype, rng, monkeypatch):
-    """topk_mask's and kth_largest's one-pass route (a sampled bracket, then a top-k of the candidates) is exact: every k from 1
-    to n, random, tied, sorted and reversed data, absolute on and off. Sizes from BRACKET_MIN_NUMEL on the
+    """topk_mask's and kth_largest's one-pass route (a sampled bracket, then a top-k of the candidates) is
+    exact: every k from 1 to n, random, tied, sorted and reversed data, absolute on and off. Sizes from BRACKET_MIN_NUMEL on the
     CPU; the other backends take the route at small sizes with a smaller sample."""
     name, device = backend
     calls, kth_calls = [], []
