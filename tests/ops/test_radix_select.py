@@ -350,8 +350,8 @@ def _bracket_sizes(name, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_topk_through_the_bracket_pass(backend, dtype, rng, monkeypatch):
     """topk_mask's and kth_largest's one-pass route (a sampled bracket, then a top-k of the candidates) is
-    exact: every k from 1 to n, random, tied, sorted and reversed data, absolute on and off. Sizes from BRACKET_MIN_NUMEL on the
-    CPU; the other backends take the route at small sizes with a smaller sample."""
+    exact: every k from 1 to n, random, tied, sorted and reversed data, absolute on and off. Sizes from
+    BRACKET_MIN_NUMEL on the CPU; the other backends take the route at small sizes with a smaller sample."""
     name, device = backend
     calls, kth_calls = [], []
     real, real_kth = rs._topk_by_bracket, rs._kth_key_by_bracket
@@ -392,7 +392,7 @@ def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
     for case, bracket in cases.items():
         passes = []
         monkeypatch.setattr(rs, "sample_bracket", lambda *a, b=bracket: b)
-        monkeypatch.setattr(rs, "_bracket_mask", lambda *a: passes.append(a) or real(*a))
+        monkeypatch.setattr(rs, "_bracket_mask", lambda *a, **kw: passes.append(a) or real(*a, **kw))
         check_topk(name, x, k, False)
         check_kth(name, x, k, False)
         assert len(passes) == (0 if case == "heavy ties" else 2), case  # heavy ties: the radix passes at once
@@ -402,25 +402,29 @@ def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
 
 
 def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
-    """A bracket of one key: the right key (the k-th value, tied many times) takes the counting pass (then, for
-    topk_mask, the index and mask passes), no radix passes over the keys; a wrong key (above or below the
-    k-th) falls back to the radix passes; both exact. Also through the sample."""
+    """A bracket of one key: the right key (the k-th value, tied many times) takes the counting pass, no radix
+    passes over the keys (topk_mask then adds the first tied elements the pass listed, for k up to
+    TIED_LIST_FRACTION of n on the CPU, or runs the index passes); a wrong key (above or below the k-th)
+    falls back to the radix passes; all exact. Also through the sample."""
     name, device = backend
     n = (1 << 20) + 17 if name == "cpu" else 4099
     monkeypatch.setattr(rs, "BRACKET_MIN_NUMEL", 1024)
     x = make_values("ties", n, torch.float32, rng, device)
     keys = torch.sort(reference_keys(x, False), descending=True).values
     distinct = torch.unique(keys).tolist()
-    for _ in range(3):
-        k = rng.randint(1, n)
+    small = int(n * rs.TIED_LIST_FRACTION)
+    for k in (rng.randint(1, small), rng.randint(small + 1, n), rng.randint(1, n)):
         kth = int(keys[k - 1])
         for key in {kth, rng.choice(distinct)}:
-            routes = []
-            real_pass, real_locate = rs._bracket_mask, rs._locate
+            routes, cutoffs = [], []
+            real_pass, real_locate, real_cutoff = rs._bracket_mask, rs._locate, rs._index_cutoff
             monkeypatch.setattr(rs, "sample_bracket", lambda *a, v=key: (v, v, n, None))
-            monkeypatch.setattr(rs, "_bracket_mask", lambda *a: routes.append("count") or real_pass(*a))
+            monkeypatch.setattr(rs, "_bracket_mask", lambda *a, **kw: routes.append("count") or real_pass(*a, **kw))
             monkeypatch.setattr(rs, "_locate", lambda *a, **kw: routes.append("radix") or real_locate(*a, **kw))
+            monkeypatch.setattr(rs, "_index_cutoff", lambda *a: cutoffs.append(a) or real_cutoff(*a))
             check_topk(name, x, k, False)
+            listed = key == kth and k <= small and name in rs.LISTS_IN_INDEX_ORDER
+            assert not (listed and cutoffs), "the index passes ran where the counting pass listed the tied ones"
             check_kth(name, x, k, False)
             once = ["count"] if key == kth else ["count", "radix"]
             assert routes == once + once, (key, kth, routes)
@@ -454,7 +458,8 @@ def test_topk_at_a_boundary_of_tied_values(backend, rng, monkeypatch):
             tied = (distinct[center], x.clone())  # a copy of x as the sample: its neighbours are x's
             routes = []
             monkeypatch.setattr(rs, "sample_bracket", lambda *a, t=tied: (0, (1 << 32) - 1, n, t))
-            monkeypatch.setattr(rs, "_bracket_mask", lambda *a: (a[0] is x and routes.append("count")) or real_pass(*a))
+            monkeypatch.setattr(rs, "_bracket_mask",
+                                lambda *a, **kw: (a[0] is x and routes.append("count")) or real_pass(*a, **kw))
             monkeypatch.setattr(rs, "_locate",
                                 lambda *a, **kw: (a[0] is x and routes.append("radix")) or real_locate(*a, **kw))
             check_topk(name, x, k, False)
