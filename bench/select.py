@@ -21,7 +21,8 @@ Methods (same x, same k; timed interleaved, one call of each per round):
 
 Per row, besides the common fields (median/min ms, speedup = torch.topk median / median):
 - passes (ours): the kernel passes over x, counted by wrapping the driver's dispatches in one extra, untimed
-  call; passes_detail: "4K+3I+M" = 4 key passes, 3 index passes, the mask pass; "B (+13 small)" = the
+  call; passes_detail: "4K+3I+M" = 4 key passes, 3 index passes, the mask pass (m: over a prefix of x, up
+  to a tied cut-off); "B (+13 small)" = the
   bracket pass alone over x, then 13 passes over the sample (up to 65536 elements) and the candidates; full_passes:
   the passes that read all of x (index passes after the first only read the window of indices that can
   still match: 2^(shift+8) of them); bytes_moved: the bytes all passes read and write (the candidates'
@@ -137,12 +138,14 @@ def count_passes(fn: Callable[[], object], n: int) -> dict:
         return originals[0](x, absolute, mode, key_prefix, prefix_bits, shift, index_offset, key_equal, backend)
 
     def select(x, *args):
-        calls.append(("M", x.numel(), 0, 0))
+        # a mask pass over a prefix of x (up to a tied cut-off) is "m": it reads part of x, not a small tensor
+        prefix = x.numel() < n and x.untyped_storage().nbytes() >= n * x.element_size()
+        calls.append(("m" if prefix else "M", x.numel(), 0, 0))
         return originals[1](x, *args)
 
-    def bracket(x, *args):
+    def bracket(x, *args, **kwargs):
         calls.append(("B", x.numel(), 0, 0))
-        return originals[2](x, *args)
+        return originals[2](x, *args, **kwargs)
 
     rs._histogram, rs._select_mask, rs._bracket_mask = histogram, select, bracket
     try:
@@ -156,14 +159,14 @@ def count_passes(fn: Callable[[], object], n: int) -> dict:
         # an index pass with a prefix only visits the window of indices that pass it: 2^(shift+8)
         visited = min(numel, 1 << (shift + 8)) if kind == "I" and prefix_bits else numel
         read += visited * itemsize
-        written += numel if kind in ("M", "B") else 0
-        if numel < n:
+        written += numel if kind in ("M", "m", "B") else 0
+        if numel < n and kind != "m":
             small += 1
             continue
         detail[kind] = detail.get(kind, 0) + 1
         full += visited == n
     text = "+".join(f"{count}{kind}" if count > 1 or kind in "KI" else kind
-                    for kind, count in sorted(detail.items(), key=lambda kv: "BKIM".index(kv[0])))
+                    for kind, count in sorted(detail.items(), key=lambda kv: "BKIMm".index(kv[0])))
     if small:
         text += f" (+{small} small)"
     return dict(passes=sum(detail.values()), full_passes=full, passes_detail=text, small_passes=small,
@@ -372,7 +375,7 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         "topk_mask/<b> and kth_largest/<b> = simu_fast.ops.radix_select with backend b; torch.sort = "
         "sort(descending) + the same scatter of indices[:k]; torch.kthvalue = kthvalue(x, n - k + 1)",
         "passes (ours): histogram passes counted by wrapping the driver's dispatch (K key, I index) + M the mask "
-        "pass; index passes after the first read only a window of x (full_passes, bytes_moved in the JSON); "
+        "pass (m: over a prefix of x, up to a tied cut-off); index passes after the first read only a window of x (full_passes, bytes_moved in the JSON); "
         "index mem: ours 0, torch.topk k*8, torch.sort n*8, torch.kthvalue n*8 on the CPU (ATen copies x "
         "and allocates an int64 index per element)",
         "check: mask methods have exactly k True and equal the exact top-k (lower flat index first among equal "
