@@ -19,9 +19,10 @@ the optimizer owns instead of the weight, which is frozen:
 Optimizer state (SophiaG's m and h) is therefore [H, k] float32 per layer, and the optimizer's own
 state_dict() and load_state_dict() (what the Unlearner's checkpoints and resume use, per rank under FSDP2)
 carry it like any parameter's. torch.distributed.checkpoint's get_optimizer_state_dict(model, optimizer)
-does not: it names optimizer state by the model's parameter names, and the slices are not model parameters
-(it fails with a KeyError); with DCP-based checkpointing of your own, use SIMU(sparse=False). The slices live outside the model's modules: model.state_dict()
-and save_pretrained are unchanged. With several processes every rank holds the whole slices and the backward
+and set_optimizer_state_dict name optimizer state by the model's parameter names, and the slices are not
+model parameters: call them inside `with slices.registered():`, which makes each slice a parameter of its
+module (`<module>.simu_fast_columns`, `simu_fast_rows`, `simu_fast_bias_rows`) for that block. Outside it
+the slices live outside the model's modules: model.state_dict() and save_pretrained are unchanged. With several processes every rank holds the whole slices and the backward
 averages their gradients over the ranks itself (neither DDP nor FSDP2 knows them), for every backward: the
 loss's, each accumulated micro-batch's, the GNB Hessian's. A module whose weight requires grad again (a
 relearning attack trains a copy of the model) or a forward without grad runs as the module's own. `remove()`
@@ -29,6 +30,7 @@ relearning attack trains a copy of the model) or a forward without grad runs as 
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Optional
 
@@ -199,6 +201,26 @@ class NeuronSlices:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters()]
+
+    @contextlib.contextmanager
+    def registered(self):
+        """Each slice a parameter of its module for the block (see the module docstring: for
+        torch.distributed.checkpoint's get/set_optimizer_state_dict, which go by the model's names)."""
+        added = []
+        try:
+            for s in self._slices:
+                pairs = [(f"simu_fast_{s.axis}", s.values)]
+                if s.bias_values is not None:
+                    pairs.append(("simu_fast_bias_rows", s.bias_values))
+                for attr, value in pairs:
+                    if hasattr(s.module, attr):
+                        raise ValueError(f"{s.name} already has an attribute {attr!r}")
+                    s.module.register_parameter(attr, value)
+                    added.append((s.module, attr))
+            yield self
+        finally:
+            for module, attr in added:
+                del module._parameters[attr]
 
     def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Route the modules' forward through the slices; with an optimizer, write the slices back into the

@@ -228,3 +228,51 @@ def test_bf16_autocast_backward(base_and_mask):
     for p in method.detached_parameters():
         assert p.grad.dtype == p.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     opt.step()
+
+
+def test_distributed_checkpoint_round_trip(base_and_mask, tmp_path):
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict inside slices.registered(): the slices'
+    state is named by module, dcp.save/dcp.load round-trip it, and a fresh run given it takes the next step
+    exactly as the run that saved it. Outside the block the model's parameters are its own again."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    base, mask = base_and_mask
+    batches = [_batch(FORGET[i:i + 4]) for i in (0, 4, 0)]
+
+    def step(model, optimizer, batch):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def fresh(weights):
+        model = copy.deepcopy(base)
+        model.load_state_dict(weights)
+        method = SIMU(mask=mask, lr=1e-2, sparse=True)
+        return model, method, method.make_optimizer(model)
+
+    model, method, optimizer = fresh(base.state_dict())
+    names = set(dict(model.named_parameters()))
+    for batch in batches[:2]:
+        step(model, optimizer, batch)
+    with method.slices.registered():
+        saved = get_optimizer_state_dict(model, optimizer)
+    slice_keys = [k for k in saved["state"] if ".simu_fast_" in k]
+    assert slice_keys and all(k.endswith(".mlp.down_proj.simu_fast_columns") for k in slice_keys)
+    assert set(dict(model.named_parameters())) == names
+    dcp.save(saved, checkpoint_id=str(tmp_path))
+
+    other, other_method, other_optimizer = fresh(model.state_dict())
+    with other_method.slices.registered():
+        loaded = get_optimizer_state_dict(other, other_optimizer)
+        dcp.load(loaded, checkpoint_id=str(tmp_path))
+        set_optimizer_state_dict(other, other_optimizer, loaded)
+    for key in slice_keys:
+        for name in ("exp_avg", "hessian"):
+            assert torch.equal(loaded["state"][key][name], saved["state"][key][name]), (key, name)
+    step(model, optimizer, batches[2])
+    step(other, other_optimizer, batches[2])
+    for (name, value), theirs in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(value, theirs), name
+    for ours, theirs in zip(method.slices.parameters(), other_method.slices.parameters()):
+        assert torch.equal(optimizer.state[ours]["exp_avg"], other_optimizer.state[theirs]["exp_avg"])

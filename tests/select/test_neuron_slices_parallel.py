@@ -54,11 +54,48 @@ def _full_state(model, sharded):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _worker(rank, world, store, results):
+def _dcp_round_trip(checkpoint_dir):
+    """FSDP2: a sparse SIMU optimizer's state through torch.distributed.checkpoint (inside
+    slices.registered()) into a fresh one; True when every state tensor came back equal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def fresh():
+        model = _model(True)
+        method = SIMU(mask=copy.deepcopy(_mask()), lr=1e-2, sparse=True)
+        return model, method, method.make_optimizer(model)
+
+    model, method, optimizer = fresh()
+    batch = {k: torch.tensor([f[k] for f in _features(2, 5)]) for k in ("input_ids", "labels")}
+    model(**batch).loss.backward()
+    optimizer.step()
+    with method.slices.registered():
+        saved = get_optimizer_state_dict(model, optimizer)
+        dcp.save(saved, checkpoint_id=checkpoint_dir)
+    other, other_method, other_optimizer = fresh()
+    with other_method.slices.registered():
+        loaded = get_optimizer_state_dict(other, other_optimizer)
+        dcp.load(loaded, checkpoint_id=checkpoint_dir)
+        set_optimizer_state_dict(other, other_optimizer, loaded)
+    pairs = list(zip(model.parameters(), other.parameters()))
+    pairs += list(zip(method.slices.parameters(), other_method.slices.parameters()))
+    checked = 0
+    for ours, theirs in pairs:
+        for key in ("exp_avg", "hessian"):
+            if key in optimizer.state.get(ours, {}):
+                a, b = optimizer.state[ours][key], other_optimizer.state[theirs][key]
+                if not torch.equal(getattr(a, "_local_tensor", a), getattr(b, "_local_tensor", b)):
+                    return False
+                checked += 1
+    return checked > 0 and any(".simu_fast_columns" in k for k in saved["state"])
+
+
+def _worker(rank, world, store, results, checkpoint_dir):
     torch.set_num_threads(1)
     init_local_group(rank, world, store)
     out = {}
     try:
+        out["dcp"] = _dcp_round_trip(checkpoint_dir)
         for mode in ("ddp", "fsdp2"):
             for sparse in (False, True):
                 model = _model(mode == "fsdp2")
@@ -81,10 +118,13 @@ def _worker(rank, world, store, results):
     leave_process_group()
 
 
-def test_sparse_slices_follow_the_dense_path_under_ddp_and_fsdp2():
+def test_sparse_slices_follow_the_dense_path_under_ddp_and_fsdp2(tmp_path):
+    """Also: under FSDP2 the slices' optimizer state goes through torch.distributed.checkpoint and back."""
     results = mp.Manager().dict()
-    mp.start_processes(_worker, args=(2, new_store_file(), results), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, new_store_file(), results, str(tmp_path / "dcp")), nprocs=2, join=True,
+                       start_method="spawn")
     r0, r1 = results[0], results[1]
+    assert r0["dcp"] and r1["dcp"], "the DCP round trip of the slices' state under FSDP2 failed"
     initial = _model(False).state_dict()
     mask = _mask()
     for mode in ("ddp", "fsdp2"):
