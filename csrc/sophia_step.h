@@ -15,10 +15,11 @@ at::Tensor sophia_step_cpu(TensorList params, TensorList grads, TensorList exp_a
                            IntList sr_seeds);
 
 #ifdef SIMU_FAST_WITH_CUDA
+// skip: an empty tensor, or one int64 on the device; non-zero there, the launch changes nothing (no host sync).
 at::Tensor sophia_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                             IntList kinds, TensorList mask_tensors, IntList row_lens, double lr, double decay,
                             double beta1, double hessian_beta2, double rho_bs, double eps, bool maximize,
-                            IntList sr_seeds);
+                            IntList sr_seeds, const at::Tensor& skip);
 #endif
 
 }  // namespace simu_fast

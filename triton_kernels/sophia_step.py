@@ -72,13 +72,14 @@ def _store_param(ptr, off, active, v, seed, IS_BF16: tl.constexpr, STOCHASTIC: t
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _sophia_step_kernel(p_ptr, g_ptr, m_ptr, h_ptr, mask_ptr, count_ptr, work, n_index, row_len,
+def _sophia_step_kernel(p_ptr, g_ptr, m_ptr, h_ptr, mask_ptr, count_ptr, skip_ptr, work, n_index, row_len,
                         lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, rho_bs, eps, seed,
                         KIND: tl.constexpr, P_BF16: tl.constexpr, G_BF16: tl.constexpr,
                         MAXIMIZE: tl.constexpr, UPDATE_H: tl.constexpr, STOCHASTIC: tl.constexpr,
                         USE_I64: tl.constexpr, BLOCK: tl.constexpr):
     e, inb = _block_items(work, BLOCK, USE_I64)
     off, active = _work_offsets(e, inb, mask_ptr, n_index, row_len, KIND)
+    active = active & (tl.load(skip_ptr) == 0)  # the device flag: non-zero, nothing is read or written
 
     g = load_f32(g_ptr, off, active, G_BF16)
     if MAXIMIZE:
@@ -117,10 +118,13 @@ def _i32(seed: int) -> int:
 
 
 def sophia_step(params, grads, exp_avgs, hessians, kinds, mask_tensors, row_lens, lr, decay, beta1,
-                hessian_beta2, rho_bs, eps, maximize, sr_seeds) -> torch.Tensor:
-    """Masked SophiaG step, one launch per tensor; returns the unclipped count as int64 [1]."""
+                hessian_beta2, rho_bs, eps, maximize, sr_seeds, skip) -> torch.Tensor:
+    """Masked SophiaG step, one launch per tensor; returns the unclipped count as int64 [1]. skip: an empty
+    tensor, or one int64 on the device: non-zero, the launches change nothing."""
     device = params[0].device if params else torch.device("cpu")
     count = torch.zeros(1, dtype=torch.int64, device=device)
+    if skip.numel() == 0:
+        skip = torch.zeros(1, dtype=torch.int64, device=device)
     update_h = hessian_beta2 >= 0.0
     beta2 = float(hessian_beta2) if update_h else 0.0
     one_minus_beta2 = 1.0 - beta2 if update_h else 0.0
@@ -135,7 +139,7 @@ def sophia_step(params, grads, exp_avgs, hessians, kinds, mask_tensors, row_lens
         stochastic = p.dtype == torch.bfloat16 and int(seed) >= 0
         grid = (triton.cdiv(work, block),)
         _sophia_step_kernel[grid](
-            bits_view(p), bits_view(g), m, h, mask_arg, count, work, n_index, row_len,
+            bits_view(p), bits_view(g), m, h, mask_arg, count, skip, work, n_index, row_len,
             float(lr), float(decay), float(beta1), 1.0 - float(beta1), beta2, one_minus_beta2,
             float(rho_bs), float(eps), _i32(seed) if stochastic else 0,
             KIND=kind, P_BF16=p.dtype == torch.bfloat16, G_BF16=g.dtype == torch.bfloat16,

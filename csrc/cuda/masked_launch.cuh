@@ -82,7 +82,11 @@ __device__ __forceinline__ uint32_t block_sum(uint32_t v) {
 
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
-    multi_tensor_kernel(const int64_t* __restrict__ table, int64_t n_tensors, Op op, unsigned long long* counts) {
+    multi_tensor_kernel(const int64_t* __restrict__ table, int64_t n_tensors, Op op, unsigned long long* counts,
+                        const int64_t* __restrict__ skip) {
+  // A non-zero device flag (set by an earlier kernel, as apex's noop_flag): the whole launch does nothing.
+  // Every thread of the block reads the same value, so returning here cannot split a __syncthreads.
+  if (skip != nullptr && *skip != 0) return;
   __shared__ TensorMeta meta_s;
   __shared__ int64_t begin_s;
   if (threadIdx.x == 0) multi_tensor::load_chunk_meta(table, n_tensors, kChunk, blockIdx.x, meta_s, begin_s);
@@ -117,15 +121,17 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side -----------------------------------------------------------------------------------------
 
-// Writes the table, copies it to the device and launches one block per chunk on the current stream.
+// Writes the table, copies it to the device and launches one block per chunk on the current stream. skip: a
+// device int64 flag, or nullptr (see multi_tensor_kernel).
 template <typename Op>
-void launch(const std::vector<TensorMeta>& metas, const Op& op, unsigned long long* counts, const at::Device& device) {
+void launch(const std::vector<TensorMeta>& metas, const Op& op, unsigned long long* counts, const at::Device& device,
+            const int64_t* skip = nullptr) {
   if (metas.empty()) return;
   const int64_t n = static_cast<int64_t>(metas.size());
   int64_t chunks = 0;
   const at::Tensor table = multi_tensor::make_table(metas, &TensorMeta::work, kChunk, device, "simu_fast", &chunks);
   multi_tensor_kernel<Op><<<static_cast<unsigned int>(chunks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      table.data_ptr<int64_t>(), n, op, counts);
+      table.data_ptr<int64_t>(), n, op, counts, skip);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

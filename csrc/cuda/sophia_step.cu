@@ -107,7 +107,7 @@ struct SophiaOp {
 at::Tensor sophia_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                             IntList kinds, TensorList mask_tensors, IntList row_lens, double lr, double decay,
                             double beta1, double hessian_beta2, double rho_bs, double eps, bool maximize,
-                            IntList sr_seeds) {
+                            IntList sr_seeds, const at::Tensor& skip) {
   constexpr const char* op = "sophia_step_cuda";
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && hessians.size() == n && sr_seeds.size() == n, op,
@@ -154,6 +154,12 @@ at::Tensor sophia_step_cuda(TensorList params, TensorList grads, TensorList exp_
     groups[pc * 3 + gc].push_back(t);
   }
 
+  const int64_t* skip_flag = nullptr;
+  if (skip.numel() > 0) {
+    TORCH_CHECK(skip.numel() == 1 && skip.scalar_type() == at::kLong && skip.device() == device, op,
+                ": skip must be one int64 element on ", device);
+    skip_flag = skip.data_ptr<int64_t>();
+  }
   at::Tensor unclipped = at::zeros({1}, at::TensorOptions().dtype(at::kLong).device(device));
   auto* counts = reinterpret_cast<unsigned long long*>(unclipped.data_ptr<int64_t>());
   for (int pc = 0; pc < 3; ++pc) {
@@ -162,7 +168,7 @@ at::Tensor sophia_step_cuda(TensorList params, TensorList grads, TensorList exp_
       if (metas.empty()) continue;
       with_type(pc, [&](auto p_tag) {
         with_type(gc, [&](auto g_tag) {
-          launch(metas, SophiaOp<decltype(p_tag), decltype(g_tag)>{s}, counts, device);
+          launch(metas, SophiaOp<decltype(p_tag), decltype(g_tag)>{s}, counts, device, skip_flag);
         });
       });
     }

@@ -13,6 +13,10 @@ updated in float32 and rounded back (to nearest, or stochastically for bfloat16 
 Returns the number of selected elements with q < 1 (the "win rate" numerator) as an int64 tensor on
 the parameters' device, so reading it is the only synchronisation.
 
+skip: an optional one-element integer tensor on the parameters' device, written by an earlier kernel (as
+apex's noop_flag): where it is non-zero the step changes nothing and counts 0, and the host never has to
+read it (the CUDA and Triton kernels read it on the device; the CPU reads it in place, which costs nothing).
+
 Backends: reference (below), cpu (csrc/cpu/sophia_step.cpp), cuda (csrc/cuda/sophia_step.cu, one
 multi-tensor launch per dtype pair) and triton (triton_kernels/sophia_step.py, one launch per tensor).
 """
@@ -61,15 +65,26 @@ def reference_sophia_step(params, grads, exp_avgs, hessians, masks, *, lr, beta1
     return unclipped
 
 
+def _check_skip(skip, device) -> torch.Tensor:
+    """skip as one int64 on device: a clear error for anything else."""
+    if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
+        raise ValueError("sophia_step: skip must be a tensor with one element")
+    if skip.dtype.is_floating_point or skip.dtype.is_complex:
+        raise TypeError(f"sophia_step: skip must be an integer or bool tensor, got {skip.dtype}")
+    if skip.device != device:
+        raise ValueError(f"sophia_step: skip is on {skip.device}, the parameters on {device}")
+    return skip.reshape(1).to(torch.int64)
+
+
 def sophia_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                 hessians: Sequence[torch.Tensor], masks: Sequence[UpdateMask], *, lr: float, beta1: float, rho: float,
                 bs: float, weight_decay: float, eps: float = 1e-15, maximize: bool = False,
                 hessian_beta2: Optional[float] = None, sr_seeds: Optional[Sequence[int]] = None,
                 backend: str = "auto", names: Optional[Sequence[str]] = None,
-                prepared: Optional[KernelMasks] = None) -> torch.Tensor:
+                prepared: Optional[KernelMasks] = None, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Masked SophiaG step over lists of tensors; returns the unclipped count (int64 tensor [1]).
     prepared: the masks prepared once (multi_tensor_checks.KernelMasks, SophiaG's step plan); the Python
-    input checks then run only if the kernel fails."""
+    input checks then run only if the kernel fails. skip: see the module docstring."""
     def checks():
         check_tensor_lists("sophia_step", params, grads, {"exp_avg": exp_avgs, "hessian": hessians}, masks, names)
     if sr_seeds is not None and len(sr_seeds) != len(params):
@@ -81,6 +96,12 @@ def sophia_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], e
     chosen = resolve_backend(backend, device, "sophia_step")
     if prepared is None or chosen == "reference":
         checks()
+    if skip is not None:
+        skip = _check_skip(skip, device)
+        if chosen in ("cpu", "reference"):
+            if bool(skip[0]):  # the CPU kernel's host reads it in place, for free; the reference is the definition
+                return torch.zeros(1, dtype=torch.int64, device=device)
+            skip = None
     if chosen == "reference":
         return reference_sophia_step(params, grads, exp_avgs, hessians, masks, lr=lr, beta1=beta1, rho=rho, bs=bs,
                                      weight_decay=weight_decay, eps=eps, maximize=maximize,
@@ -92,6 +113,8 @@ def sophia_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], e
             float(lr), float(1.0 - lr * weight_decay), float(beta1),
             float(hessian_beta2) if hessian_beta2 is not None else -1.0, float(rho * bs), float(eps),
             bool(maximize), seeds)
+    if chosen in ("cuda", "triton"):
+        args = args + (skip if skip is not None else torch.empty(0, dtype=torch.int64, device=device),)
     if chosen == "triton":
         from ..triton_kernels import sophia_step as triton_sophia
 

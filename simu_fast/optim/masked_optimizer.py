@@ -62,6 +62,18 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.skipped_steps = 0
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reading it synchronises after device-flag steps)."""
+        if self._skip_flags is not None:
+            self._skipped += int(self._skip_flags.sum())
+            self._skip_flags = None
+        return self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skip_flags = int(value), None
+
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, also for (name, parameter) pairs (the names go into error messages), with
         the dtypes and placements simu_fast's kernels support checked."""
@@ -225,6 +237,28 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 f"non-finite gradient (NaN or inf) in {', '.join(bad)}; pass nonfinite='skip' to skip "
                 "such steps instead")
         return False
+
+    def _nonfinite_flag(self) -> Optional[torch.Tensor]:
+        """Policy "skip" without a host sync: int64 [1] on the parameters' device, 1 when a gradient holds NaN
+        or inf where the step would update (counts on sharded parameters summed over their ranks, as in
+        _grads_are_finite), for the step kernels to read on the device (apex's noop_flag); the skip is
+        counted in skipped_steps when that is read. None where a flag cannot serve and the caller must check
+        on the host: policy "raise" (it raises now), stochastic rounding (its seeds take the step count on
+        the host), parameters on several devices, or nothing to step."""
+        if self.nonfinite != "skip" or self.stochastic_rounding:
+            return None
+        totals = []
+        for index, group in enumerate(self.param_groups):
+            for call in self._plan(index, group):
+                counts = count_nonfinite(call.grads(), call.masks, backend=self.backend, prepared=call.kernel_masks)
+                if call.mesh is not None:
+                    counts = all_reduce_sum(counts, call.mesh)
+                totals.append(counts.sum())
+        if not totals or len({t.device for t in totals}) != 1:
+            return None
+        flag = (torch.stack(totals).sum() > 0).to(torch.int64).reshape(1)
+        self._skip_flags = flag.clone() if self._skip_flags is None else self._skip_flags + flag
+        return flag
 
     def _sr_seed(self, p: torch.Tensor, step: int, index: int, global_offsets: bool = False) -> int:
         """Stochastic-rounding seed of p at `step` (-1: round to nearest). Kernels that draw by local offset

@@ -57,6 +57,7 @@ class SophiaG(MaskedOptimizer):
         # per kernel call of the last step: (mesh or None, count); counts under a mesh add up over its ranks
         self._unclipped: list[tuple] = []
         self._selected: list[tuple] = []
+        self._last_skip = None  # the last step's device flag (nonfinite="skip"), None when checked on the host
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -83,24 +84,36 @@ class SophiaG(MaskedOptimizer):
     def step(self, closure=None, bs=None, grads_finite: bool = False):
         """One SophiaG step. The launch plan (which parameters, their state and masks, checked) is built at the
         first step and whenever the set of parameters with a gradient or a mask changes (MaskedOptimizer._plan);
-        a step then makes one non-finite check and one fused kernel call per device, and synchronises with the
-        host once (for the non-finite policy). grads_finite=True: the caller knows every gradient is finite
-        (a finite gradient-clipping norm proves it: the Unlearner passes it so), and the check's pass over the
-        gradients and its host sync are skipped."""
+        a step then makes one non-finite check and one fused kernel call per device. nonfinite="raise" reads
+        the check on the host (one sync: it must raise before anything changes); nonfinite="skip" leaves it
+        on the device as a flag the step kernels read, and the step never waits for the host (with stochastic
+        rounding it does: the seeds take the step count). grads_finite=True: the caller knows every gradient
+        is finite (a finite gradient-clipping norm proves it: the Unlearner passes it so), and the check's
+        pass over the gradients is skipped."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._unclipped, self._selected = [], []
-        if not grads_finite and not self._grads_are_finite():
-            self.skipped_steps += 1
-            return loss
+        self._unclipped, self._selected, self._last_skip = [], [], None
+        if not grads_finite:
+            self._last_skip = self._nonfinite_flag()
+            if self._last_skip is None and not self._grads_are_finite():
+                self.skipped_steps += 1
+                return loss
+        skip = self._last_skip
         for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             group_bs = bs if bs is not None else group["bs"]
             for call in self._plan(index, group):
+                if skip is None:
+                    torch._foreach_add_([s["step"] for s in call.states], 1.0)
+                else:  # counted on the flag's device, only where the step is taken
+                    for s in call.states:
+                        if s["step"].device != skip.device:
+                            s["step"] = s["step"].to(skip.device)
+                    taken = (1 - skip).reshape(()).to(torch.float32)
+                    torch._foreach_add_([s["step"] for s in call.states], [taken] * len(call.states))
                 steps = [s["step"] for s in call.states]
-                torch._foreach_add_(steps, 1.0)
                 seeds = None
                 if self.stochastic_rounding:
                     seeds = [self._sr_seed(p, int(t.item()), i) for p, t, i in zip(call.params, steps, call.positions)]
@@ -109,23 +122,29 @@ class SophiaG(MaskedOptimizer):
                     call.masks, lr=group["lr"], beta1=beta1, rho=group["rho"], bs=group_bs,
                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                     hessian_beta2=beta2 if group["hessian"] == "squared_grad" else None, sr_seeds=seeds,
-                    backend=self.backend, names=call.names, prepared=call.kernel_masks)
+                    backend=self.backend, names=call.names, prepared=call.kernel_masks, skip=skip)
                 self._unclipped.append((call.mesh, unclipped))
                 self._selected.append((call.mesh, call.selected))
         return loss
+
+    def _skipped_on_device(self) -> bool:
+        """The last step was skipped by its device flag (reading it synchronises)."""
+        return self._last_skip is not None and bool(self._last_skip[0])
 
     @property
     def win_rate(self) -> float:
         """Fraction of selected coordinates not clipped in the last step (reading it synchronises).
         For DTensor parameters: of this rank's shards only (see global_win_rate)."""
         selected = sum(n for _, n in self._selected)
-        if not self._unclipped or selected == 0:
+        if not self._unclipped or selected == 0 or self._skipped_on_device():
             return float("nan")
         return sum(int(u.sum()) for _, u in self._unclipped) / selected
 
     def global_win_rate(self) -> float:
         """win_rate over the whole parameters of every rank: counts on sharded parameters are summed over
         their mesh. A collective: every rank must call it (equals win_rate without DTensor parameters)."""
+        if self._skipped_on_device():  # the ranks agreed on the skip
+            return float("nan")
         unclipped = selected = 0
         by_mesh: dict = {}
         for (mesh, u), (_, n) in zip(self._unclipped, self._selected):

@@ -288,6 +288,42 @@ def test_sophia_step_many_tensors(backend, gen):
         assert 0 < int(c_ref.item()) < selected, "test data should mix clipped and unclipped elements"
 
 
+@pytest.mark.parametrize("name", ["reference", "compiled"])
+def test_sophia_step_device_skip_flag(backend, gen, name):
+    """skip: a non-zero one-element flag leaves every parameter and state tensor bit for bit unchanged and
+    counts 0, in every backend and with the squared-gradient Hessian update; a zero flag is the plain step."""
+    compiled, device = backend
+    name = compiled if name == "compiled" else name
+    states = [make_state(shape, pd, torch.float32, gen, device)
+              for shape, pd in (((33, 17), torch.float32), ((5, 40), torch.bfloat16), ((7,), torch.float16))]
+    masks = [full_mask(states[0][0]), make_kind_mask("rows", states[1][0], gen),
+             make_kind_mask("dense", states[2][0], gen)]
+    kw = dict(HP, hessian_beta2=0.99, backend=name)
+    cols = lambda ts, i: [t[i] for t in ts]  # noqa: E731
+    flags = (torch.tensor([1], device=device), torch.tensor(True, device=device), torch.tensor([7], device=device))
+    for flag in flags:
+        copies = [clone_all(ts) for ts in states]
+        count = sophia_step(cols(copies, 0), cols(copies, 1), cols(copies, 2), cols(copies, 3), masks, skip=flag, **kw)
+        assert int(count.sum()) == 0
+        for orig, new in zip(states, copies):
+            for a, b in zip(orig, new):
+                assert torch.equal(bits(a), bits(b)), f"{name}: a skipped step changed a tensor"
+    plain, flagged = [clone_all(ts) for ts in states], [clone_all(ts) for ts in states]
+    c_plain = sophia_step(cols(plain, 0), cols(plain, 1), cols(plain, 2), cols(plain, 3), masks, **kw)
+    c_flag = sophia_step(cols(flagged, 0), cols(flagged, 1), cols(flagged, 2), cols(flagged, 3), masks,
+                         skip=torch.zeros(1, dtype=torch.int32, device=device), **kw)
+    assert int(c_plain) == int(c_flag) > 0
+    for ts_plain, ts_flag in zip(plain, flagged):
+        for a, b in zip(ts_plain, ts_flag):
+            assert torch.equal(bits(a), bits(b)), f"{name}: a zero flag changed the step"
+    with pytest.raises(TypeError, match="skip"):
+        sophia_step(cols(plain, 0), cols(plain, 1), cols(plain, 2), cols(plain, 3), masks,
+                    skip=torch.zeros(1, device=device), **kw)
+    with pytest.raises(ValueError, match="one element"):
+        sophia_step(cols(plain, 0), cols(plain, 1), cols(plain, 2), cols(plain, 3), masks,
+                    skip=torch.zeros(2, dtype=torch.int64, device=device), **kw)
+
+
 def test_sophia_step_zero_work(backend, gen):
     """Tensors with nothing to do (empty index, all-zero dense mask, no elements) are left alone."""
     name, device = backend

@@ -230,7 +230,7 @@ def _args_sophia_step(mod, kind, p, g, maximize, update_h, stochastic, big):
     stochastic = p == BF16 and stochastic
     beta2 = 0.99 if update_h else 0.0
     args = (mod.bits_view(_tensor(p)), mod.bits_view(_tensor(g)), _tensor("float32"), h, mask_arg, _tensor("int64"),
-            work, n_index, row_len, 1e-4, 1.0 - 1e-5, 0.965, 1.0 - 0.965, beta2, 1.0 - beta2 if update_h else 0.0,
+            _tensor("int64"), work, n_index, row_len, 1e-4, 1.0 - 1e-5, 0.965, 1.0 - 0.965, beta2, 1.0 - beta2 if update_h else 0.0,
             0.04 * 480, 1e-15, mod._i32(0xDEADBEEF) if stochastic else 0)
     return args, dict(KIND=kind, P_BF16=p == BF16, G_BF16=g == BF16, MAXIMIZE=bool(maximize), UPDATE_H=bool(update_h),
                       STOCHASTIC=stochastic, USE_I64=mod._use_i64(numel, block), BLOCK=block, **opts)

@@ -275,6 +275,44 @@ def test_nonfinite_raise_names_parameter_and_skip_leaves_state():
     assert opt_skip.skipped_steps == 1 and not torch.equal(model.weight.detach(), w0)
 
 
+@pytest.mark.parametrize("hessian", ["gnb", "squared_grad"])
+def test_skip_policy_uses_a_device_flag(hessian, monkeypatch):
+    """nonfinite="skip" never reads the check on the host in step(): the kernels get a device flag. A
+    skipped step changes no parameter, state or step count; skipped_steps counts it when read; the win rate
+    of a skipped step is NaN; the next finite step is the one an unskipped optimizer takes."""
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    opt = SophiaG(model.parameters(), lr=1e-2, hessian=hessian, nonfinite="skip")
+    ref = SophiaG(twin.parameters(), lr=1e-2, hessian=hessian)
+    monkeypatch.setattr(opt, "_grads_are_finite", lambda: pytest.fail("the host check ran"))
+    grads = [torch.randn(3, 4), torch.randn(3)]
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    for q, g in zip(twin.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    ref.step()
+    before = [q.detach().clone() for q in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model.bias.grad = torch.tensor([1.0, float("inf"), 0.5])
+    opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(state[k], opt.state[model.weight][k]) for k in state)
+    assert opt.win_rate != opt.win_rate  # NaN
+    assert opt.skipped_steps == 1
+    grads = [torch.randn(3, 4), torch.randn(3)]
+    for params in (model.parameters(), twin.parameters()):
+        for q, g in zip(params, grads):
+            q.grad = g.clone()
+    opt.step()
+    ref.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert float(opt.state[model.weight]["step"]) == float(ref.state[twin.weight]["step"]) == 2
+    assert opt.skipped_steps == 1 and opt.state_dict()["skipped_steps"] == 1
+
+
 def test_mask_and_input_errors():
     p = torch.nn.Parameter(torch.randn(4, 5))
     opt = SophiaG([p])
