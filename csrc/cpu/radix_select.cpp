@@ -17,8 +17,9 @@
 // a SWAR count of the mask bytes, then a scan of the flags 64 at a time (as the bits of one word, one
 // step per candidate: they are a few percent of x) appends the candidates' indices and values to the
 // chunk's lists. The lists are concatenated in chunk order: the candidates come out in ascending index
-// order. A chunk stops storing (and keeps counting) at `capacity` candidates, so a bracket that missed
-// costs no more memory than that, and a counting pass (capacity 0) runs at the speed of the mask alone.
+// order (each chunk lists into its own region of the outputs, closed up at the end). A chunk stops storing
+// (and keeps counting) at `capacity` candidates, so a bracket that missed touches no more memory than that,
+// and a counting pass (capacity 0) runs at the speed of the mask alone.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -197,8 +198,8 @@ inline uint64_t candidate_bits(const uint8_t* flag) {
 template <typename Bits>
 struct BracketChunk {
   int64_t above = 0, candidates = 0, nan = 0, stored = 0;
-  std::vector<int64_t> index;  // [0, stored) hold the chunk's candidates; the rest is room
-  std::vector<Bits> bits;
+  int64_t* index = nullptr;  // [0, stored) hold the chunk's candidates, in its region of the output lists
+  Bits* bits = nullptr;
 };
 
 template <typename Format>
@@ -224,13 +225,8 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
       c.candidates += count_bit(flag, n, 0);
       continue;
     }
-    if (c.stored + kBlock > static_cast<int64_t>(c.index.size())) {  // room for a whole block more, doubling
-      const size_t room = std::max<size_t>(c.stored + kBlock, 2 * c.index.size());
-      c.index.resize(room);
-      c.bits.resize(room);
-    }
-    int64_t* __restrict index = c.index.data();
-    typename Format::Bits* __restrict kept = c.bits.data();
+    int64_t* __restrict index = c.index;
+    typename Format::Bits* __restrict kept = c.bits;
     int64_t stored = c.stored;
     for (int64_t j = n; j < kBlock && j % 64 != 0; ++j) flag[j] = 0;  // whole groups of 64 below
     for (int64_t j = 0; j < n; j += 64) {  // 64 flags as bits, then one step per candidate
@@ -256,7 +252,16 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::max<int64_t>(1, std::min(threads, numel / kMinChunk));
   const int64_t chunk = (numel + chunks - 1) / chunks;
+  // Each chunk lists into its own region of the outputs: room for what it may keep (capacity, at most its
+  // length) and one block past it. Only the pages written are ever touched; the regions are closed up below.
+  const int64_t room = std::min(capacity, chunk) + kBlock;
+  at::Tensor index = at::empty({chunks * room}, x.options().dtype(at::kLong));
+  at::Tensor values = at::empty({chunks * room}, x.options());
   std::vector<BracketChunk<Bits>> parts(static_cast<size_t>(chunks));
+  for (int64_t c = 0; c < chunks; ++c) {
+    parts[c].index = index.data_ptr<int64_t>() + c * room;
+    parts[c].bits = reinterpret_cast<Bits*>(values.data_ptr()) + c * room;
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * chunk, end = std::min(numel, begin + chunk);
@@ -273,16 +278,14 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
     stored += c.stored;
   }
   const int64_t kept = std::min(stored, capacity);
-  at::Tensor index = at::empty({kept}, x.options().dtype(at::kLong));
-  at::Tensor values = at::empty({kept}, x.options());
   int64_t filled = 0;
-  for (const auto& c : parts) {
+  for (const auto& c : parts) {  // chunk order: ascending indices; each region moves down (memmove: overlap)
     const int64_t take = std::min(c.stored, kept - filled);
-    std::copy(c.index.begin(), c.index.begin() + take, index.data_ptr<int64_t>() + filled);
-    std::copy(c.bits.begin(), c.bits.begin() + take, reinterpret_cast<Bits*>(values.data_ptr()) + filled);
+    std::memmove(index.data_ptr<int64_t>() + filled, c.index, static_cast<size_t>(take) * sizeof(int64_t));
+    std::memmove(reinterpret_cast<Bits*>(values.data_ptr()) + filled, c.bits, static_cast<size_t>(take) * sizeof(Bits));
     filled += take;
   }
-  return {mask, index, values, counts};
+  return {mask, index.narrow(0, 0, kept), values.narrow(0, 0, kept), counts};
 }
 
 void check_input(const at::Tensor& x, const char* op) {
