@@ -216,12 +216,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """The float32 state tensors of each parameter that the step kernel reads (validated in the plan)."""
         return ()
 
-    def _grads_are_finite(self) -> bool:
-        """Check every gradient where it will be used; raise or report per the nonfinite policy. One count
-        per kernel call, one host synchronisation for the whole step.
-
-        Counts on sharded parameters are summed over the ranks, so that all ranks skip (or raise) together:
-        a rank that stepped while another skipped would leave the shards of one model at different steps."""
+    def _nonfinite_counts(self) -> list[tuple]:
+        """(plan call, int64 counts per tensor on the device) for every kernel call of the step; counts on
+        sharded parameters summed over their mesh (a collective)."""
         found = []
         for index, group in enumerate(self.param_groups):
             for call in self._plan(index, group):
@@ -229,6 +226,15 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 if call.mesh is not None:
                     counts = all_reduce_sum(counts, call.mesh)
                 found.append((call, counts))
+        return found
+
+    def _grads_are_finite(self) -> bool:
+        """Check every gradient where it will be used; raise or report per the nonfinite policy. One count
+        per kernel call, one host synchronisation for the whole step.
+
+        Counts on sharded parameters are summed over the ranks, so that all ranks skip (or raise) together:
+        a rank that stepped while another skipped would leave the shards of one model at different steps."""
+        found = self._nonfinite_counts()
         if not found or not bool(torch.stack([(c > 0).any().to(found[0][1].device) for _, c in found]).any()):
             return True
         bad = [name for call, counts in found for name, c in zip(call.names, counts.tolist()) if c > 0]
@@ -247,13 +253,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         the host), parameters on several devices, or nothing to step."""
         if self.nonfinite != "skip" or self.stochastic_rounding:
             return None
-        totals = []
-        for index, group in enumerate(self.param_groups):
-            for call in self._plan(index, group):
-                counts = count_nonfinite(call.grads(), call.masks, backend=self.backend, prepared=call.kernel_masks)
-                if call.mesh is not None:
-                    counts = all_reduce_sum(counts, call.mesh)
-                totals.append(counts.sum())
+        totals = [counts.sum() for _, counts in self._nonfinite_counts()]
         if not totals or len({t.device for t in totals}) != 1:
             return None
         flag = (torch.stack(totals).sum() > 0).to(torch.int64).reshape(1)
