@@ -18,15 +18,16 @@ the optimizer owns instead of the weight, which is frozen:
 
 Optimizer state (SophiaG's m and h) is therefore [H, k] float32 per layer, and the optimizer's own
 state_dict() and load_state_dict() (what the Unlearner's checkpoints and resume use, per rank under FSDP2)
-carry it like any parameter's. torch.distributed.checkpoint's get_optimizer_state_dict(model, optimizer)
-and set_optimizer_state_dict name optimizer state by the model's parameter names, and the slices are not
-model parameters: call them inside `with slices.registered():`, which makes each slice a parameter of its
-module (`<module>.simu_fast_columns`, `simu_fast_rows`, `simu_fast_bias_rows`) for that block. Outside it
-the slices live outside the model's modules: model.state_dict() and save_pretrained are unchanged. With several processes every rank holds the whole slices and the backward
-averages their gradients over the ranks itself (neither DDP nor FSDP2 knows them), for every backward: the
-loss's, each accumulated micro-batch's, the GNB Hessian's. A module whose weight requires grad again (a
-relearning attack trains a copy of the model) or a forward without grad runs as the module's own. `remove()`
-(SIMU calls it when the loop ends: UnlearningMethod.finish) restores the modules' own forward.
+carry it like any parameter's. torch.distributed.checkpoint's get_optimizer_state_dict(model, optimizer) and
+set_optimizer_state_dict name optimizer state by the model's parameter names, and the slices are not model
+parameters: call them inside `with slices.registered():`, which makes each slice a parameter of its module
+(`<module>.simu_fast_columns`, `simu_fast_rows`, `simu_fast_bias_rows`) for that block. Outside it the slices
+are no part of the model's modules: model.state_dict() and save_pretrained are unchanged. With several processes
+every rank holds the whole slices and the backward averages their gradients over the ranks itself (neither DDP
+nor FSDP2 knows them), for every backward: the loss's, each accumulated micro-batch's, the GNB Hessian's. A
+module whose weight requires grad again (a relearning attack trains a copy of the model) or a forward without
+grad runs as the module's own. `remove()` (SIMU calls it when the loop ends: UnlearningMethod.finish) restores
+the modules' own forward.
 """
 from __future__ import annotations
 
