@@ -412,10 +412,11 @@ def _topk_by_bracket(x, k, absolute, backend):
         return mask
     if need < found and lo_key != hi_key:  # among the candidates: their own top-k, the lower index first
         key, cutoff, _ = _locate(values, need, absolute, backend, None)
-        index = index[_select_mask(values, absolute, key, cutoff, 0, backend)]
+        # the pass wrote False at every candidate (none is above the bracket): their own mask goes there in
+        # one write (157K candidates: 0.2 ms; selecting the chosen indices first and scattering them, 0.7 ms)
+        mask[index] = _select_mask(values, absolute, key, cutoff, 0, backend)
     else:  # every candidate has the k-th key (or all are needed): the first `need` by index
-        index = index[:need]
-    mask[index] = True
+        mask[index[:need]] = True
     return mask
 
 
