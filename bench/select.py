@@ -375,7 +375,8 @@ def run(quick: bool = False, device: Optional[str] = None, deadline: Optional[fl
         "topk_mask/<b> and kth_largest/<b> = simu_fast.ops.radix_select with backend b; torch.sort = "
         "sort(descending) + the same scatter of indices[:k]; torch.kthvalue = kthvalue(x, n - k + 1)",
         "passes (ours): histogram passes counted by wrapping the driver's dispatch (K key, I index) + M the mask "
-        "pass (m: over a prefix of x, up to a tied cut-off); index passes after the first read only a window of x (full_passes, bytes_moved in the JSON); "
+        "pass (m: over a prefix of x, up to a tied cut-off); index passes after the first read only a window of "
+        "x (full_passes, bytes_moved in the JSON); "
         "index mem: ours 0, torch.topk k*8, torch.sort n*8, torch.kthvalue n*8 on the CPU (ATen copies x "
         "and allocates an int64 index per element)",
         "check: mask methods have exactly k True and equal the exact top-k (lower flat index first among equal "

@@ -101,6 +101,7 @@ class SophiaG(MaskedOptimizer):
                 self.skipped_steps += 1
                 return loss
         skip = self._last_skip
+        taken = None if skip is None else (1 - skip).reshape(()).to(torch.float32)  # 0 or 1 steps, on the device
         for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             group_bs = bs if bs is not None else group["bs"]
@@ -111,7 +112,6 @@ class SophiaG(MaskedOptimizer):
                     for s in call.states:
                         if s["step"].device != skip.device:
                             s["step"] = s["step"].to(skip.device)
-                    taken = (1 - skip).reshape(()).to(torch.float32)
                     torch._foreach_add_([s["step"] for s in call.states], [taken] * len(call.states))
                 steps = [s["step"] for s in call.states]
                 seeds = None
