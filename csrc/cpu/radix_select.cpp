@@ -19,7 +19,9 @@
 // chunk's lists. The lists are concatenated in chunk order: the candidates come out in ascending index
 // order (each chunk lists into its own region of the outputs, closed up at the end). A chunk stops storing
 // (and keeps counting) at `capacity` candidates, so a bracket that missed touches no more memory than that,
-// and a counting pass (capacity 0) runs at the speed of the mask alone.
+// and a counting pass (capacity 0) runs at the speed of the mask alone. Chunks are whole blocks, so with
+// block_counts each block's candidate count (computed anyway) goes out as well: the tied top-k's index
+// cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -48,7 +50,7 @@ namespace {
 #define SIMU_FAST_WIDE_SIMD
 #endif
 
-constexpr int64_t kBlock = 1024;         // elements binned per inner SIMD loop
+constexpr int64_t kBlock = kBracketCountBlock;  // elements binned per inner SIMD loop (and counted per block)
 constexpr int64_t kMinChunk = 1 << 16;   // elements per thread, at least
 constexpr int64_t kSelectGrain = 1 << 16;
 constexpr int kCopies = 4;               // interleaved local histograms
@@ -200,6 +202,7 @@ struct BracketChunk {
   int64_t above = 0, candidates = 0, nan = 0, stored = 0;
   int64_t* index = nullptr;  // [0, stored) hold the chunk's candidates, in its region of the output lists
   Bits* bits = nullptr;
+  int32_t* block_counts = nullptr;  // candidates per kBlock elements (global blocks: chunks start at multiples)
 };
 
 template <typename Format>
@@ -222,7 +225,9 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
     c.above += count_bit(ob, n, 0);
     c.nan += count_bit(flag, n, 1);
     if (c.stored >= capacity) {  // no room left (or none asked for): count the candidates, list nothing
-      c.candidates += count_bit(flag, n, 0);
+      const uint32_t found = count_bit(flag, n, 0);
+      c.candidates += found;
+      if (c.block_counts != nullptr) c.block_counts[b / kBlock] = static_cast<int32_t>(found);
       continue;
     }
     int64_t* __restrict index = c.index;
@@ -238,12 +243,14 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
       }
     }
     c.candidates += stored - c.stored;
+    if (c.block_counts != nullptr) c.block_counts[b / kBlock] = static_cast<int32_t>(stored - c.stored);
     c.stored = std::min(stored, capacity);  // past capacity: counted, not kept
   }
 }
 
 template <typename Format>
-std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity) {
+std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity,
+                                bool block_counts) {
   using Bits = typename Format::Bits;
   const auto* bits = reinterpret_cast<const Bits*>(x.data_ptr());
   const int64_t numel = x.numel();
@@ -251,7 +258,9 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
   uint8_t* out = mask.data_ptr<uint8_t>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::max<int64_t>(1, std::min(threads, numel / kMinChunk));
-  const int64_t chunk = (numel + chunks - 1) / chunks;
+  const int64_t chunk = ((numel + chunks - 1) / chunks + kBlock - 1) / kBlock * kBlock;  // whole blocks
+  at::Tensor counts_per_block = at::empty({block_counts ? (numel + kBlock - 1) / kBlock : 0},
+                                          x.options().dtype(at::kInt));
   // Each chunk lists into its own region of the outputs: room for what it may keep (capacity, at most its
   // length) and one block past it. Only the pages written are ever touched; the regions are closed up below.
   const int64_t room = std::min(capacity, chunk) + kBlock;
@@ -261,6 +270,7 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
   for (int64_t c = 0; c < chunks; ++c) {
     parts[c].index = index.data_ptr<int64_t>() + c * room;
     parts[c].bits = reinterpret_cast<Bits*>(values.data_ptr()) + c * room;
+    if (block_counts) parts[c].block_counts = counts_per_block.data_ptr<int32_t>();
   }
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -285,7 +295,7 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
     std::memmove(reinterpret_cast<Bits*>(values.data_ptr()) + filled, c.bits, static_cast<size_t>(take) * sizeof(Bits));
     filled += take;
   }
-  return {mask, index.narrow(0, 0, kept), values.narrow(0, 0, kept), counts};
+  return {mask, index.narrow(0, 0, kept), values.narrow(0, 0, kept), counts, counts_per_block};
 }
 
 void check_input(const at::Tensor& x, const char* op) {
@@ -339,16 +349,16 @@ at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t
 }
 
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
-                                         int64_t capacity) {
+                                         int64_t capacity, bool block_counts) {
   constexpr const char* op = "bracket_mask_cpu";
   check_input(x, op);
   const int bits = radix_key_bits(x, op);
   check_bracket(bits, lo_key, hi_key, capacity, op);
   const auto lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
   switch (x.scalar_type()) {
-    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity);
-    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity);
-    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity);
+    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts);
+    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts);
+    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts);
   }
 }
 

@@ -9,7 +9,7 @@ elements (from the top index bit down, ascending) find the index cut-off. One la
     selected = key > kth_key  or  (key == kth_key and index <= index_cutoff)
 
 A large topk_mask (and kth_largest) first tries one pass instead (`bracket_mask`): the k-th largest of a
-fixed pseudo-random sample of x (runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a
+fixed pseudo-random sample of x (aligned runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a
 bracket [lo, hi] that holds the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the
 binomial); the pass writes the mask of the keys above hi, counts them and lists the candidates inside the
 bracket (a few percent of x). When the k-th key is there (above < k <= above + candidates) the top-k among
@@ -19,10 +19,11 @@ without the bracket: the sample decides only the speed, never the result. When t
 in the bracket (more than 1/32 of x expected as candidates), listing them would cost more than the radix
 passes: the pass then brackets one key, the k-th value heavily tied (the sample's bracket when it is that
 key alone; else the sample's k-th key, and if the count shows the k-th is not that one, its neighbour in
-the sample on the k-th's side, a second pass), and only counts the keys above and at it; the index passes
-find the cut-off among the tied ones (the first reads x, the next 1/256 of it), and the mask pass rewrites
-the indices up to the cut-off only. About two passes over x instead of the radix's five or more; one for a
-small k on the CPU, where the counting pass also lists the first k tied elements (TIED_LIST_FRACTION).
+the sample on the k-th's side, a second pass), and only counts the keys above and at it; the cut-off among the
+tied ones comes from the pass's counts per 1024 elements on the CPU (COUNTS_PER_BLOCK), from the index
+passes elsewhere (the first reads x, the next 1/256 of it), and the mask pass rewrites the indices up to the
+cut-off only. About 1.5 passes over x on the CPU (2.5 on the GPU) instead of the radix's five or more; one
+for a small k on the CPU, where the counting pass also lists the first k tied elements (TIED_LIST_FRACTION).
 
 Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
 prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda,
@@ -55,6 +56,12 @@ MAX_CANDIDATE_FRACTION = 1 / 32  # the sample expects more candidates (many ties
 # the index passes, at 5% 5.6 ms against 4.3 ms: listing pays for small k only.
 TIED_LIST_FRACTION = 1 / 32
 LISTS_IN_INDEX_ORDER = ("reference", "cpu")
+# The backends whose counting pass also gives the candidates per COUNT_BLOCK elements (the CPU kernel's
+# block, kBracketCountBlock), from which a tied cut-off is found without the index passes over x (3 ms of
+# 12 ms at 1e7 float32, 8 levels, k = 10%). The GPU kernels keep the index passes, which read x at the
+# GPU's bandwidth.
+COUNTS_PER_BLOCK = ("reference", "cpu")
+COUNT_BLOCK = 1024
 
 
 # ---- reference building blocks (the definition of every kernel) ------------------------------------
@@ -117,6 +124,17 @@ def reference_bracket_mask(x, absolute, lo_key, hi_key, capacity):
     return above.to(torch.uint8), index, x.reshape(-1)[index], counts
 
 
+def reference_block_counts(x, absolute, lo_key, hi_key):
+    """int32 [ceil(numel / COUNT_BLOCK)]: the candidates (non-NaN, lo_key <= key <= hi_key) in each run of
+    COUNT_BLOCK elements of x (flat)."""
+    keys = reference_keys(x, absolute)
+    candidate = (keys >= lo_key) & (keys <= hi_key) & ~torch.isnan(x.reshape(-1))
+    blocks = -(-candidate.numel() // COUNT_BLOCK)
+    padded = torch.zeros(blocks * COUNT_BLOCK, dtype=torch.int32, device=x.device)
+    padded[:candidate.numel()] = candidate.to(torch.int32)
+    return padded.view(blocks, COUNT_BLOCK).sum(dim=1, dtype=torch.int32)
+
+
 def reference_topk_mask(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
     """The definition: a stable descending sort picks the k largest, lower index first among equals."""
     values = (x.abs() if absolute else x).reshape(-1).float()
@@ -160,29 +178,35 @@ def _select_mask(x, absolute, kth_key, index_cutoff, index_offset, backend):
     return out.view(torch.bool).reshape(x.shape)
 
 
-def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False):
+def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, block_counts=False):
     """(bool mask [numel] of the keys above hi_key, the candidates' flat indices in ascending order and their
     values (None, None when more than `capacity` were found; with first=True, on the backends that list in
-    index order, the first `capacity` of them instead), counts [above, candidates, NaN] as ints)."""
+    index order, the first `capacity` of them instead), counts [above, candidates, NaN] as ints, the
+    candidates per COUNT_BLOCK elements (with block_counts on COUNTS_PER_BLOCK backends, else None))."""
+    blocks = None
     if backend == "reference":
         out, index, values, counts = reference_bracket_mask(x, absolute, lo_key, hi_key, capacity)
+        if block_counts:
+            blocks = reference_block_counts(x, absolute, lo_key, hi_key)
     else:
         args = (x, bool(absolute), int(lo_key), int(hi_key), int(capacity))
         if backend == "triton":
             from ..triton_kernels import radix_select as triton_radix
 
             out, index, values, counts = triton_radix.bracket_mask(*args)
+        elif backend == "cuda":
+            out, index, values, counts = extension().bracket_mask_cuda(*args)
         else:
-            fn = extension().bracket_mask_cuda if backend == "cuda" else extension().bracket_mask_cpu
-            out, index, values, counts = fn(*args)
+            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts))
+            blocks = blocks if block_counts else None
     above, found, nan = counts.tolist()
     if found > capacity and not (first and backend in LISTS_IN_INDEX_ORDER):
-        return out.view(torch.bool), None, None, (above, found, nan)
+        return out.view(torch.bool), None, None, (above, found, nan), blocks
     index, values = index[:min(found, capacity)], values[:min(found, capacity)]
     if backend in ("cuda", "triton"):  # the GPU kernels list the candidates in no particular order
         index, order = torch.sort(index)
         values = values[order]
-    return out.view(torch.bool), index, values, (above, found, nan)
+    return out.view(torch.bool), index, values, (above, found, nan), blocks
 
 
 def _nan_error(count: int) -> ValueError:
@@ -211,28 +235,38 @@ def _all_reduce(hist: torch.Tensor, group) -> torch.Tensor:
     return hist
 
 
+def _descend_keys(histogram_at, k, bits) -> tuple[int, int, int]:
+    """(the k-th largest key, the keys above it, the keys equal to it) by the key passes, 8 bits each from
+    the top; histogram_at(prefix, step, shift) gives a pass's counts as a list."""
+    prefix, remaining = 0, k
+    for step, shift in enumerate(range(bits - 8, -1, -8)):
+        counts = histogram_at(prefix, step, shift)
+        for digit in range(255, -1, -1):  # from the largest digit down
+            if counts[digit] >= remaining:
+                break
+            remaining -= counts[digit]
+        prefix |= digit << shift
+    return prefix, k - remaining, counts[digit]
+
+
 def _locate(x, k, absolute, backend, group, need_cutoff=True) -> tuple[int, int, int]:
     """(kth key, index cut-off, index offset) of the exact top-k with lower-index tie-breaking.
     need_cutoff=False stops after the key passes (the k-th value needs no tie-breaking)."""
     offset, total = _shard_layout(x.numel(), group)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} out of range: must be between 1 and the number of elements ({total})")
-    bits = KEY_BITS[x.dtype]
-    prefix, remaining = 0, k
-    for step, shift in enumerate(range(bits - 8, -1, -8)):
+
+    def histogram_at(prefix, step, shift):
         hist = _all_reduce(_histogram(x, absolute, KEYS, prefix, step * 8, shift, offset, 0, backend), group)
         counts = hist.tolist()
         if step == 0 and counts[256]:
             raise _nan_error(counts[256])
-        for digit in range(255, -1, -1):  # from the largest digit down
-            if counts[digit] >= remaining:
-                break
-            remaining -= counts[digit]
-        prefix |= digit << shift
-    equal_count = counts[digit]
-    if remaining == equal_count or not need_cutoff:  # every element equal to the k-th value is selected
-        return prefix, offset + total, offset
-    return prefix, _index_cutoff(x, absolute, prefix, remaining, offset, total, backend, group), offset
+        return counts
+
+    key, above, equal = _descend_keys(histogram_at, k, KEY_BITS[x.dtype])
+    if k - above == equal or not need_cutoff:  # every element equal to the k-th value is selected
+        return key, offset + total, offset
+    return key, _index_cutoff(x, absolute, key, k - above, offset, total, backend, group), offset
 
 
 def _index_cutoff(x, absolute, key, remaining, offset, total, backend, group) -> int:
@@ -290,51 +324,84 @@ def topk_mask(x: torch.Tensor, k: int, *, absolute: bool = False, backend: str =
     return _select_mask(x, absolute, key, cutoff, offset, chosen)
 
 
+class _SampleOrder:
+    """Order statistics of a (small) sample by the key passes; a pass that two ranks share (the same prefix
+    of digits so far) runs once: the bracket's two ranks are close, and usually share their first passes."""
+
+    def __init__(self, sample: torch.Tensor, absolute: bool, backend: str):
+        self.sample, self.absolute, self.backend = sample, absolute, backend
+        self.bits = KEY_BITS[sample.dtype]
+        self._passes: dict = {}
+
+    def _histogram_at(self, prefix, step, shift):
+        if (prefix, step) not in self._passes:
+            hist = _histogram(self.sample, self.absolute, KEYS, prefix, step * 8, shift, 0, 0, self.backend)
+            self._passes[(prefix, step)] = hist.tolist()
+        return self._passes[(prefix, step)]
+
+    def nan(self) -> int:
+        return self._histogram_at(0, 0, self.bits - 8)[256]
+
+    def rank(self, r: int) -> tuple[int, int, int]:
+        """(the r-th largest key, the keys above it, the keys equal to it)."""
+        return _descend_keys(self._histogram_at, r, self.bits)
+
+
+def sample_of(x: torch.Tensor) -> torch.Tensor:
+    """The bracket's sample of x (flat): SAMPLE_RUN-element runs at run-aligned places drawn by a fixed seed
+    (the same work for the same x), SAMPLE_RUNS of them and 1/32 of x at most."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    generator = torch.Generator().manual_seed(0x5EED)
+    runs = max(1, min(SAMPLE_RUNS, n // (SAMPLE_RUN * 32)))
+    rows = torch.randint(0, n // SAMPLE_RUN, (runs,), generator=generator).to(x.device)
+    return flat[:n // SAMPLE_RUN * SAMPLE_RUN].view(-1, SAMPLE_RUN).index_select(0, rows).reshape(-1)
+
+
 def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     """(lo_key, hi_key, expected candidates, tied keys) around the k-th largest key of x from its sample, or
     None when the sample holds NaN (the radix passes then report it). tied keys: None, or where the bracket
-    holds two or more heavily tied values, (the sample's k-th key, the sample). The sample's order
-    statistics come from the radix passes on the sample itself (cheaper than torch.kthvalue)."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    generator = torch.Generator().manual_seed(0x5EED)  # a fixed sample: the same work for the same x
-    runs = max(1, min(SAMPLE_RUNS, n // (SAMPLE_RUN * 32)))
-    starts = torch.randint(0, n - SAMPLE_RUN + 1, (runs,), generator=generator)
-    positions = (starts[:, None] + torch.arange(SAMPLE_RUN)).reshape(-1).to(x.device)
-    sample = flat[positions]
-    if bool(torch.isnan(sample).any()):
+    holds two or more heavily tied values, (the sample's k-th key, the sample). The sample is whole aligned
+    runs of x (one row gather: 0.11 ms for 4096 runs of 1e7 float32, against 0.48 ms for a gather of the
+    65536 single positions), and its order statistics come from the key passes on it, shared between the
+    ranks (1e7 float32: the whole sample step 0.6 ms, was 1.7 ms with a pass set per rank and a NaN check)."""
+    n = x.numel()
+    sample = sample_of(x)
+    order = _SampleOrder(sample, absolute, backend)
+    if order.nan():
         return None
     s = sample.numel()
     q = k / n
     spread = BRACKET_SIGMAS * math.sqrt(s * q * (1 - q)) + 1
     hi_rank = math.floor(q * s - spread)  # the sample's hi_rank-th largest bounds the k-th from above
     lo_rank = math.ceil(q * s + spread)
-
-    def sample_key(rank):
-        return _locate(sample, rank, absolute, backend, None, need_cutoff=False)[0]
-
-    hi_key = sample_key(hi_rank) if hi_rank >= 1 else (1 << KEY_BITS[x.dtype]) - 1
-    lo_key = sample_key(lo_rank) if lo_rank <= s else 0
+    # the bracket's keys, and the sample's keys above hi and at or above lo (for its count inside)
+    hi_key, hi_above, hi_equal = order.rank(hi_rank) if hi_rank >= 1 else ((1 << order.bits) - 1, 0, 0)
+    if lo_rank <= s:
+        lo_key, lo_above, lo_equal = order.rank(lo_rank)
+        from_lo = lo_above + lo_equal
+    else:
+        lo_key, from_lo = 0, s
     # A bound past the sample's end is the key range's; but where the sample's extreme equals the other bound,
     # the k-th is most likely that one, heavily tied, key: bracket it alone (the check after the pass holds)
-    if hi_rank < 1 and lo_rank <= s and sample_key(1) == lo_key:
-        hi_key = lo_key
-    if lo_rank > s and hi_rank >= 1 and sample_key(s) == hi_key:
-        lo_key = hi_key
-    inside = _bracket_mask(sample, absolute, lo_key, hi_key, 0, backend)[3][1]
-    expected = n * inside / s
+    if hi_rank < 1 and lo_rank <= s and order.rank(1)[0] == lo_key:
+        hi_key, hi_above = lo_key, lo_above
+    if lo_rank > s and hi_rank >= 1 and order.rank(s)[0] == hi_key:
+        lo_key, from_lo = hi_key, hi_above + hi_equal
+    expected = n * (from_lo - hi_above) / s
     tied = None
     if expected > n * MAX_CANDIDATE_FRACTION and lo_key != hi_key:
         # heavy ties over a wider bracket (k near the boundary of two tied values): the sample's k-th key is
         # the likeliest k-th, its neighbours in the sample the next likeliest (see _count_at_tied_key)
-        tied = (sample_key(min(s, max(1, round(q * s)))), sample)
+        tied = (order.rank(min(s, max(1, round(q * s))))[0], sample)
     return lo_key, hi_key, expected, tied
 
 
 class Bracket(NamedTuple):
     """A bracket pass that holds the k-th key: the mask of the keys above it, its keys, the count above and
     inside, the candidates' flat indices (ascending) and values. tied: a bracket of one heavily tied key
-    (see _count_at_tied_key); index then holds the first of its elements or is None, values is None."""
+    (see _count_at_tied_key); index then holds the first of its elements or is None, values is None, and
+    block_counts may hold its elements per COUNT_BLOCK of x."""
     mask: torch.Tensor
     lo_key: int
     hi_key: int
@@ -343,6 +410,7 @@ class Bracket(NamedTuple):
     index: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
     tied: bool = False
+    block_counts: Optional[torch.Tensor] = None
 
 
 def _bracket_around_kth(x, k, absolute, backend, list_tied) -> Optional[Bracket]:
@@ -357,7 +425,7 @@ def _bracket_around_kth(x, k, absolute, backend, list_tied) -> Optional[Bracket]
         single = lo_key if lo_key == hi_key else None
         return _count_at_tied_key(x, k, absolute, backend, single, tied_keys, list_tied)
     capacity = min(x.numel(), int(2 * expected) + 4096)
-    mask, index, values, (above, found, nan) = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
+    mask, index, values, (above, found, nan), _ = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
     if nan:
         raise _nan_error(nan)
     if index is None or not above < k <= above + found:
@@ -369,18 +437,21 @@ def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, list_tied
     """A bracket of one heavily tied key, by a counting pass: single_key when the sample's bracket is that key
     alone; else the sample's k-th key and, when the pass shows it is not the k-th, its neighbour in the
     sample on the k-th's side (a second pass). With list_tied and a small k (TIED_LIST_FRACTION) the pass
-    also lists the first k elements at the key, in index order: the ones to select are among them."""
+    also lists the first k elements at the key, in index order: the ones to select are among them; with
+    list_tied and a larger k it counts them per block where the backend can (COUNTS_PER_BLOCK)."""
     key = single_key if single_key is not None else (tied_keys[0] if tied_keys is not None else None)
     small = k <= x.numel() * TIED_LIST_FRACTION
     listed = k if list_tied and small and backend in LISTS_IN_INDEX_ORDER else 0
+    per_block = list_tied and not listed and backend in COUNTS_PER_BLOCK
     for attempt in range(2):  # the first key, then at most one neighbour
         if key is None:
             return None
-        mask, index, _, (above, equal, nan) = _bracket_mask(x, absolute, key, key, listed, backend, first=True)
+        mask, index, _, (above, equal, nan), blocks = _bracket_mask(x, absolute, key, key, listed, backend,
+                                                                    first=True, block_counts=per_block)
         if nan:
             raise _nan_error(nan)
         if above < k <= above + equal:
-            return Bracket(mask, key, key, above, equal, index if listed else None, None, tied=True)
+            return Bracket(mask, key, key, above, equal, index if listed else None, None, True, blocks)
         if single_key is not None:
             return None
         key = _neighbour_key(tied_keys[1], key, k <= above, absolute, backend)
@@ -389,25 +460,31 @@ def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, list_tied
 
 def _neighbour_key(sample, key, higher, absolute, backend):
     """The next key above (higher) or below `key` among the sample's keys, or None."""
-    _, _, _, (above, equal, _) = _bracket_mask(sample, absolute, key, key, 0, backend)
+    _, _, _, (above, equal, _), _ = _bracket_mask(sample, absolute, key, key, 0, backend)
     rank = above if higher else above + equal + 1
     if not 1 <= rank <= sample.numel():
         return None
-    return _locate(sample, rank, absolute, backend, None, need_cutoff=False)[0]
+    return _SampleOrder(sample, absolute, backend).rank(rank)[0]
 
 
 def _topk_by_bracket(x, k, absolute, backend):
     """The top-k mask of x (flat) from one bracket pass and a top-k of its candidates, or None (see
     _bracket_around_kth). At a heavily tied k-th key the counting pass's mask is completed by the first
-    elements at that key it listed, or else by a mask pass up to the cut-off the index passes find."""
+    elements at that key it listed, or else by a mask pass up to the cut-off that its counts per block (or
+    the index passes) locate."""
     bracket = _bracket_around_kth(x, k, absolute, backend, list_tied=True)
     if bracket is None:
         return None
-    mask, lo_key, hi_key, above, found, index, values, tied = bracket
+    mask, lo_key, hi_key, above, found, index, values, tied, blocks = bracket
     need = k - above
     if tied and index is None:  # past the cut-off the mask is the pass's (key above); up to it, key >= it
         flat, n = x.reshape(-1), x.numel()
-        cutoff = n - 1 if need == found else _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
+        if need == found:
+            cutoff = n - 1
+        elif blocks is not None:
+            cutoff = _cutoff_in_blocks(flat, absolute, lo_key, need, blocks)
+        else:
+            cutoff = _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
         mask[:cutoff + 1] = _select_mask(flat[:cutoff + 1], absolute, lo_key, cutoff, 0, backend)
         return mask
     if need < found and lo_key != hi_key:  # among the candidates: their own top-k, the lower index first
@@ -418,6 +495,18 @@ def _topk_by_bracket(x, k, absolute, backend):
     else:  # every candidate has the k-th key (or all are needed): the first `need` by index
         mask[index[:need]] = True
     return mask
+
+
+def _cutoff_in_blocks(flat, absolute, key, need, blocks) -> int:
+    """The flat index of the need-th element (lowest index first) whose key is `key`, from the counts of such
+    elements per COUNT_BLOCK (`blocks`): the block where their running count reaches `need`, then that block
+    alone (COUNT_BLOCK elements) by the reference keys."""
+    running = blocks.cumsum(0)
+    block = int(torch.searchsorted(running, torch.tensor([need], dtype=running.dtype, device=running.device)))
+    before = int(running[block - 1]) if block else 0
+    start = block * COUNT_BLOCK
+    at_key = (reference_keys(flat[start:start + COUNT_BLOCK], absolute) == key).nonzero().reshape(-1)
+    return start + int(at_key[need - before - 1])
 
 
 def _kth_key_by_bracket(x, k, absolute, backend):

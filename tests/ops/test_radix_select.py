@@ -249,9 +249,17 @@ def _brackets(x, absolute, rng, trials):
 def check_bracket(name, x, absolute, rng, trials=3):
     for lo, hi in _brackets(x, absolute, rng, trials):
         for capacity in (x.numel(), rng.randint(0, max(1, x.numel() // 4))):
-            mask, index, values, counts = rs._bracket_mask(x, absolute, lo, hi, capacity, name)
+            per_block = rng.random() < 0.5
+            mask, index, values, counts, blocks = rs._bracket_mask(x, absolute, lo, hi, capacity, name,
+                                                                   block_counts=per_block)
             want_mask, want_index, want_values, want_counts = reference_bracket_mask(x, absolute, lo, hi, x.numel())
             where = f"{name} lo={lo} hi={hi} capacity={capacity}"
+            if per_block and name in rs.COUNTS_PER_BLOCK:
+                want_blocks = rs.reference_block_counts(x, absolute, lo, hi)
+                assert blocks.dtype == torch.int32 and torch.equal(blocks.cpu(), want_blocks.cpu()), where
+                assert int(want_blocks.sum()) == want_counts[1]
+            else:
+                assert blocks is None, where
             assert mask.dtype == torch.bool and mask.device == x.device
             assert torch.equal(mask.cpu(), want_mask.bool().cpu()), where
             assert list(counts) == want_counts.tolist(), where
@@ -374,6 +382,35 @@ def test_topk_through_the_bracket_pass(backend, dtype, rng, monkeypatch):
     assert any(key is not None for key in kth_calls), "kth_largest's bracket route never completed"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sample_order_and_bracket(backend, dtype, rng, monkeypatch):
+    """The sample's order statistics (key, keys above, keys equal; passes shared between ranks) equal a
+    sort's, and sample_bracket's expected candidate count is n x the sample's share inside [lo, hi], with
+    each bound from the sample's ranks, on random and tied data; a NaN in the sample gives None."""
+    name, device = backend
+    monkeypatch.setattr(rs, "SAMPLE_RUNS", 64)
+    n = 64 * rs.SAMPLE_RUN * 32 + 13
+    for kind in ("random", "ties"):
+        x = make_values(kind, n, dtype, rng, device)
+        absolute = rng.random() < 0.5
+        sample = rs.sample_of(x)
+        assert sample.numel() == 64 * rs.SAMPLE_RUN
+        keys = reference_keys(sample, absolute)
+        ordered = torch.sort(keys, descending=True).values.tolist()
+        order = rs._SampleOrder(sample, absolute, name)
+        for r in sorted({1, 2, rng.randint(1, len(ordered)), len(ordered)}):
+            key = ordered[r - 1]
+            assert order.rank(r) == (key, int((keys > key).sum()), int((keys == key).sum())), (kind, r)
+        for k in sorted({1, rng.randint(1, n), n // 2, n}):
+            lo, hi, expected, _ = rs.sample_bracket(x, k, absolute, name)
+            inside = int(((keys >= lo) & (keys <= hi)).sum())
+            assert expected == n * inside / sample.numel(), (kind, k)
+            assert lo <= hi
+    x = make_values("random", n, dtype, rng, device)
+    x[:] = float("nan")
+    assert rs.sample_bracket(x, 5, False, name) is None
+
+
 def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
     """Brackets that miss the k-th key (all above it, all below it), hold too many candidates for their
     room, or fall among heavy ties still give the exact mask (the radix passes take over)."""
@@ -404,7 +441,8 @@ def test_topk_when_the_bracket_misses(backend, rng, monkeypatch):
 def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
     """A bracket of one key: the right key (the k-th value, tied many times) takes the counting pass, no radix
     passes over the keys (topk_mask then adds the first tied elements the pass listed, for k up to
-    TIED_LIST_FRACTION of n on the CPU, or runs the index passes); a wrong key (above or below the k-th)
+    TIED_LIST_FRACTION of n on the CPU, or finds the cut-off from the pass's counts per block on the CPU, or
+    runs the index passes); a wrong key (above or below the k-th)
     falls back to the radix passes; all exact. Also through the sample."""
     name, device = backend
     n = (1 << 20) + 17 if name == "cpu" else 4099
@@ -425,6 +463,8 @@ def test_topk_at_a_heavily_tied_kth_value(backend, rng, monkeypatch):
             check_topk(name, x, k, False)
             listed = key == kth and k <= small and name in rs.LISTS_IN_INDEX_ORDER
             assert not (listed and cutoffs), "the index passes ran where the counting pass listed the tied ones"
+            counted = key == kth and name in rs.COUNTS_PER_BLOCK
+            assert not (counted and cutoffs), "the index passes ran where the counting pass counted per block"
             check_kth(name, x, k, False)
             once = ["count"] if key == kth else ["count", "radix"]
             assert routes == once + once, (key, kth, routes)
