@@ -16,9 +16,10 @@
 //     candidates, NaN elements), the candidates being the non-NaN elements with lo_key <= key <= hi_key. The
 //     candidates' flat indices and values (x's dtype) fill the first min(candidates, capacity) entries of
 //     index and values (in ascending index order on the CPU, in any order on CUDA; the tensors may be longer).
-//   bracket_mask_cpu takes one more argument, block_counts: true adds a fifth output, int32
+//   bracket_mask_cpu takes two more arguments. block_counts: true adds a fifth output, int32
 //     [ceil(numel / kBracketCountBlock)], the candidates in each run of kBracketCountBlock elements (flat
-//     index / kBracketCountBlock); false adds an empty one. The CUDA kernel has no such output.
+//     index / kBracketCountBlock); false adds an empty one. write_mask: false returns an empty mask (the
+//     counts and lists unchanged). The CUDA kernel has neither.
 //
 // x: contiguous float32 / bfloat16 / float16, any numel (int64 indexing). Keys are 32-bit for float32 and
 // 16-bit for the 16-bit types: ascending key == ascending value, -0.0 folded onto +0.0 (see radix_key).
@@ -183,7 +184,7 @@ at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_
 at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff, int64_t index_offset);
 constexpr int64_t kBracketCountBlock = 1024;  // radix_select.py's COUNT_BLOCK
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
-                                         int64_t capacity, bool block_counts);
+                                         int64_t capacity, bool block_counts, bool write_mask);
 
 #ifdef SIMU_FAST_WITH_CUDA
 at::Tensor radix_histogram_cuda(at::Tensor x, bool absolute, int64_t mode, int64_t key_prefix, int64_t prefix_bits,

@@ -21,7 +21,8 @@
 // (and keeps counting) at `capacity` candidates, so a bracket that missed touches no more memory than that,
 // and a counting pass (capacity 0) runs at the speed of the mask alone. Chunks are whole blocks, so with
 // block_counts each block's candidate count (computed anyway) goes out as well: the tied top-k's index
-// cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks).
+// cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks). write_mask=false (kth_largest)
+// keeps the mask bytes of a block on the stack: the count above without the n-byte store and its page faults.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -210,10 +211,11 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
                                        int64_t begin, int64_t end, bool absolute, uint32_t lo, uint32_t hi,
                                        int64_t capacity, BracketChunk<typename Format::Bits>& c) {
   alignas(64) uint8_t flag[kBlock];  // 1: a candidate, 2: NaN
+  alignas(64) uint8_t above[kBlock];  // the mask bytes when no mask is written (out == nullptr)
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
     const typename Format::Bits* __restrict xb = x + b;
-    uint8_t* __restrict ob = out + b;
+    uint8_t* __restrict ob = out != nullptr ? out + b : above;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t raw = xb[j];
@@ -250,12 +252,12 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
 
 template <typename Format>
 std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity,
-                                bool block_counts) {
+                                bool block_counts, bool write_mask) {
   using Bits = typename Format::Bits;
   const auto* bits = reinterpret_cast<const Bits*>(x.data_ptr());
   const int64_t numel = x.numel();
-  at::Tensor mask = at::empty({numel}, x.options().dtype(at::kByte));
-  uint8_t* out = mask.data_ptr<uint8_t>();
+  at::Tensor mask = at::empty({write_mask ? numel : 0}, x.options().dtype(at::kByte));
+  uint8_t* out = write_mask ? mask.data_ptr<uint8_t>() : nullptr;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::max<int64_t>(1, std::min(threads, numel / kMinChunk));
   const int64_t chunk = ((numel + chunks - 1) / chunks + kBlock - 1) / kBlock * kBlock;  // whole blocks
@@ -349,16 +351,16 @@ at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t
 }
 
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
-                                         int64_t capacity, bool block_counts) {
+                                         int64_t capacity, bool block_counts, bool write_mask) {
   constexpr const char* op = "bracket_mask_cpu";
   check_input(x, op);
   const int bits = radix_key_bits(x, op);
   check_bracket(bits, lo_key, hi_key, capacity, op);
   const auto lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
   switch (x.scalar_type()) {
-    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts);
-    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts);
-    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts);
+    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts, write_mask);
+    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts, write_mask);
+    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts, write_mask);
   }
 }
 

@@ -178,11 +178,12 @@ def _select_mask(x, absolute, kth_key, index_cutoff, index_offset, backend):
     return out.view(torch.bool).reshape(x.shape)
 
 
-def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, block_counts=False):
-    """(bool mask [numel] of the keys above hi_key, the candidates' flat indices in ascending order and their
-    values (None, None when more than `capacity` were found; with first=True, on the backends that list in
-    index order, the first `capacity` of them instead), counts [above, candidates, NaN] as ints, the
-    candidates per COUNT_BLOCK elements (with block_counts on COUNTS_PER_BLOCK backends, else None))."""
+def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, block_counts=False, mask=True):
+    """(bool mask [numel] of the keys above hi_key (None with mask=False: the CPU kernel then writes none),
+    the candidates' flat indices in ascending order and their values (None, None when more than `capacity`
+    were found; with first=True, on the backends that list in index order, the first `capacity` of them
+    instead), counts [above, candidates, NaN] as ints, the candidates per COUNT_BLOCK elements (with
+    block_counts on COUNTS_PER_BLOCK backends, else None))."""
     blocks = None
     if backend == "reference":
         out, index, values, counts = reference_bracket_mask(x, absolute, lo_key, hi_key, capacity)
@@ -197,16 +198,17 @@ def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, b
         elif backend == "cuda":
             out, index, values, counts = extension().bracket_mask_cuda(*args)
         else:
-            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts))
+            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts), bool(mask))
             blocks = blocks if block_counts else None
+    out = out.view(torch.bool) if mask else None
     above, found, nan = counts.tolist()
     if found > capacity and not (first and backend in LISTS_IN_INDEX_ORDER):
-        return out.view(torch.bool), None, None, (above, found, nan), blocks
+        return out, None, None, (above, found, nan), blocks
     index, values = index[:min(found, capacity)], values[:min(found, capacity)]
     if backend in ("cuda", "triton"):  # the GPU kernels list the candidates in no particular order
         index, order = torch.sort(index)
         values = values[order]
-    return out.view(torch.bool), index, values, (above, found, nan), blocks
+    return out, index, values, (above, found, nan), blocks
 
 
 def _nan_error(count: int) -> ValueError:
@@ -398,11 +400,11 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
 
 
 class Bracket(NamedTuple):
-    """A bracket pass that holds the k-th key: the mask of the keys above it, its keys, the count above and
+    """A bracket pass that holds the k-th key: the mask of the keys above it (None for kth_largest), its keys, the count above and
     inside, the candidates' flat indices (ascending) and values. tied: a bracket of one heavily tied key
     (see _count_at_tied_key); index then holds the first of its elements or is None, values is None, and
     block_counts may hold its elements per COUNT_BLOCK of x."""
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor]
     lo_key: int
     hi_key: int
     above: int
@@ -413,19 +415,21 @@ class Bracket(NamedTuple):
     block_counts: Optional[torch.Tensor] = None
 
 
-def _bracket_around_kth(x, k, absolute, backend, list_tied) -> Optional[Bracket]:
+def _bracket_around_kth(x, k, absolute, backend, for_topk) -> Optional[Bracket]:
     """One bracket pass around the k-th largest key of x, or None when the sample held NaN, the bracket
     missed the k-th key or its candidates outgrew their room (the caller then runs the radix passes).
-    list_tied: a heavily tied k-th key's first elements are wanted (see _count_at_tied_key)."""
+    for_topk: the mask is wanted, and a heavily tied k-th key's first elements (see _count_at_tied_key);
+    kth_largest wants neither."""
     bracket = sample_bracket(x, k, absolute, backend)
     if bracket is None:
         return None
     lo_key, hi_key, expected, tied_keys = bracket
     if expected > x.numel() * MAX_CANDIDATE_FRACTION:  # heavy ties: listing them costs more than the radix passes
         single = lo_key if lo_key == hi_key else None
-        return _count_at_tied_key(x, k, absolute, backend, single, tied_keys, list_tied)
+        return _count_at_tied_key(x, k, absolute, backend, single, tied_keys, for_topk)
     capacity = min(x.numel(), int(2 * expected) + 4096)
-    mask, index, values, (above, found, nan), _ = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend)
+    mask, index, values, (above, found, nan), _ = _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend,
+                                                                mask=for_topk)
     if nan:
         raise _nan_error(nan)
     if index is None or not above < k <= above + found:
@@ -433,21 +437,22 @@ def _bracket_around_kth(x, k, absolute, backend, list_tied) -> Optional[Bracket]
     return Bracket(mask, lo_key, hi_key, above, found, index, values)
 
 
-def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, list_tied) -> Optional[Bracket]:
+def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, for_topk) -> Optional[Bracket]:
     """A bracket of one heavily tied key, by a counting pass: single_key when the sample's bracket is that key
     alone; else the sample's k-th key and, when the pass shows it is not the k-th, its neighbour in the
-    sample on the k-th's side (a second pass). With list_tied and a small k (TIED_LIST_FRACTION) the pass
+    sample on the k-th's side (a second pass). For a top-k with a small k (TIED_LIST_FRACTION) the pass
     also lists the first k elements at the key, in index order: the ones to select are among them; with
-    list_tied and a larger k it counts them per block where the backend can (COUNTS_PER_BLOCK)."""
+    a larger k it counts them per block where the backend can (COUNTS_PER_BLOCK)."""
     key = single_key if single_key is not None else (tied_keys[0] if tied_keys is not None else None)
     small = k <= x.numel() * TIED_LIST_FRACTION
-    listed = k if list_tied and small and backend in LISTS_IN_INDEX_ORDER else 0
-    per_block = list_tied and not listed and backend in COUNTS_PER_BLOCK
+    listed = k if for_topk and small and backend in LISTS_IN_INDEX_ORDER else 0
+    per_block = for_topk and not listed and backend in COUNTS_PER_BLOCK
     for attempt in range(2):  # the first key, then at most one neighbour
         if key is None:
             return None
         mask, index, _, (above, equal, nan), blocks = _bracket_mask(x, absolute, key, key, listed, backend,
-                                                                    first=True, block_counts=per_block)
+                                                                    first=True, block_counts=per_block,
+                                                                    mask=for_topk)
         if nan:
             raise _nan_error(nan)
         if above < k <= above + equal:
@@ -460,7 +465,7 @@ def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, list_tied
 
 def _neighbour_key(sample, key, higher, absolute, backend):
     """The next key above (higher) or below `key` among the sample's keys, or None."""
-    _, _, _, (above, equal, _), _ = _bracket_mask(sample, absolute, key, key, 0, backend)
+    _, _, _, (above, equal, _), _ = _bracket_mask(sample, absolute, key, key, 0, backend, mask=False)
     rank = above if higher else above + equal + 1
     if not 1 <= rank <= sample.numel():
         return None
@@ -472,7 +477,7 @@ def _topk_by_bracket(x, k, absolute, backend):
     _bracket_around_kth). At a heavily tied k-th key the counting pass's mask is completed by the first
     elements at that key it listed, or else by a mask pass up to the cut-off that its counts per block (or
     the index passes) locate."""
-    bracket = _bracket_around_kth(x, k, absolute, backend, list_tied=True)
+    bracket = _bracket_around_kth(x, k, absolute, backend, for_topk=True)
     if bracket is None:
         return None
     mask, lo_key, hi_key, above, found, index, values, tied, blocks = bracket
@@ -511,7 +516,7 @@ def _cutoff_in_blocks(flat, absolute, key, need, blocks) -> int:
 
 def _kth_key_by_bracket(x, k, absolute, backend):
     """The k-th largest key of x from one bracket pass and the radix passes on its candidates, or None."""
-    bracket = _bracket_around_kth(x, k, absolute, backend, list_tied=False)
+    bracket = _bracket_around_kth(x, k, absolute, backend, for_topk=False)
     if bracket is None:
         return None
     if bracket.lo_key == bracket.hi_key:

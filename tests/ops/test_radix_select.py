@@ -249,19 +249,22 @@ def _brackets(x, absolute, rng, trials):
 def check_bracket(name, x, absolute, rng, trials=3):
     for lo, hi in _brackets(x, absolute, rng, trials):
         for capacity in (x.numel(), rng.randint(0, max(1, x.numel() // 4))):
-            per_block = rng.random() < 0.5
+            per_block, with_mask = rng.random() < 0.5, rng.random() < 0.75
             mask, index, values, counts, blocks = rs._bracket_mask(x, absolute, lo, hi, capacity, name,
-                                                                   block_counts=per_block)
+                                                                   block_counts=per_block, mask=with_mask)
             want_mask, want_index, want_values, want_counts = reference_bracket_mask(x, absolute, lo, hi, x.numel())
-            where = f"{name} lo={lo} hi={hi} capacity={capacity}"
+            where = f"{name} lo={lo} hi={hi} capacity={capacity} mask={with_mask}"
             if per_block and name in rs.COUNTS_PER_BLOCK:
                 want_blocks = rs.reference_block_counts(x, absolute, lo, hi)
                 assert blocks.dtype == torch.int32 and torch.equal(blocks.cpu(), want_blocks.cpu()), where
                 assert int(want_blocks.sum()) == want_counts[1]
             else:
                 assert blocks is None, where
-            assert mask.dtype == torch.bool and mask.device == x.device
-            assert torch.equal(mask.cpu(), want_mask.bool().cpu()), where
+            if with_mask:
+                assert mask.dtype == torch.bool and mask.device == x.device
+                assert torch.equal(mask.cpu(), want_mask.bool().cpu()), where
+            else:
+                assert mask is None, where
             assert list(counts) == want_counts.tolist(), where
             if counts[1] > capacity:
                 assert index is None and values is None, where
