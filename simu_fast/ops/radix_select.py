@@ -9,8 +9,8 @@ elements (from the top index bit down, ascending) find the index cut-off. One la
     selected = key > kth_key  or  (key == kth_key and index <= index_cutoff)
 
 A large topk_mask (and kth_largest) first tries one pass instead (`bracket_mask`): the k-th largest of a
-fixed pseudo-random sample of x (aligned runs of 16 elements at up to 4096 places, 1/32 of x at most) gives a
-bracket [lo, hi] that holds the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the
+fixed pseudo-random sample of x (aligned runs of 16 elements at up to 4096 places, 1/32 of x at most) gives
+a bracket [lo, hi] that holds the k-th key with high probability (the sample's ranks k*s/n -+ 4 sigma of the
 binomial); the pass writes the mask of the keys above hi, counts them and lists the candidates inside the
 bracket (a few percent of x). When the k-th key is there (above < k <= above + candidates) the top-k among
 the candidates (the same radix passes, on them only, the lower index first) completes the mask: exact
@@ -366,7 +366,7 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
     holds two or more heavily tied values, (the sample's k-th key, the sample). The sample is whole aligned
     runs of x (one row gather: 0.11 ms for 4096 runs of 1e7 float32, against 0.48 ms for a gather of the
     65536 single positions), and its order statistics come from the key passes on it, shared between the
-    ranks (1e7 float32: the whole sample step 0.6 ms, was 1.7 ms with a pass set per rank and a NaN check)."""
+    ranks (1e7 float32: the whole sample step 0.75 ms, was 1.7 ms with a pass set per rank and a NaN check)."""
     n = x.numel()
     sample = sample_of(x)
     order = _SampleOrder(sample, absolute, backend)
@@ -400,10 +400,10 @@ def sample_bracket(x: torch.Tensor, k: int, absolute: bool, backend: str):
 
 
 class Bracket(NamedTuple):
-    """A bracket pass that holds the k-th key: the mask of the keys above it (None for kth_largest), its keys, the count above and
-    inside, the candidates' flat indices (ascending) and values. tied: a bracket of one heavily tied key
-    (see _count_at_tied_key); index then holds the first of its elements or is None, values is None, and
-    block_counts may hold its elements per COUNT_BLOCK of x."""
+    """A bracket pass that holds the k-th key: the mask of the keys above it (None for kth_largest), its keys,
+    the count above and inside, the candidates' flat indices (ascending) and values. tied: a bracket of one
+    heavily tied key (see _count_at_tied_key); index then holds the first of its elements or is None, values
+    is None, and block_counts may hold its elements per COUNT_BLOCK of x."""
     mask: Optional[torch.Tensor]
     lo_key: int
     hi_key: int
