@@ -12,17 +12,19 @@
 // select_mask: one pass, threads over ranges; within a range the index test splits it at the cut-off, so
 // each part is a plain SIMD compare of 32-bit keys (key >= kth before the cut-off, key > kth after it).
 //
-// bracket_mask: one pass, one contiguous chunk per thread; a block of kBlock elements is a SIMD loop writing
-// the mask bytes (key > hi) and flagging the candidates (lo <= key <= hi) and the NaN in a local byte array,
-// a SWAR count of the mask bytes, then a scan of the flags 64 at a time (as the bits of one word, one
-// step per candidate: they are a few percent of x) appends the candidates' indices and values to the
-// chunk's lists. The lists are concatenated in chunk order: the candidates come out in ascending index
-// order (each chunk lists into its own region of the outputs, closed up at the end). A chunk stops storing
-// (and keeps counting) at `capacity` candidates, so a bracket that missed touches no more memory than that,
-// and a counting pass (capacity 0) runs at the speed of the mask alone. Chunks are whole blocks, so with
-// block_counts each block's candidate count (computed anyway) goes out as well: the tied top-k's index
-// cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks). write_mask=false (kth_largest)
-// keeps the mask bytes of a block on the stack: the count above without the n-byte store and its page faults.
+// bracket_mask: one pass, one contiguous chunk per thread; on a CPU with AVX2 or AVX-512 each whole block of
+// kBlock elements goes through a routine of bracket_simd.h (compares into bit masks: the mask bytes, the
+// counts by popcount and the candidates' bits); elsewhere, and for the last partial block, a portable SIMD
+// loop writes the mask bytes (key > hi) and flags the candidates (lo <= key <= hi) and the NaN in a local
+// byte array, then a SWAR count of the bytes and a scan of the flags 64 at a time. Either way the bits of
+// 64 elements, one step per candidate (they are a few percent of x), append the candidates' indices and
+// values to the chunk's lists. The lists are concatenated in chunk order: the candidates come out in
+// ascending index order (each chunk lists into its own region of the outputs, closed up at the end). A chunk
+// stops storing (and keeps counting) at `capacity` candidates, so a bracket that missed touches no more
+// memory than that, and a counting pass (capacity 0) runs at the speed of the mask alone. Chunks are whole
+// blocks, so with block_counts each block's candidate count (computed anyway) goes out as well: the tied
+// top-k's index cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks). write_mask=false
+// (kth_largest) writes no mask: the count above without the n-byte store and its page faults.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -36,9 +38,13 @@
 #endif
 
 #include "../radix_select.h"
+#include "bracket_simd.h"
 
 namespace simu_fast {
 namespace {
+#if defined(__x86_64__) && defined(__GNUC__)
+using namespace cpu;  // BracketBlock, BracketBounds, bracket_bounds, bracket_block_avx2 / avx512, kBracket*
+#endif
 
 // The extension is built for the baseline x86-64 (SSE2); a pass that must run at memory speed also gets
 // AVX2 and AVX-512 versions, picked at load time by the CPU it runs on (GCC's target_clones). Measured on
@@ -206,6 +212,34 @@ struct BracketChunk {
   int32_t* block_counts = nullptr;  // candidates per kBlock elements (global blocks: chunks start at multiples)
 };
 
+// A block's candidates (starting at flat index b, n elements; word(j): the bits of those among xb[j, j + 64))
+// appended to the chunk's lists, or only counted (count()) once the chunk has no room left; the number goes
+// to the block's slot of block_counts.
+template <typename Bits, typename Word, typename Count>
+inline void add_candidates(BracketChunk<Bits>& c, const Bits* __restrict xb, int64_t b, int64_t n, int64_t capacity,
+                           Word word, Count count) {
+  int64_t found;
+  if (c.stored >= capacity) {  // no room left (or none asked for): count the candidates, list nothing
+    found = count();
+  } else {
+    int64_t* __restrict index = c.index;
+    Bits* __restrict kept = c.bits;
+    int64_t stored = c.stored;
+    for (int64_t j = 0; j < n; j += 64) {  // one step per candidate: they are a few percent of x
+      for (uint64_t bits = word(j); bits != 0; bits &= bits - 1) {
+        const int t = __builtin_ctzll(bits);
+        index[stored] = b + j + t;
+        kept[stored] = xb[j + t];
+        ++stored;
+      }
+    }
+    found = stored - c.stored;
+    c.stored = std::min(stored, capacity);  // past capacity: counted, not kept
+  }
+  c.candidates += found;
+  if (c.block_counts != nullptr) c.block_counts[b / kBlock] = static_cast<int32_t>(found);
+}
+
 template <typename Format>
 SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x, uint8_t* __restrict out,
                                        int64_t begin, int64_t end, bool absolute, uint32_t lo, uint32_t hi,
@@ -226,33 +260,39 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
     }
     c.above += count_bit(ob, n, 0);
     c.nan += count_bit(flag, n, 1);
-    if (c.stored >= capacity) {  // no room left (or none asked for): count the candidates, list nothing
-      const uint32_t found = count_bit(flag, n, 0);
-      c.candidates += found;
-      if (c.block_counts != nullptr) c.block_counts[b / kBlock] = static_cast<int32_t>(found);
-      continue;
-    }
-    int64_t* __restrict index = c.index;
-    typename Format::Bits* __restrict kept = c.bits;
-    int64_t stored = c.stored;
     for (int64_t j = n; j < kBlock && j % 64 != 0; ++j) flag[j] = 0;  // whole groups of 64 below
-    for (int64_t j = 0; j < n; j += 64) {  // 64 flags as bits, then one step per candidate
-      for (uint64_t bits = candidate_bits(flag + j); bits != 0; bits &= bits - 1) {
-        const int t = __builtin_ctzll(bits);
-        index[stored] = b + j + t;
-        kept[stored] = xb[j + t];
-        ++stored;
-      }
-    }
-    c.candidates += stored - c.stored;
-    if (c.block_counts != nullptr) c.block_counts[b / kBlock] = static_cast<int32_t>(stored - c.stored);
-    c.stored = std::min(stored, capacity);  // past capacity: counted, not kept
+    add_candidates(c, xb, b, n, capacity, [&](int64_t j) { return candidate_bits(flag + j); },
+                   [&] { return static_cast<int64_t>(count_bit(flag, n, 0)); });
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// bracket_chunk with a block routine of bracket_simd.h for every whole block, the portable loop for the last,
+// partial one.
+template <typename Bits>
+using BlockRoutine = void (*)(const Bits*, uint8_t*, BracketBounds, BracketBlock&);
+
+template <typename Format>
+void bracket_chunk_blocks(const typename Format::Bits* __restrict x, uint8_t* __restrict out, int64_t begin,
+                          int64_t end, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity,
+                          BracketChunk<typename Format::Bits>& c, BlockRoutine<typename Format::Bits> block,
+                          BracketBounds bounds) {
+  const int64_t whole = begin + (end - begin) / kBlock * kBlock;
+  BracketBlock r;
+  for (int64_t b = begin; b < whole; b += kBlock) {
+    block(x + b, out != nullptr ? out + b : nullptr, bounds, r);
+    c.above += r.above;
+    c.nan += r.nan;
+    add_candidates(c, x + b, b, kBlock, capacity, [&](int64_t j) { return r.inside[j / 64]; },
+                   [&] { return r.inside_count; });
+  }
+  if (whole < end) bracket_chunk<Format>(x, out, whole, end, absolute, lo, hi, capacity, c);
+}
+#endif
+
 template <typename Format>
 std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity,
-                                bool block_counts, bool write_mask) {
+                                bool block_counts, bool write_mask, int simd) {
   using Bits = typename Format::Bits;
   const auto* bits = reinterpret_cast<const Bits*>(x.data_ptr());
   const int64_t numel = x.numel();
@@ -274,10 +314,23 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
     parts[c].bits = reinterpret_cast<Bits*>(values.data_ptr()) + c * room;
     if (block_counts) parts[c].block_counts = counts_per_block.data_ptr<int32_t>();
   }
+  auto chunk_pass = [&](int64_t begin, int64_t end, BracketChunk<Bits>& part) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const BlockRoutine<Bits> routine =
+        simd == kBracketAvx512 ? (absolute ? bracket_block_avx512<Format, true> : bracket_block_avx512<Format, false>)
+        : simd == kBracketAvx2 ? (absolute ? bracket_block_avx2<Format, true> : bracket_block_avx2<Format, false>)
+                               : nullptr;
+    if (routine != nullptr) {
+      return bracket_chunk_blocks<Format>(bits, out, begin, end, absolute, lo, hi, capacity, part, routine,
+                                          bracket_bounds<Format>(lo, hi));
+    }
+#endif
+    bracket_chunk<Format>(bits, out, begin, end, absolute, lo, hi, capacity, part);
+  };
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * chunk, end = std::min(numel, begin + chunk);
-      if (begin < end) bracket_chunk<Format>(bits, out, begin, end, absolute, lo, hi, capacity, parts[c]);
+      if (begin < end) chunk_pass(begin, end, parts[c]);
     }
   });
   at::Tensor counts = at::zeros({3}, x.options().dtype(at::kLong));
@@ -351,17 +404,29 @@ at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t
 }
 
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
-                                         int64_t capacity, bool block_counts, bool write_mask) {
+                                         int64_t capacity, bool block_counts, bool write_mask, int64_t simd) {
   constexpr const char* op = "bracket_mask_cpu";
   check_input(x, op);
   const int bits = radix_key_bits(x, op);
   check_bracket(bits, lo_key, hi_key, capacity, op);
+  const int64_t best = bracket_simd_level_cpu();
+  TORCH_CHECK(-1 <= simd && simd <= best, op, ": simd must be -1 (the widest) or 0..", best,
+              " (portable, avx2, avx512) on this CPU, got ", simd);
+  const int level = static_cast<int>(simd < 0 ? best : simd);
   const auto lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
   switch (x.scalar_type()) {
-    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts, write_mask);
-    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts, write_mask);
-    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts, write_mask);
+    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts, write_mask, level);
+    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts, write_mask, level);
+    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts, write_mask, level);
   }
+}
+
+int64_t bracket_simd_level_cpu() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return cpu::bracket_simd_level();
+#else
+  return 0;
+#endif
 }
 
 }  // namespace simu_fast

@@ -178,12 +178,14 @@ def _select_mask(x, absolute, kth_key, index_cutoff, index_offset, backend):
     return out.view(torch.bool).reshape(x.shape)
 
 
-def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, block_counts=False, mask=True):
+def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, block_counts=False, mask=True,
+                  cpu_simd=-1):
     """(bool mask [numel] of the keys above hi_key (None with mask=False: the CPU kernel then writes none),
     the candidates' flat indices in ascending order and their values (None, None when more than `capacity`
     were found; with first=True, on the backends that list in index order, the first `capacity` of them
     instead), counts [above, candidates, NaN] as ints, the candidates per COUNT_BLOCK elements (with
-    block_counts on COUNTS_PER_BLOCK backends, else None))."""
+    block_counts on COUNTS_PER_BLOCK backends, else None)). cpu_simd: the CPU kernel's block routine (-1 the
+    widest here, 0 portable, 1 AVX2, 2 AVX-512: the same results, chosen by the tests)."""
     blocks = None
     if backend == "reference":
         out, index, values, counts = reference_bracket_mask(x, absolute, lo_key, hi_key, capacity)
@@ -198,7 +200,8 @@ def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, b
         elif backend == "cuda":
             out, index, values, counts = extension().bracket_mask_cuda(*args)
         else:
-            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts), bool(mask))
+            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts), bool(mask),
+                                                                              int(cpu_simd))
             blocks = blocks if block_counts else None
     out = out.view(torch.bool) if mask else None
     above, found, nan = counts.tolist()

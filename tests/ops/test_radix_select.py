@@ -231,12 +231,26 @@ def test_cpu_thread_counts(threads, rng, skip_unavailable):
         torch.set_num_threads(before)
 
 
+def _special_keys(dtype):
+    """The keys of -inf, the largest negative, +0.0 (that of -0.0 too), the smallest positive and +inf."""
+    values = torch.tensor([float("-inf"), 0.0, 0.0, float("inf")], dtype=dtype)
+    values[1] = -torch.finfo(dtype).tiny
+    values[2] = torch.finfo(dtype).tiny
+    ninf, negative, positive, inf = (int(k) for k in reference_keys(values, False))
+    zero = int(reference_keys(torch.tensor([0.0], dtype=dtype), False)[0])
+    return ninf, negative, zero, positive, inf
+
+
 def _brackets(x, absolute, rng, trials):
-    """(lo_key, hi_key) pairs: around real keys (so candidates exist), the whole key range, one key, empty."""
+    """(lo_key, hi_key) pairs: around real keys (so candidates exist), the whole key range, one key, empty,
+    and bounds at and next to the keys of +-0.0 and +-inf (where the CPU's block routines move their bounds)."""
     bits = KEY_BITS[x.dtype]
     full = (1 << bits) - 1
     keys = reference_keys(x, absolute)[~torch.isnan(x.reshape(-1))]
     pairs = [(0, full), (full, full), (0, 0)]
+    ninf, _, zero, _, inf = _special_keys(x.dtype)
+    pairs += [(zero - 1, zero - 1), (zero, zero), (zero - 1, zero), (zero - 2, zero + 1), (zero, inf),
+              (ninf, zero - 1), (ninf, inf), (inf, inf), (ninf, ninf), (inf + 1, full), (0, ninf - 1)]
     for _ in range(trials):
         if keys.numel():
             a, b = sorted(int(keys[rng.randrange(keys.numel())]) for _ in range(2))
@@ -246,14 +260,26 @@ def _brackets(x, absolute, rng, trials):
     return pairs
 
 
+def _cpu_simd_levels(name):
+    """The CPU kernel's block routines this machine runs (0 portable, 1 AVX2, 2 AVX-512), each to be checked;
+    -1 (the backend's own choice) elsewhere."""
+    if name != "cpu":
+        return [-1]
+    from simu_fast._extension import extension
+
+    return list(range(extension().bracket_simd_level_cpu() + 1))
+
+
 def check_bracket(name, x, absolute, rng, trials=3):
-    for lo, hi in _brackets(x, absolute, rng, trials):
+    for (lo, hi), simd in ((pair, simd) for pair in _brackets(x, absolute, rng, trials)
+                           for simd in _cpu_simd_levels(name)):
         for capacity in (x.numel(), rng.randint(0, max(1, x.numel() // 4))):
             per_block, with_mask = rng.random() < 0.5, rng.random() < 0.75
             mask, index, values, counts, blocks = rs._bracket_mask(x, absolute, lo, hi, capacity, name,
-                                                                   block_counts=per_block, mask=with_mask)
+                                                                   block_counts=per_block, mask=with_mask,
+                                                                   cpu_simd=simd)
             want_mask, want_index, want_values, want_counts = reference_bracket_mask(x, absolute, lo, hi, x.numel())
-            where = f"{name} lo={lo} hi={hi} capacity={capacity} mask={with_mask}"
+            where = f"{name} lo={lo} hi={hi} capacity={capacity} mask={with_mask} simd={simd}"
             if per_block and name in rs.COUNTS_PER_BLOCK:
                 want_blocks = rs.reference_block_counts(x, absolute, lo, hi)
                 assert blocks.dtype == torch.int32 and torch.equal(blocks.cpu(), want_blocks.cpu()), where
