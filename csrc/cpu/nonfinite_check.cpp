@@ -29,18 +29,30 @@ template <> struct FloatBits<float> { using U = uint32_t; static constexpr U kEx
 template <> struct FloatBits<c10::BFloat16> { using U = uint16_t; static constexpr U kExp = 0x7f80u; };
 template <> struct FloatBits<c10::Half> { using U = uint16_t; static constexpr U kExp = 0x7c00u; };
 
+// Non-finite elements of [begin, end), len <= 2^31 (int32 counts never overflow).
+template <typename G>
+__attribute__((always_inline)) inline int32_t count_run(const typename FloatBits<G>::U* __restrict__ u, int64_t begin,
+                                                        int64_t end) {
+  constexpr auto kExp = FloatBits<G>::kExp;
+  int32_t local = 0;
+#pragma omp simd reduction(+ : local)
+  for (int64_t o = begin; o < end; ++o) local += (u[o] & kExp) == kExp;
+  return local;
+}
+
+// The two halves of the range are read side by side, kRun elements of each in turn: two streams per thread
+// keep more reads in flight than one (measured on 50M float32, 2 threads: 8.7 ms against 10.0 ms).
 template <typename G>
 __attribute__((always_inline)) inline int64_t count_nonfinite_bits(const G* g, int64_t begin, int64_t end) {
-  using U = typename FloatBits<G>::U;
-  constexpr U kExp = FloatBits<G>::kExp;
-  const U* __restrict__ u = reinterpret_cast<const U*>(g);
+  constexpr int64_t kRun = 4096;
+  const auto* u = reinterpret_cast<const typename FloatBits<G>::U*>(g);
+  const int64_t half = (end - begin) / 2 / kRun * kRun;
   int64_t total = 0;
-  for (int64_t block = begin; block < end; block += (int64_t{1} << 30)) {  // int32 counts never overflow
-    const int64_t stop = std::min(end, block + (int64_t{1} << 30));
-    int32_t local = 0;
-#pragma omp simd reduction(+ : local)
-    for (int64_t o = block; o < stop; ++o) local += (u[o] & kExp) == kExp;
-    total += local;
+  for (int64_t o = 0; o < half; o += kRun) {
+    total += count_run<G>(u, begin + o, begin + o + kRun) + count_run<G>(u, begin + half + o, begin + half + o + kRun);
+  }
+  for (int64_t block = begin + 2 * half; block < end; block += (int64_t{1} << 30)) {
+    total += count_run<G>(u, block, std::min(end, block + (int64_t{1} << 30)));
   }
   return total;
 }

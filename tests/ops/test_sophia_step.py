@@ -638,6 +638,24 @@ def test_count_nonfinite_parity(backend, gen, g_dtype, kind):
         assert torch.equal(bits(g), bits(g_orig)), "count_nonfinite modified the gradient"
 
 
+@pytest.mark.parametrize("g_dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_count_nonfinite_finds_one_element_anywhere(backend, gen, g_dtype):
+    """Every element is read once (the CPU kernel reads each thread's range as two streams of runs plus a
+    remainder): a gradient of NaN and inf only counts n, and one inf or NaN anywhere counts 1."""
+    name, device = backend
+    n = 5 * 4096 * 2 + 4099
+    g = torch.randn(n, generator=gen).to(g_dtype).to(device)
+    mask = full_mask(g)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.randint(3, (n,), generator=gen)]
+    assert count_nonfinite([specials.to(g_dtype).to(device)], [mask], backend=name).tolist() == [n]
+    positions = {0, n - 1, n // 2, n // 2 - 1, n // 4, 3 * n // 4} | set(torch.randint(n, (10,), generator=gen).tolist())
+    for p in sorted(positions):
+        bad = g.clone()
+        bad[p] = float("nan") if p % 2 else float("-inf")
+        assert count_nonfinite([bad], [mask], backend=name).tolist() == [1], f"{name} position {p} of {n}"
+    assert count_nonfinite([g], [mask], backend=name).tolist() == [0]
+
+
 def test_count_nonfinite_many_tensors(backend, gen):
     name, device = backend
     specs = [((33, 17), torch.bfloat16, "rows"), ((128, 257), torch.float32, "dense"), ((7,), torch.float16, "full"),
