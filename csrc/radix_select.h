@@ -18,8 +18,9 @@
 //     index and values (in ascending index order on the CPU, in any order on CUDA; the tensors may be longer).
 //   bracket_mask_cpu takes two more arguments. block_counts: true adds a fifth output, int32
 //     [ceil(numel / kBracketCountBlock)], the candidates in each run of kBracketCountBlock elements (flat
-//     index / kBracketCountBlock); false adds an empty one. write_mask: false returns an empty mask (the
-//     counts and lists unchanged). simd: the block routine, -1 the widest this CPU runs (bracket_simd_level_cpu),
+//     index / kBracketCountBlock); false adds an empty one. mask_mode: 0 returns an empty mask (the counts and
+//     lists unchanged), 1 the mask above, 2 the mask above with 2 at every candidate (the tied top-k's cut-off
+//     then needs only the mask bytes: radix_select.py, _topk_by_bracket). simd: the block routine, -1 the widest this CPU runs (bracket_simd_level_cpu),
 //     0 the portable loop, 1 AVX2, 2 AVX-512 (same results; tests run each). The CUDA kernel has none of these.
 //
 // x: contiguous float32 / bfloat16 / float16, any numel (int64 indexing). Keys are 32-bit for float32 and
@@ -184,8 +185,9 @@ at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_
                                int64_t shift, int64_t index_offset, int64_t key_equal);
 at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff, int64_t index_offset);
 constexpr int64_t kBracketCountBlock = 1024;  // radix_select.py's COUNT_BLOCK
+enum BracketMaskMode : int64_t { kBracketNoMask = 0, kBracketMaskAbove = 1, kBracketMarkInside = 2 };
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
-                                         int64_t capacity, bool block_counts, bool write_mask, int64_t simd);
+                                         int64_t capacity, bool block_counts, int64_t mask_mode, int64_t simd);
 int64_t bracket_simd_level_cpu();  // the widest block routine of the bracket pass here: 0 portable, 1 avx2, 2 avx512
 
 #ifdef SIMU_FAST_WITH_CUDA

@@ -1,7 +1,8 @@
 // The bracket pass's tests of one block of kBracketCountBlock elements in AVX-512 and in AVX2 intrinsics
 // (radix_select.cpp picks one by the CPU it runs on; its portable loop serves other CPUs and the last,
 // partial block). Per element: above the bracket (key > hi), inside it (lo <= key <= hi), NaN; per block:
-// the three counts, the bits of the elements inside (64 per word) and, when asked, the mask bytes.
+// the three counts, the bits of the elements inside (64 per word) and, when asked, the mask bytes (1 above,
+// inside_byte inside, else 0).
 //
 // No key transform per element: the raw bits s (16-bit types shifted into the top half) give the signed
 // t = s ^ ((s >> 31) & 0x7fffffff), whose order is the keys' order, key = t ^ 0x80000000, except for -0.0
@@ -63,10 +64,11 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) inline __m512i t_of16(const t
 
 template <typename Format, bool kAbsolute>
 __attribute__((target("avx512f,avx512bw,popcnt"))) void bracket_block_avx512(const typename Format::Bits* x,
-                                                                            uint8_t* out, BracketBounds b,
-                                                                            BracketBlock& r) {
+                                                                            uint8_t* out, uint8_t inside_byte,
+                                                                            BracketBounds b, BracketBlock& r) {
   const __m512i low31 = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(b.inf),
-                lo = _mm512_set1_epi32(b.lo), hi = _mm512_set1_epi32(b.hi), one = _mm512_set1_epi8(1);
+                lo = _mm512_set1_epi32(b.lo), hi = _mm512_set1_epi32(b.hi), one = _mm512_set1_epi8(1),
+                mark = _mm512_set1_epi8(static_cast<char>(inside_byte));
   int64_t above_count = 0, inside_count = 0, nan_count = 0;
   for (int64_t w = 0; w < kBracketCountBlock / 64; ++w) {
     uint64_t above = 0, at_least = 0, nan = 0;
@@ -81,7 +83,9 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void bracket_block_avx512(con
     }
     above &= ~nan;
     const uint64_t inside = at_least & ~above & ~nan;
-    if (out != nullptr) _mm512_storeu_si512(out + 64 * w, _mm512_maskz_mov_epi8(above, one));
+    if (out != nullptr) {
+      _mm512_storeu_si512(out + 64 * w, _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(above, one), inside, mark));
+    }
     r.inside[w] = inside;
     above_count += __builtin_popcountll(above);
     inside_count += __builtin_popcountll(inside);
@@ -114,7 +118,7 @@ __attribute__((target("avx2,popcnt"))) inline uint64_t sign_bits8(__m256i v) {
 
 template <typename Format, bool kAbsolute>
 __attribute__((target("avx2,popcnt"))) void bracket_block_avx2(const typename Format::Bits* x, uint8_t* out,
-                                                              BracketBounds b, BracketBlock& r) {
+                                                              uint8_t inside_byte, BracketBounds b, BracketBlock& r) {
   const __m256i low31 = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(b.inf),
                 lo = _mm256_set1_epi32(b.lo), hi = _mm256_set1_epi32(b.hi);
   int64_t above_count = 0, inside_count = 0, nan_count = 0;
@@ -133,7 +137,8 @@ __attribute__((target("avx2,popcnt"))) void bracket_block_avx2(const typename Fo
     const uint64_t inside = ~below & ~above & ~nan;
     if (out != nullptr) {
       for (int q = 0; q < 8; ++q) {
-        const uint64_t bytes = kBytesOfBits.bytes[(above >> (8 * q)) & 0xFF];
+        const uint64_t bytes = kBytesOfBits.bytes[(above >> (8 * q)) & 0xFF] |
+                               kBytesOfBits.bytes[(inside >> (8 * q)) & 0xFF] * inside_byte;  // bytes 0 or 1: no carry
         __builtin_memcpy(out + 64 * w + 8 * q, &bytes, 8);
       }
     }

@@ -23,7 +23,8 @@
 // stops storing (and keeps counting) at `capacity` candidates, so a bracket that missed touches no more
 // memory than that, and a counting pass (capacity 0) runs at the speed of the mask alone. Chunks are whole
 // blocks, so with block_counts each block's candidate count (computed anyway) goes out as well: the tied
-// top-k's index cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks). write_mask=false
+// top-k's index cut-off then needs no pass over x (radix_select.py, _cutoff_in_blocks), and with mask_mode 2
+// the candidates' mask bytes are 2, so the mask is finished from its own bytes, not from x. mask_mode 0
 // (kth_largest) writes no mask: the count above without the n-byte store and its page faults.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -243,7 +244,7 @@ inline void add_candidates(BracketChunk<Bits>& c, const Bits* __restrict xb, int
 template <typename Format>
 SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x, uint8_t* __restrict out,
                                        int64_t begin, int64_t end, bool absolute, uint32_t lo, uint32_t hi,
-                                       int64_t capacity, BracketChunk<typename Format::Bits>& c) {
+                                       int64_t capacity, uint8_t inside_byte, BracketChunk<typename Format::Bits>& c) {
   alignas(64) uint8_t flag[kBlock];  // 1: a candidate, 2: NaN
   alignas(64) uint8_t above[kBlock];  // the mask bytes when no mask is written (out == nullptr)
   for (int64_t b = begin; b < end; b += kBlock) {
@@ -255,8 +256,9 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
       const uint32_t raw = xb[j];
       const uint32_t key = radix_key(raw, Format::kSign, absolute);
       const bool is_nan = radix_is_nan(raw, Format::kSign, Format::kInf);
-      ob[j] = (!is_nan && key > hi) ? 1 : 0;
-      flag[j] = is_nan ? 2 : ((key >= lo && key <= hi) ? 1 : 0);
+      const bool inside = !is_nan && key >= lo && key <= hi;
+      ob[j] = (!is_nan && key > hi) ? 1 : (inside ? inside_byte : 0);
+      flag[j] = is_nan ? 2 : (inside ? 1 : 0);
     }
     c.above += count_bit(ob, n, 0);
     c.nan += count_bit(flag, n, 1);
@@ -270,34 +272,35 @@ SIMU_FAST_WIDE_SIMD void bracket_chunk(const typename Format::Bits* __restrict x
 // bracket_chunk with a block routine of bracket_simd.h for every whole block, the portable loop for the last,
 // partial one.
 template <typename Bits>
-using BlockRoutine = void (*)(const Bits*, uint8_t*, BracketBounds, BracketBlock&);
+using BlockRoutine = void (*)(const Bits*, uint8_t*, uint8_t, BracketBounds, BracketBlock&);
 
 template <typename Format>
 void bracket_chunk_blocks(const typename Format::Bits* __restrict x, uint8_t* __restrict out, int64_t begin,
                           int64_t end, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity,
-                          BracketChunk<typename Format::Bits>& c, BlockRoutine<typename Format::Bits> block,
-                          BracketBounds bounds) {
+                          uint8_t inside_byte, BracketChunk<typename Format::Bits>& c,
+                          BlockRoutine<typename Format::Bits> block, BracketBounds bounds) {
   const int64_t whole = begin + (end - begin) / kBlock * kBlock;
   BracketBlock r;
   for (int64_t b = begin; b < whole; b += kBlock) {
-    block(x + b, out != nullptr ? out + b : nullptr, bounds, r);
+    block(x + b, out != nullptr ? out + b : nullptr, inside_byte, bounds, r);
     c.above += r.above;
     c.nan += r.nan;
     add_candidates(c, x + b, b, kBlock, capacity, [&](int64_t j) { return r.inside[j / 64]; },
                    [&] { return r.inside_count; });
   }
-  if (whole < end) bracket_chunk<Format>(x, out, whole, end, absolute, lo, hi, capacity, c);
+  if (whole < end) bracket_chunk<Format>(x, out, whole, end, absolute, lo, hi, capacity, inside_byte, c);
 }
 #endif
 
 template <typename Format>
 std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo, uint32_t hi, int64_t capacity,
-                                bool block_counts, bool write_mask, int simd) {
+                                bool block_counts, int64_t mask_mode, int simd) {
   using Bits = typename Format::Bits;
   const auto* bits = reinterpret_cast<const Bits*>(x.data_ptr());
   const int64_t numel = x.numel();
-  at::Tensor mask = at::empty({write_mask ? numel : 0}, x.options().dtype(at::kByte));
-  uint8_t* out = write_mask ? mask.data_ptr<uint8_t>() : nullptr;
+  at::Tensor mask = at::empty({mask_mode != kBracketNoMask ? numel : 0}, x.options().dtype(at::kByte));
+  uint8_t* out = mask_mode != kBracketNoMask ? mask.data_ptr<uint8_t>() : nullptr;
+  const uint8_t inside_byte = mask_mode == kBracketMarkInside ? 2 : 0;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::max<int64_t>(1, std::min(threads, numel / kMinChunk));
   const int64_t chunk = ((numel + chunks - 1) / chunks + kBlock - 1) / kBlock * kBlock;  // whole blocks
@@ -321,11 +324,11 @@ std::vector<at::Tensor> bracket(const at::Tensor& x, bool absolute, uint32_t lo,
         : simd == kBracketAvx2 ? (absolute ? bracket_block_avx2<Format, true> : bracket_block_avx2<Format, false>)
                                : nullptr;
     if (routine != nullptr) {
-      return bracket_chunk_blocks<Format>(bits, out, begin, end, absolute, lo, hi, capacity, part, routine,
-                                          bracket_bounds<Format>(lo, hi));
+      return bracket_chunk_blocks<Format>(bits, out, begin, end, absolute, lo, hi, capacity, inside_byte, part,
+                                          routine, bracket_bounds<Format>(lo, hi));
     }
 #endif
-    bracket_chunk<Format>(bits, out, begin, end, absolute, lo, hi, capacity, part);
+    bracket_chunk<Format>(bits, out, begin, end, absolute, lo, hi, capacity, inside_byte, part);
   };
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -404,20 +407,22 @@ at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t
 }
 
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,
-                                         int64_t capacity, bool block_counts, bool write_mask, int64_t simd) {
+                                         int64_t capacity, bool block_counts, int64_t mask_mode, int64_t simd) {
   constexpr const char* op = "bracket_mask_cpu";
   check_input(x, op);
   const int bits = radix_key_bits(x, op);
   check_bracket(bits, lo_key, hi_key, capacity, op);
+  TORCH_CHECK(kBracketNoMask <= mask_mode && mask_mode <= kBracketMarkInside, op,
+              ": mask_mode must be 0 (no mask), 1 (above) or 2 (above, candidates marked 2), got ", mask_mode);
   const int64_t best = bracket_simd_level_cpu();
   TORCH_CHECK(-1 <= simd && simd <= best, op, ": simd must be -1 (the widest) or 0..", best,
               " (portable, avx2, avx512) on this CPU, got ", simd);
   const int level = static_cast<int>(simd < 0 ? best : simd);
   const auto lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
   switch (x.scalar_type()) {
-    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts, write_mask, level);
-    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts, write_mask, level);
-    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts, write_mask, level);
+    case at::kFloat: return bracket<RadixF32>(x, absolute, lo, hi, capacity, block_counts, mask_mode, level);
+    case at::kBFloat16: return bracket<RadixBF16>(x, absolute, lo, hi, capacity, block_counts, mask_mode, level);
+    default: return bracket<RadixF16>(x, absolute, lo, hi, capacity, block_counts, mask_mode, level);
   }
 }
 

@@ -21,9 +21,11 @@ passes: the pass then brackets one key, the k-th value heavily tied (the sample'
 key alone; else the sample's k-th key, and if the count shows the k-th is not that one, its neighbour in
 the sample on the k-th's side, a second pass), and only counts the keys above and at it; the cut-off among the
 tied ones comes from the pass's counts per 1024 elements on the CPU (COUNTS_PER_BLOCK), from the index
-passes elsewhere (the first reads x, the next 1/256 of it), and the mask pass rewrites the indices up to the
-cut-off only. About 1.5 passes over x on the CPU (2.5 on the GPU) instead of the radix's five or more; one
-for a small k on the CPU, where the counting pass also lists the first k tied elements (TIED_LIST_FRACTION).
+passes elsewhere (the first reads x, the next 1/256 of it). On the CPU the pass also marks the tied elements
+in its mask (byte 2), which is then finished from its own bytes (2 -> 1 up to the cut-off, 2 -> 0 past it);
+elsewhere the mask pass rewrites the indices up to the cut-off from x. One pass over x and one over the
+mask on the CPU (2.5 over x on the GPU) instead of the radix's five or more; for a small k on the CPU the
+counting pass lists the first k tied elements instead (TIED_LIST_FRACTION).
 
 Kernels (one pass each, reading x once): `radix_histogram` (256 digit bins of the keys that match a
 prefix, plus a NaN count), `select_mask` and `bracket_mask`. Backends: reference (torch below), cpu, cuda,
@@ -58,9 +60,11 @@ TIED_LIST_FRACTION = 1 / 32
 LISTS_IN_INDEX_ORDER = ("reference", "cpu")
 # The backends whose counting pass also gives the candidates per COUNT_BLOCK elements (the CPU kernel's
 # block, kBracketCountBlock), from which a tied cut-off is found without the index passes over x (3 ms of
-# 12 ms at 1e7 float32, 8 levels, k = 10%). The GPU kernels keep the index passes, which read x at the
-# GPU's bandwidth.
+# 12 ms at 1e7 float32, 8 levels, k = 10%), and marks them in its mask (mask=MARK_CANDIDATES), which is then
+# finished without reading x again (8.1 -> see bench/results: 1e7, 8 levels, k = 10%, x out of cache). The
+# GPU kernels keep the index passes and the mask pass, which read x at the GPU's bandwidth.
 COUNTS_PER_BLOCK = ("reference", "cpu")
+MARK_CANDIDATES = "marked"
 COUNT_BLOCK = 1024
 
 
@@ -124,6 +128,13 @@ def reference_bracket_mask(x, absolute, lo_key, hi_key, capacity):
     return above.to(torch.uint8), index, x.reshape(-1)[index], counts
 
 
+def reference_marked_mask(x, absolute, lo_key, hi_key):
+    """uint8 [numel]: 1 at the non-NaN keys > hi_key, 2 at the candidates (non-NaN, lo_key <= key <= hi_key)."""
+    above, index, _, _ = reference_bracket_mask(x, absolute, lo_key, hi_key, x.numel())
+    above[index] = 2
+    return above
+
+
 def reference_block_counts(x, absolute, lo_key, hi_key):
     """int32 [ceil(numel / COUNT_BLOCK)]: the candidates (non-NaN, lo_key <= key <= hi_key) in each run of
     COUNT_BLOCK elements of x (flat)."""
@@ -180,7 +191,8 @@ def _select_mask(x, absolute, kth_key, index_cutoff, index_offset, backend):
 
 def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, block_counts=False, mask=True,
                   cpu_simd=-1):
-    """(bool mask [numel] of the keys above hi_key (None with mask=False: the CPU kernel then writes none),
+    """(bool mask [numel] of the keys above hi_key (None with mask=False: the CPU kernel then writes none;
+    with mask=MARK_CANDIDATES, on COUNTS_PER_BLOCK backends, uint8 with 2 at the candidates as well),
     the candidates' flat indices in ascending order and their values (None, None when more than `capacity`
     were found; with first=True, on the backends that list in index order, the first `capacity` of them
     instead), counts [above, candidates, NaN] as ints, the candidates per COUNT_BLOCK elements (with
@@ -189,6 +201,8 @@ def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, b
     blocks = None
     if backend == "reference":
         out, index, values, counts = reference_bracket_mask(x, absolute, lo_key, hi_key, capacity)
+        if mask == MARK_CANDIDATES:
+            out = reference_marked_mask(x, absolute, lo_key, hi_key)
         if block_counts:
             blocks = reference_block_counts(x, absolute, lo_key, hi_key)
     else:
@@ -200,10 +214,13 @@ def _bracket_mask(x, absolute, lo_key, hi_key, capacity, backend, first=False, b
         elif backend == "cuda":
             out, index, values, counts = extension().bracket_mask_cuda(*args)
         else:
-            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts), bool(mask),
+            mode = 2 if mask == MARK_CANDIDATES else int(bool(mask))
+            out, index, values, counts, blocks = extension().bracket_mask_cpu(*args, bool(block_counts), mode,
                                                                               int(cpu_simd))
             blocks = blocks if block_counts else None
-    out = out.view(torch.bool) if mask else None
+    if mask == MARK_CANDIDATES and backend not in COUNTS_PER_BLOCK:
+        raise ValueError(f"_bracket_mask: the {backend} kernel does not mark candidates")
+    out = None if not mask else out if mask == MARK_CANDIDATES else out.view(torch.bool)
     above, found, nan = counts.tolist()
     if found > capacity and not (first and backend in LISTS_IN_INDEX_ORDER):
         return out, None, None, (above, found, nan), blocks
@@ -406,7 +423,8 @@ class Bracket(NamedTuple):
     """A bracket pass that holds the k-th key: the mask of the keys above it (None for kth_largest), its keys,
     the count above and inside, the candidates' flat indices (ascending) and values. tied: a bracket of one
     heavily tied key (see _count_at_tied_key); index then holds the first of its elements or is None, values
-    is None, and block_counts may hold its elements per COUNT_BLOCK of x."""
+    is None, and block_counts may hold its elements per COUNT_BLOCK of x (the mask, uint8, then has 2 at
+    them)."""
     mask: Optional[torch.Tensor]
     lo_key: int
     hi_key: int
@@ -445,7 +463,7 @@ def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, for_topk)
     alone; else the sample's k-th key and, when the pass shows it is not the k-th, its neighbour in the
     sample on the k-th's side (a second pass). For a top-k with a small k (TIED_LIST_FRACTION) the pass
     also lists the first k elements at the key, in index order: the ones to select are among them; with
-    a larger k it counts them per block where the backend can (COUNTS_PER_BLOCK)."""
+    a larger k it counts them per block and marks them in the mask where the backend can (COUNTS_PER_BLOCK)."""
     key = single_key if single_key is not None else (tied_keys[0] if tied_keys is not None else None)
     small = k <= x.numel() * TIED_LIST_FRACTION
     listed = k if for_topk and small and backend in LISTS_IN_INDEX_ORDER else 0
@@ -455,7 +473,7 @@ def _count_at_tied_key(x, k, absolute, backend, single_key, tied_keys, for_topk)
             return None
         mask, index, _, (above, equal, nan), blocks = _bracket_mask(x, absolute, key, key, listed, backend,
                                                                     first=True, block_counts=per_block,
-                                                                    mask=for_topk)
+                                                                    mask=MARK_CANDIDATES if per_block else for_topk)
         if nan:
             raise _nan_error(nan)
         if above < k <= above + equal:
@@ -487,12 +505,12 @@ def _topk_by_bracket(x, k, absolute, backend):
     need = k - above
     if tied and index is None:  # past the cut-off the mask is the pass's (key above); up to it, key >= it
         flat, n = x.reshape(-1), x.numel()
-        if need == found:
-            cutoff = n - 1
-        elif blocks is not None:
-            cutoff = _cutoff_in_blocks(flat, absolute, lo_key, need, blocks)
-        else:
-            cutoff = _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
+        if blocks is not None:  # the pass marked the elements at the key with 2: 1 up to the cut-off, 0 past it
+            cutoff = n - 1 if need == found else _cutoff_in_blocks(flat, absolute, lo_key, need, blocks)
+            mask[:cutoff + 1].clamp_(max=1)
+            mask[cutoff + 1:].bitwise_and_(1)
+            return mask.view(torch.bool)
+        cutoff = n - 1 if need == found else _index_cutoff(x, absolute, lo_key, need, 0, n, backend, None)
         mask[:cutoff + 1] = _select_mask(flat[:cutoff + 1], absolute, lo_key, cutoff, 0, backend)
         return mask
     if need < found and lo_key != hi_key:  # among the candidates: their own top-k, the lower index first

@@ -274,7 +274,8 @@ def check_bracket(name, x, absolute, rng, trials=3):
     for (lo, hi), simd in ((pair, simd) for pair in _brackets(x, absolute, rng, trials)
                            for simd in _cpu_simd_levels(name)):
         for capacity in (x.numel(), rng.randint(0, max(1, x.numel() // 4))):
-            per_block, with_mask = rng.random() < 0.5, rng.random() < 0.75
+            per_block = rng.random() < 0.5
+            with_mask = rng.choice([False, True, True] + ([rs.MARK_CANDIDATES] if name in rs.COUNTS_PER_BLOCK else []))
             mask, index, values, counts, blocks = rs._bracket_mask(x, absolute, lo, hi, capacity, name,
                                                                    block_counts=per_block, mask=with_mask,
                                                                    cpu_simd=simd)
@@ -286,7 +287,12 @@ def check_bracket(name, x, absolute, rng, trials=3):
                 assert int(want_blocks.sum()) == want_counts[1]
             else:
                 assert blocks is None, where
-            if with_mask:
+            if with_mask == rs.MARK_CANDIDATES:  # 1 above, 2 at the candidates
+                want_marked = want_mask.clone()
+                want_marked[want_index] = 2
+                assert mask.dtype == torch.uint8 and torch.equal(mask.cpu(), want_marked.cpu()), where
+                assert torch.equal(want_marked, rs.reference_marked_mask(x, absolute, lo, hi)), where
+            elif with_mask:
                 assert mask.dtype == torch.bool and mask.device == x.device
                 assert torch.equal(mask.cpu(), want_mask.bool().cpu()), where
             else:
