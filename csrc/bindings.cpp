@@ -38,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("radix_histogram_cpu", &simu_fast::radix_histogram_cpu);
   m.def("select_mask_cpu", &simu_fast::select_mask_cpu);
   m.def("bracket_mask_cpu", &simu_fast::bracket_mask_cpu);
+  m.def("scatter_select_cpu", &simu_fast::scatter_select_cpu);
   m.def("bracket_simd_level_cpu", &simu_fast::bracket_simd_level_cpu);
   m.def("ssiuu_regularize_cpu", &simu_fast::ssiuu_regularize_cpu);
 #ifdef SIMU_FAST_WITH_CUDA

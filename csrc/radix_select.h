@@ -184,6 +184,10 @@ inline void check_bracket(int key_bits, int64_t lo_key, int64_t hi_key, int64_t 
 at::Tensor radix_histogram_cpu(at::Tensor x, bool absolute, int64_t mode, int64_t key_prefix, int64_t prefix_bits,
                                int64_t shift, int64_t index_offset, int64_t key_equal);
 at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t index_cutoff, int64_t index_offset);
+// out[positions[i]] = select_mask(values, absolute, kth_key, index_cutoff, 0)[i] (out: x's uint8 / bool mask, positions
+// distinct): a top-k's candidates written into its mask in one pass over them, no temporary, no index_put.
+void scatter_select_cpu(at::Tensor values, bool absolute, int64_t kth_key, int64_t index_cutoff, at::Tensor out,
+                        at::Tensor positions);
 constexpr int64_t kBracketCountBlock = 1024;  // radix_select.py's COUNT_BLOCK
 enum BracketMaskMode : int64_t { kBracketNoMask = 0, kBracketMaskAbove = 1, kBracketMarkInside = 2 };
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <vector>
 #if defined(__SSE2__)
@@ -187,6 +188,28 @@ void select(const at::Tensor& x, bool absolute, const RadixSelectPlan& p, uint8_
   at::parallel_for(0, x.numel(), kSelectGrain, [&](int64_t begin, int64_t end) {
     select_range<Format>(bits, out, begin, end, absolute, p.kth, p.cut);
   });
+}
+
+// out[positions[i]] = the select_mask byte of values[i], i in [0, m); false where a position is out of range
+// (nothing written there).
+template <typename Format>
+bool scatter_select(const typename Format::Bits* __restrict values, const int64_t* __restrict positions, int64_t m,
+                    bool absolute, const RadixSelectPlan& p, uint8_t* __restrict out, int64_t numel) {
+  std::atomic<bool> in_range{true};
+  at::parallel_for(0, m, kSelectGrain, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t pos = positions[i];
+      if (pos < 0 || pos >= numel) {
+        ok = false;
+        continue;
+      }
+      const uint32_t key = radix_key(values[i], Format::kSign, absolute);
+      out[pos] = (key > p.kth || (key == p.kth && i <= p.cut)) ? 1 : 0;
+    }
+    if (!ok) in_range = false;
+  });
+  return in_range;
 }
 
 // Bit t of the result: bit 0 of flag[t], t < 64 (flag 64-byte aligned). SSE2 (every x86-64) moves the bits
@@ -404,6 +427,37 @@ at::Tensor select_mask_cpu(at::Tensor x, bool absolute, int64_t kth_key, int64_t
     default: select<RadixF16>(x, absolute, plan, o); break;
   }
   return out;
+}
+
+void scatter_select_cpu(at::Tensor values, bool absolute, int64_t kth_key, int64_t index_cutoff, at::Tensor out,
+                        at::Tensor positions) {
+  constexpr const char* op = "scatter_select_cpu";
+  check_input(values, op);
+  const int bits = radix_key_bits(values, op);
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && (out.scalar_type() == at::kByte || out.scalar_type() == at::kBool),
+              op, ": out must be a contiguous uint8 or bool CPU tensor, got ", out.scalar_type(), " on ", out.device());
+  TORCH_CHECK(positions.device().is_cpu() && positions.is_contiguous() && positions.scalar_type() == at::kLong &&
+                  positions.numel() == values.numel(),
+              op, ": positions must be a contiguous int64 CPU tensor with one entry per value (", values.numel(),
+              "), got ", positions.scalar_type(), " [", positions.numel(), "]");
+  if (values.numel() == 0) return;
+  const RadixSelectPlan plan = radix_select_plan(bits, kth_key, index_cutoff, 0, values.numel());
+  auto* o = static_cast<uint8_t*>(out.data_ptr());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t m = values.numel(), n = out.numel();
+  bool in_range;
+  switch (values.scalar_type()) {
+    case at::kFloat:
+      in_range = scatter_select<RadixF32>(static_cast<const uint32_t*>(values.data_ptr()), pos, m, absolute, plan, o, n);
+      break;
+    case at::kBFloat16:
+      in_range = scatter_select<RadixBF16>(static_cast<const uint16_t*>(values.data_ptr()), pos, m, absolute, plan, o, n);
+      break;
+    default:
+      in_range = scatter_select<RadixF16>(static_cast<const uint16_t*>(values.data_ptr()), pos, m, absolute, plan, o, n);
+      break;
+  }
+  TORCH_CHECK(in_range, op, ": positions must be in [0, ", n, ")");
 }
 
 std::vector<at::Tensor> bracket_mask_cpu(at::Tensor x, bool absolute, int64_t lo_key, int64_t hi_key,

@@ -318,6 +318,33 @@ def test_bracket_kernel_matches_reference(compiled_backend, dtype, absolute, rng
             check_bracket(name, x, absolute, rng, trials=2)
 
 
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_scatter_select_matches_index_put(dtype, absolute, rng, skip_unavailable):
+    """scatter_select_cpu (the candidates' part of a top-k mask) writes exactly mask[positions] =
+    reference_select_mask(values, ...) and nothing else; a position out of range is an error naming it."""
+    skip_unavailable("cpu", "cpu")
+    from simu_fast._extension import extension
+
+    gen = torch.Generator().manual_seed(rng.randrange(2**62))
+    for n, m in ((1, 1), (1000, 7), (100_003, 4099), (300_007, 70_001)):
+        values = make_values(rng.choice(["random", "ties", "zeros"]), m, dtype, rng, "cpu")
+        positions = torch.randperm(n, generator=gen)[:m].sort().values
+        keys = reference_keys(values, absolute)
+        kth = int(keys[rng.randrange(m)]) if rng.random() < 0.8 else rng.choice([-1, 0, (1 << KEY_BITS[dtype]) - 1])
+        cutoff = rng.randint(-1, m)
+        before = torch.rand(n, generator=gen) < 0.5
+        want = before.clone()
+        want[positions] = reference_select_mask(values, absolute, kth, cutoff, 0)
+        got = before.clone()
+        extension().scatter_select_cpu(values, absolute, kth, cutoff, got, positions)
+        assert torch.equal(got, want), f"n={n} m={m} kth={kth} cutoff={cutoff}"
+    with pytest.raises(RuntimeError, match="positions must be in"):
+        extension().scatter_select_cpu(values, absolute, 0, 0, torch.zeros(10, dtype=torch.bool), positions)
+    with pytest.raises(RuntimeError, match="one entry per value"):
+        extension().scatter_select_cpu(values, absolute, 0, 0, got, positions[:-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # public ops against the references
 # ----------------------------------------------------------------------------------------------
