@@ -61,8 +61,8 @@ LISTS_IN_INDEX_ORDER = ("reference", "cpu")
 # The backends whose counting pass also gives the candidates per COUNT_BLOCK elements (the CPU kernel's
 # block, kBracketCountBlock), from which a tied cut-off is found without the index passes over x (3 ms of
 # 12 ms at 1e7 float32, 8 levels, k = 10%), and marks them in its mask (mask=MARK_CANDIDATES), which is then
-# finished without reading x again (8.1 -> see bench/results: 1e7, 8 levels, k = 10%, x out of cache). The
-# GPU kernels keep the index passes and the mask pass, which read x at the GPU's bandwidth.
+# finished without reading x again (same data, after a sort has evicted x: 8.1 -> 5.6 ms). The GPU kernels
+# keep the index passes and the mask pass, which read x at the GPU's bandwidth.
 COUNTS_PER_BLOCK = ("reference", "cpu")
 MARK_CANDIDATES = "marked"
 COUNT_BLOCK = 1024
