@@ -20,8 +20,9 @@
 //     [ceil(numel / kBracketCountBlock)], the candidates in each run of kBracketCountBlock elements (flat
 //     index / kBracketCountBlock); false adds an empty one. mask_mode: 0 returns an empty mask (the counts and
 //     lists unchanged), 1 the mask above, 2 the mask above with 2 at every candidate (the tied top-k's cut-off
-//     then needs only the mask bytes: radix_select.py, _topk_by_bracket). simd: the block routine, -1 the widest this CPU runs (bracket_simd_level_cpu),
-//     0 the portable loop, 1 AVX2, 2 AVX-512 (same results; tests run each). The CUDA kernel has none of these.
+//     then needs only the mask bytes: radix_select.py, _topk_by_bracket). simd: the block routine, -1 the
+//     widest this CPU runs (bracket_simd_level_cpu), 0 the portable loop, 1 AVX2, 2 AVX-512 (same results;
+//     the tests run each). The CUDA kernel has none of these.
 //
 // x: contiguous float32 / bfloat16 / float16, any numel (int64 indexing). Keys are 32-bit for float32 and
 // 16-bit for the 16-bit types: ascending key == ascending value, -0.0 folded onto +0.0 (see radix_key).

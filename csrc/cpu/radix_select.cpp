@@ -434,8 +434,9 @@ void scatter_select_cpu(at::Tensor values, bool absolute, int64_t kth_key, int64
   constexpr const char* op = "scatter_select_cpu";
   check_input(values, op);
   const int bits = radix_key_bits(values, op);
-  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && (out.scalar_type() == at::kByte || out.scalar_type() == at::kBool),
-              op, ": out must be a contiguous uint8 or bool CPU tensor, got ", out.scalar_type(), " on ", out.device());
+  const bool byte_mask = out.scalar_type() == at::kByte || out.scalar_type() == at::kBool;
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && byte_mask, op,
+              ": out must be a contiguous uint8 or bool CPU tensor, got ", out.scalar_type(), " on ", out.device());
   TORCH_CHECK(positions.device().is_cpu() && positions.is_contiguous() && positions.scalar_type() == at::kLong &&
                   positions.numel() == values.numel(),
               op, ": positions must be a contiguous int64 CPU tensor with one entry per value (", values.numel(),
@@ -445,16 +446,17 @@ void scatter_select_cpu(at::Tensor values, bool absolute, int64_t kth_key, int64
   auto* o = static_cast<uint8_t*>(out.data_ptr());
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t m = values.numel(), n = out.numel();
+  const void* v = values.data_ptr();
   bool in_range;
   switch (values.scalar_type()) {
     case at::kFloat:
-      in_range = scatter_select<RadixF32>(static_cast<const uint32_t*>(values.data_ptr()), pos, m, absolute, plan, o, n);
+      in_range = scatter_select<RadixF32>(static_cast<const uint32_t*>(v), pos, m, absolute, plan, o, n);
       break;
     case at::kBFloat16:
-      in_range = scatter_select<RadixBF16>(static_cast<const uint16_t*>(values.data_ptr()), pos, m, absolute, plan, o, n);
+      in_range = scatter_select<RadixBF16>(static_cast<const uint16_t*>(v), pos, m, absolute, plan, o, n);
       break;
     default:
-      in_range = scatter_select<RadixF16>(static_cast<const uint16_t*>(values.data_ptr()), pos, m, absolute, plan, o, n);
+      in_range = scatter_select<RadixF16>(static_cast<const uint16_t*>(v), pos, m, absolute, plan, o, n);
       break;
   }
   TORCH_CHECK(in_range, op, ": positions must be in [0, ", n, ")");

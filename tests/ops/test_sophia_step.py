@@ -648,7 +648,8 @@ def test_count_nonfinite_finds_one_element_anywhere(backend, gen, g_dtype):
     mask = full_mask(g)
     specials = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.randint(3, (n,), generator=gen)]
     assert count_nonfinite([specials.to(g_dtype).to(device)], [mask], backend=name).tolist() == [n]
-    positions = {0, n - 1, n // 2, n // 2 - 1, n // 4, 3 * n // 4} | set(torch.randint(n, (10,), generator=gen).tolist())
+    positions = {0, n - 1, n // 2, n // 2 - 1, n // 4, 3 * n // 4}
+    positions |= set(torch.randint(n, (10,), generator=gen).tolist())
     for p in sorted(positions):
         bad = g.clone()
         bad[p] = float("nan") if p % 2 else float("-inf")
