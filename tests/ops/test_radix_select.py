@@ -191,6 +191,7 @@ def test_kernels_unaligned_input(compiled_backend, rng):
         assert x.is_contiguous() and x.storage_offset() == 1
         check_histograms(name, x, False, rng, trials=2)
         check_select(name, x, True, rng, trials=2)
+        check_bracket(name, x, True, rng, trials=1)
 
 
 def test_triton_many_programs(rng, monkeypatch, skip_unavailable):
