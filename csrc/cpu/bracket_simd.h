@@ -55,6 +55,15 @@ struct BracketBlock {
   int64_t above = 0, inside_count = 0, nan = 0;
 };
 
+// Word w of a block (64 elements; above, inside and nan exclusive) into the block's result.
+__attribute__((target("popcnt"))) inline void add_word(BracketBlock& r, int64_t w, uint64_t above, uint64_t inside,
+                                                      uint64_t nan) {
+  r.inside[w] = inside;
+  r.above += __builtin_popcountll(above);
+  r.inside_count += __builtin_popcountll(inside);
+  r.nan += __builtin_popcountll(nan);
+}
+
 // AVX-512: 16 elements per vector, compares into mask registers, the mask bytes from the 64-bit mask.
 template <typename Format>
 __attribute__((target("avx512f,avx512bw,popcnt"))) inline __m512i t_of16(const typename Format::Bits* x) {
@@ -69,7 +78,7 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void bracket_block_avx512(con
   const __m512i low31 = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(b.inf),
                 lo = _mm512_set1_epi32(b.lo), hi = _mm512_set1_epi32(b.hi), one = _mm512_set1_epi8(1),
                 mark = _mm512_set1_epi8(static_cast<char>(inside_byte));
-  int64_t above_count = 0, inside_count = 0, nan_count = 0;
+  r.above = r.inside_count = r.nan = 0;
   for (int64_t w = 0; w < kBracketCountBlock / 64; ++w) {
     uint64_t above = 0, at_least = 0, nan = 0;
     for (int q = 0; q < 4; ++q) {
@@ -86,12 +95,8 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void bracket_block_avx512(con
     if (out != nullptr) {
       _mm512_storeu_si512(out + 64 * w, _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(above, one), inside, mark));
     }
-    r.inside[w] = inside;
-    above_count += __builtin_popcountll(above);
-    inside_count += __builtin_popcountll(inside);
-    nan_count += __builtin_popcountll(nan);
+    add_word(r, w, above, inside, nan);
   }
-  r.above = above_count, r.inside_count = inside_count, r.nan = nan_count;
 }
 
 // AVX2: 8 elements per vector, compares into vectors and their sign bits (movemask), the mask bytes of
@@ -121,7 +126,7 @@ __attribute__((target("avx2,popcnt"))) void bracket_block_avx2(const typename Fo
                                                               uint8_t inside_byte, BracketBounds b, BracketBlock& r) {
   const __m256i low31 = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(b.inf),
                 lo = _mm256_set1_epi32(b.lo), hi = _mm256_set1_epi32(b.hi);
-  int64_t above_count = 0, inside_count = 0, nan_count = 0;
+  r.above = r.inside_count = r.nan = 0;
   for (int64_t w = 0; w < kBracketCountBlock / 64; ++w) {
     uint64_t above = 0, below = 0, nan = 0;
     for (int q = 0; q < 8; ++q) {
@@ -142,12 +147,8 @@ __attribute__((target("avx2,popcnt"))) void bracket_block_avx2(const typename Fo
         __builtin_memcpy(out + 64 * w + 8 * q, &bytes, 8);
       }
     }
-    r.inside[w] = inside;
-    above_count += __builtin_popcountll(above);
-    inside_count += __builtin_popcountll(inside);
-    nan_count += __builtin_popcountll(nan);
+    add_word(r, w, above, inside, nan);
   }
-  r.above = above_count, r.inside_count = inside_count, r.nan = nan_count;
 }
 
 }  // namespace cpu
