@@ -56,7 +56,7 @@ class Size:
 SIZES = {"8M": Size(256, 4, 1024, 4000, 4, 64), "1M": Size(128, 2, 512, 1000, 4, 32)}
 DEFAULTS = dict(size="8M", steps=12, warmup=3, batch=4, examples=32)
 QUICK = dict(size="1M", steps=7, warmup=2, batch=4, examples=32)
-SIMU_ARGS = dict(steps=2, fraction=0.05, lr=1e-4, hessian_every=5)
+SIMU_ARGS = dict(ig_steps=2, fraction=0.05, lr=1e-4, hessian_every=5)
 
 
 

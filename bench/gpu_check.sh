@@ -6,13 +6,15 @@
 #
 # Stages, each under `timeout` so that the whole script stays inside TOTAL_S seconds (default 540):
 #   1. build   python3 -m pip install --no-build-isolation --no-deps -e .   (no registry needed)
+#   selftest   python3 -m simu_fast selftest --no-record --json bench/results/selftest-<gpu>.json   (every
+#              kernel against its reference on this GPU, < 3 minutes; a failure is reported, the script goes on)
 #   2. gpu     python3 -m pytest -q -m gpu tests
 #   3. rest    python3 -m pytest -q -m "not gpu" tests   (the rest of the suite, on this GPU machine;
 #              only while enough time is left for the benchmarks)
 #   4. bench   python3 -m bench --time-limit <what is left>   (GPU sizes; sizes that would not fit are
 #              skipped, results are written after every size)
 # Environment: PYTHON (default python3), TOTAL_S (default 540), SKIP_BUILD=1 (use the installed build),
-# BENCH_ARGS (extra arguments for python -m bench, e.g. --quick).
+# BENCH_ARGS (extra arguments for python -m bench, e.g. --quick), SELFTEST_ARGS (for the selftest, e.g. --quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +75,15 @@ if [ "${SKIP_BUILD:-0}" != "1" ]; then
   fi
 fi
 "$PY" -c "import json, simu_fast; print(json.dumps(simu_fast.backends()))" || STATUS=1
+
+# the selftest: every kernel on this GPU against its reference (its JSON lands in bench/results, copied to $OUT).
+# A failure sets STATUS and the stages below still run; --no-record: backend="auto" keeps choosing the kernels as
+# built, so that the tests and benchmarks below measure them.
+GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -cs 'A-Za-z0-9' '-' | sed 's/^-*//; s/-*$//')
+mkdir -p bench/results
+# shellcheck disable=SC2086
+stage selftest "$(min 200 "$(( $(left) - BENCH_RESERVE_S ))")" \
+  "$PY" -m simu_fast selftest --no-record --json "bench/results/selftest-${GPU_SLUG:-cpu}.json" ${SELFTEST_ARGS:-}
 
 # 2. the GPU tests
 stage gpu "$(min 180 "$(( $(left) - BENCH_RESERVE_S ))")" "$PY" -m pytest -q -m gpu tests

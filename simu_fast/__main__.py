@@ -1,4 +1,4 @@
-"""`python -m simu_fast unlearn ...`: the simu-fast command line (simu_fast/cli.py)."""
+"""`python -m simu_fast unlearn ...`: the simu-fast command line (simu_fast/cli/)."""
 from .cli import main
 
 if __name__ == "__main__":

@@ -103,7 +103,117 @@ CASES = [
      "--keep-best: unknown metric 'accuracy'; choose one of forget_rougeL"),
     ("ssiuu under fsdp2", lambda m, d, t: _unlearn(m, d, t / "o", "--parallel", "fsdp2", method="ssiuu"),
      "does not support --parallel fsdp2"),
+    # --out: never an input, never another run's files without --overwrite, one run at a time
+    ("--out is the model directory", lambda m, d, t: _unlearn(_copy_model(m, t / "mc"), d, t / "mc"),
+     "is the model directory"),
+    ("--out inside the model directory", lambda m, d, t: _unlearn(_copy_model(m, t / "mc"), d, t / "mc" / "out"),
+     "is inside the model directory"),
+    ("--out holds an input file", lambda m, d, t: _unlearn(m, dict(d, forget=_copy_file(d["forget"], t / "o")), t / "o"),
+     "holds the forget file"),
+    ("--out holds an earlier run", lambda m, d, t: _unlearn(m, d, _earlier_run(m, d, t)),
+     "holds the outputs of an earlier run"),
+    ("--out holds foreign files", lambda m, d, t: _unlearn(m, d, _foreign_dir(t / "o")),
+     "holds files no simu-fast run wrote (notes.txt)"),
+    ("--out in use by another run", lambda m, d, t: _unlearn(m, d, _held(t / "o")), "is in use by another simu-fast run"),
+    ("--resume and --overwrite", lambda m, d, t: _unlearn(m, d, t / "o", "--resume", "--overwrite"),
+     "give one of them"),
+    ("--resume --steps before the checkpoint", lambda m, d, t: _unlearn(m, d, _earlier_run(m, d, t, "--steps", "2",
+                                                                                           "--save-every", "1"),
+                                                                        "--resume"),
+     "is at step 2, past --steps 1: a resumed run cannot go back"),
+    ("eval --out holds an unlearn run", lambda m, d, t: _eval(m, d, _earlier_run(m, d, t)),
+     "holds the outputs of an earlier run"),
+    ("eval --out is the model directory", lambda m, d, t: _eval(_copy_model(m, t / "mc"), d, t / "mc"),
+     "is the model directory"),
+    # the model directory
+    ("config.json that does not fit the weights", lambda m, d, t: _unlearn(_edited_config(m, t / "mc"), d, t / "o"),
+     "do not fit its config.json"),
+    ("vocabulary smaller than the tokenizer", lambda m, d, t: _unlearn(_small_vocab(m, t / "mc"), d, t / "o"),
+     "is past the model's vocabulary"),
+    ("--max-length past the position limit", lambda m, d, t: _unlearn(m, d, t / "o", "--max-length", "100"),
+     "--max-length 100 is longer than the model's position limit 64"),
+    ("no tokenizer files", lambda m, d, t: _unlearn(_no_tokenizer(m, t / "mc"), d, t / "o"), "has no tokenizer files"),
+    # the data and the options
+    ("forget path is a directory", lambda m, d, t: _unlearn(m, dict(d, forget=str(t)), t / "o"),
+     f"is a directory; give the path of one data file"),
+    ("--set value of the wrong type", lambda m, d, t: _unlearn(m, d, t / "o", "--set", "ratio=abc", method="simu"),
+     "--set ratio='abc'"),
+    ("an lr that diverges", lambda m, d, t: _unlearn(m, d, t / "o", "--lr", "1e10", "--steps", "4"),
+     "is 1000000000000000x the method's default 1e-05: the likely cause"),
+    ("CSV with other column names", lambda m, d, t: _unlearn(m, dict(d, forget=_write(t / "f.csv", "q,a\nx,y\n")),
+                                                             t / "o", "--format", "csv"),
+     "--prompt-field NAME"),
+    ("every answer empty", lambda m, d, t: _unlearn(m, dict(d, forget=_write(t / "e.jsonl", _rows(("who", " "),
+                                                                                                   ("what", "")))),
+                                                    t / "o"),
+     "every answer is empty or whitespace"),
+    ("forget file is the retain file", lambda m, d, t: _unlearn(m, dict(d, retain=d["forget"]), t / "o"),
+     "--forget and --retain are the same file"),
+    ("every forget row in retain", lambda m, d, t: _unlearn(m, dict(d, retain=_copy_file(d["forget"], t / "r")), t / "o"),
+     "is also in the retain file"),
 ]
+
+_HELD = []  # OutputDirs kept open (their lock held) while a case runs
+
+
+def _eval(model_dir, data, out):
+    return ["eval", "--model", str(model_dir), "--forget", data["forget"], "--out", str(out), "--format", "lume",
+            "--max-length", "32"]
+
+
+def _copy_file(path, folder):
+    import shutil
+    folder.mkdir(exist_ok=True)
+    return str(shutil.copy(path, folder / os.path.basename(path)))
+
+
+def _rows(*pairs):
+    return "".join(json.dumps({"id": str(i), "input": q, "output": a, "task": "t"}) + "\n"
+                   for i, (q, a) in enumerate(pairs))
+
+
+def _earlier_run(model_dir, data, tmp_path, *extra):
+    out = tmp_path / "run"
+    assert main(_unlearn(model_dir, data, out, *extra)) == 0
+    return out
+
+
+def _foreign_dir(path):
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+def _held(path):
+    from simu_fast.cli.output_dir import OutputDir
+    _HELD.append(OutputDir(str(path)).open())
+    return path
+
+
+def _edited_config(model_dir, path):
+    _copy_model(model_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _small_vocab(model_dir, path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    cfg.vocab_size = 8
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(path)
+    return path
+
+
+def _no_tokenizer(model_dir, path):
+    from simu_fast.cli.inputs import TOKENIZER_FILES
+    _copy_model(model_dir, path)
+    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
+        if (path / name).exists():
+            (path / name).unlink()
+    return path
 
 
 class _Planted:
@@ -146,16 +256,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(name, make, message, model_dir, da
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]  # not transformers' bars
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line  # not transformers' bars
+             and not line.startswith("unlearning: step")]  # nor the progress lines of the steps before
     assert e.value.code == 2, err
     assert len(lines) == 1 and lines[0].startswith("simu-fast: error: ") and message in lines[0], err
     assert "Traceback" not in err
     assert set(os.listdir(tmp_path)) - before == made  # no output (an --out directory) was left behind
     assert not (tmp_path / "code-ran").exists()  # nothing the input carried was executed
+    while _HELD:
+        _HELD.pop().close()
 
 
 def test_the_table_counts():
-    assert len(CASES) == 25
+    assert len(CASES) == 46
 
 
 def test_api_bad_inputs_raise_typed_errors(model_dir, tmp_path):
@@ -164,7 +277,7 @@ def test_api_bad_inputs_raise_typed_errors(model_dir, tmp_path):
     from simu_fast.select.neuron_mask import NeuronMask
     with pytest.raises(ValueError, match="unknown unlearning method 'bogus'"):
         make_method("bogus")
-    with pytest.raises(TypeError, match="method 'simu' has no option 'ratoi'; its options: steps, ratio"):
+    with pytest.raises(TypeError, match="method 'simu' has no option 'ratoi'; its options: ig_steps, ratio"):
         make_method("simu", ratoi=0.2)
     with pytest.raises(FileNotFoundError, match="no neuron mask file"):
         make_method("simu", mask=str(tmp_path / "none"))
@@ -183,7 +296,7 @@ def test_api_bad_inputs_raise_typed_errors(model_dir, tmp_path):
 
 
 def test_interrupted_save_leaves_no_half_written_file(model_dir, data, tmp_path, monkeypatch):
-    """Ctrl-C in the middle of writing the model: --out holds no model file and no staging directory."""
+    """Ctrl-C in the middle of writing the model: exit 130, no model file and no staging directory left."""
     from transformers import PreTrainedModel
     real = PreTrainedModel.save_pretrained
 
@@ -196,7 +309,7 @@ def test_interrupted_save_leaves_no_half_written_file(model_dir, data, tmp_path,
         raise KeyboardInterrupt
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
     out = tmp_path / "o"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         main(_unlearn(model_dir, data, out))
-    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
-    assert not [p for p in os.listdir(out) if p.startswith(".saving-")]
+    assert e.value.code == 130
+    assert not out.exists()  # no half-written file, no staging directory: nothing was produced, so no --out

@@ -1,4 +1,4 @@
-"""The simu-fast command line (simu_fast/cli.py) on a tiny random Llama and a tiny local tokenizer."""
+"""The simu-fast command line (simu_fast/cli/) on a tiny random Llama and a tiny local tokenizer."""
 import json
 import os
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from simu_fast.cli import main
+from simu_fast.cli.output_dir import OWN
 from tiny_models import CLI_WORDS
 
 
@@ -42,7 +43,8 @@ def test_graddiff(model_dir, data, tmp_path):
     assert metrics["method_args"] == {"lr": 0.01}
     assert not (out / "mask.safetensors").exists()
     assert not (out / "checkpoint").exists()  # no --save-every: no checkpoint with optimizer state is left
-    assert not [p for p in os.listdir(out) if p.startswith(".")]  # nor a staging directory
+    assert sorted(p for p in os.listdir(out) if p.startswith(".")) == sorted(OWN)  # no staging directory, only the
+    # run's list of outputs and its lock
     assert _weights_differ(model_dir, out)
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(out, local_files_only=True)("alice")["input_ids"][-1] == 4 + CLI_WORDS.index("alice")
@@ -51,9 +53,9 @@ def test_graddiff(model_dir, data, tmp_path):
 def test_simu_writes_mask(model_dir, data, tmp_path):
     out = tmp_path / "simu"
     assert main(_args(model_dir, data, out, "simu", "--steps", "2", "--lr", "1e-2",
-                      "--set", "fraction=0.2", "--set", "steps=1")) == 0
+                      "--set", "fraction=0.2", "--set", "ig_steps=1")) == 0
     metrics = _check_outputs(out, "simu", 2)
-    assert metrics["method_args"]["fraction"] == 0.2 and metrics["method_args"]["steps"] == 1
+    assert metrics["method_args"]["fraction"] == 0.2 and metrics["method_args"]["ig_steps"] == 1
     assert (out / "mask.safetensors").is_file() and metrics["mask"] == "mask.safetensors"
     assert _weights_differ(model_dir, out)
     check = metrics["neuron_ablation"]  # the mask's causal check, on the model before unlearning

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from simu_fast.cli.output_dir import OWN
+
 from test_cli import _args
 
 pytest.importorskip("transformers")
@@ -20,7 +22,7 @@ def _torchrun_unlearn(model_dir, data, out, parallel):  # noqa: F811
     """`torchrun --standalone --nproc-per-node 2 -m simu_fast unlearn ...` (SIMU, 2 steps, a checkpoint every
     step); --parallel is left to its default (ddp under torchrun) for ddp."""
     args = _args(model_dir, data, out, "simu", "--steps", "2", "--lr", "1e-2", "--set", "fraction=0.2",
-                 "--set", "steps=1", "--set", "hessian_every=1", "--save-every", "1",
+                 "--set", "ig_steps=1", "--set", "hessian_every=1", "--save-every", "1",
                  *(["--parallel", parallel] if parallel != "ddp" else []))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -39,7 +41,7 @@ def test_torchrun_two_processes(model_dir, data, tmp_path, parallel):  # noqa: F
     assert metrics["options"]["world_size"] == 2 and metrics["options"]["parallel"] == parallel
     for name in ("config.json", "model.safetensors", "tokenizer.json", "report.md", "mask.safetensors"):
         assert (out / name).is_file(), name
-    assert sorted(p for p in os.listdir(out) if p.startswith((".", "checkpoint"))) == ["checkpoint"]
+    assert sorted(p for p in os.listdir(out) if p.startswith((".", "checkpoint"))) == sorted(["checkpoint", *OWN])
     optimizer_files = sorted(p for p in os.listdir(out / "checkpoint") if p.startswith("optimizer"))
     assert optimizer_files == (["optimizer.pt"] if parallel == "ddp" else ["optimizer.rank0.pt", "optimizer.rank1.pt"])
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)

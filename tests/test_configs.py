@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import simu_fast.cli.options
 from simu_fast import cli
 from simu_fast.methods import make_method
 from simu_fast.methods.recipes import METHODS
@@ -30,7 +31,7 @@ def test_there_is_one_config_per_method():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_config_loads_and_equals_the_recipe_defaults(name):
-    cfg = cli._load_config(str(CONFIGS / f"{name}.yaml"))
+    cfg = cli.options.load_config(str(CONFIGS / f"{name}.yaml"))
     assert cfg["method"] == name
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["method_args"].items()}
     from_config = make_method(name, lr=cfg["lr"], **args)

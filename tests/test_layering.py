@@ -1,13 +1,14 @@
 """Imports run downward only: no module of simu_fast imports one of a higher layer.
 
 Layers, top first (a module may import its own layer and any layer below it):
-    cli                      the command line (cli.py, __main__.py)
+    cli                      the command line (cli/, __main__.py)
     workloads                the demo and the benchmark protocol's model builders; the package root
                              (simu_fast/__init__.py re-exports the Unlearner)
     eval                     metrics; above training because the relearning attack fine-tunes a copy of the model
                              with the training loop (training takes its evaluation as an eval_fn, it imports none)
     training, integrations   the loop, checkpoints, RNG state, fine-tuning; the transformers Trainer
     methods                  unlearning objectives and recipes
+    selftest                 `simu-fast selftest`: every kernel against its reference on this machine
     optim, select, attribution
     ops                      the ops and the kernels they dispatch to (_extension, triton_kernels)
     data                     loaders, tokenization, each rank's share of the data
@@ -28,6 +29,7 @@ LAYERS = [
     {"eval"},
     {"training", "integrations"},
     {"methods"},
+    {"selftest"},
     {"optim", "select", "attribution"},
     {"ops", "_extension", "triton_kernels"},
     {"data"},

@@ -1,4 +1,4 @@
-"""Batched integrated gradients over MLP neurons (DESIGN.md, "Integrated gradients over MLP neurons").
+"""Batched integrated gradients over MLP neurons (docs/DESIGN.md, "Integrated gradients over MLP neurons").
 
     IG[l, k] = sum over examples, positions t in P:  a_l[t, k] * sum_j w_j * dF_l(alpha_j) / da'_l[t, k]
 

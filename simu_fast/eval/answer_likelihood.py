@@ -52,3 +52,12 @@ def answer_probability(token_logprobs) -> float:
     """p(answer | prompt) ** (1 / answer length): the length-normalized answer probability of TOFU."""
     nll = mean_nll(token_logprobs)
     return math.exp(-nll) if not math.isnan(nll) else math.nan
+
+
+def mean_answer_probability(model, tokenizer, examples, batch_size: int = 16, max_length: int = 512) -> float:
+    """The mean of answer_probability over the examples (those with no answer token within max_length left out)."""
+    probs = [answer_probability(t) for t in answer_token_logprobs(model, tokenizer, examples, batch_size, max_length)]
+    probs = [p for p in probs if not math.isnan(p)]
+    if not probs:
+        raise ValueError("no example has an answer token within max_length")
+    return sum(probs) / len(probs)

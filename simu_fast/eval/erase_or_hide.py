@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 
 from ..attribution.architectures import decoder_layers, layer_part, mlp_down_projections
+from ..attribution.model_state import attribution_mode
 from ..attribution.targets import target_per_row
 from ..data.collate import collate
 from ..data.tokenization import ensure_pad_token, tokenize_examples
 from ..lm import logits_of, model_device
-from .batching import in_eval_mode
 
 _PROJECTIONS = ("Linear", "Conv1D")
 
@@ -46,6 +46,15 @@ def _neuron_sites(model) -> list:
                 sites.append((layer, f"attn.{name}", module, "output"))
         sites.append((layer, "mlp.act", downs[layer], "input"))
     return sites
+
+
+def _input_embeddings(model) -> torch.nn.Module:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, torch.nn.Module):
+        raise ValueError("erase_or_hide needs model.get_input_embeddings() (the transformers API): the gradients "
+                         "are taken from the input embeddings on, whichever parameters the model froze")
+    return embeddings
 
 
 TARGETS = ("prob", "logprob")
@@ -65,34 +74,39 @@ def neuron_attribution_extremes(model, tokenizer, examples, batch_size: int = 8,
     if not features:
         raise ValueError(f"no forget example has an answer token within max_length {max_length}")
     sites = _neuron_sites(model)
+    embeddings = _input_embeddings(model)
     device = model_device(model)
     out = {(layer, name): ([], []) for layer, name, _, _ in sites}
-    with in_eval_mode(model):
+    # attribution_mode: eval, and no parameter requires grad (no weight gradient is computed; the caller's flags
+    # and mode come back afterwards). The graph starts at a leaf made from the input embeddings instead, so every
+    # neuron is in it whatever the model froze; inference_mode(False) and enable_grad: also when the caller
+    # runs under torch.inference_mode or torch.no_grad.
+    with attribution_mode(model), torch.inference_mode(False), torch.enable_grad():
         for start in range(0, len(features), batch_size):
             batch = {k: v.to(device) for k, v in collate(features[start:start + batch_size], pad).items()}
-            captured, handles = [], []
-
-            for _, _, module, where in sites:
+            captured = {}  # site index -> its activation (not detached: dP/dh counts every path after it)
+            handles = [embeddings.register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))]
+            for i, (_, _, module, where) in enumerate(sites):
                 if where == "output":
-                    handles.append(module.register_forward_hook(lambda m, a, o: captured.append(o)))
+                    handles.append(module.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, o)))
                 else:
-                    def pre(m, args):
-                        a = args[0].detach().requires_grad_(True)  # a leaf: its .grad is dP/da
-                        captured.append(a)
-                        return (a, *args[1:])
-                    handles.append(module.register_forward_pre_hook(pre))
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, i=i: captured.__setitem__(i, args[0])))
             try:
-                with torch.enable_grad():
-                    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-                    # rows are independent, so the gradient of the sum is each row's own
-                    logprob = target_per_row(logits, batch["labels"], "logprob")
-                    prob = (logprob.exp() if target == "prob" else logprob).sum()
-                    grads = torch.autograd.grad(prob, captured, allow_unused=True)
+                logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+                missed = [sites[i][:2] for i in range(len(sites)) if i not in captured]
+                if missed:
+                    raise RuntimeError(f"erase_or_hide: the forward pass never reached the neuron sites {missed}")
+                # rows are independent, so the gradient of the sum is each row's own
+                logprob = target_per_row(logits, batch["labels"], "logprob")
+                prob = (logprob.exp() if target == "prob" else logprob).sum()
+                activations = [captured[i] for i in range(len(sites))]
+                grads = torch.autograd.grad(prob, activations, allow_unused=True)
             finally:
                 for h in handles:
                     h.remove()
             valid = batch["attention_mask"].bool()[..., None]
-            for (layer, name, _, _), h, g in zip(sites, captured, grads):
+            for (layer, name, _, _), h, g in zip(sites, activations, grads):
                 a = (h.detach().float() * (torch.zeros_like(h) if g is None else g).float())
                 hi = a.masked_fill(~valid, float("-inf")).amax(dim=1)
                 lo = a.masked_fill(~valid, float("inf")).amin(dim=1)

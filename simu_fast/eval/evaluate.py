@@ -5,7 +5,13 @@ ratio where the examples carry paraphrased/perturbed answers; with more than one
 task. Membership inference of forget (members) against holdout (non-members). Forget quality against a
 reference (retain-only) model's truth ratios. Utility: perplexity on general texts and multiple-choice
 accuracy. Relearning attacks, each a dict of relearning_attack arguments. With the model before unlearning
-(`original_model`): the erase-or-hide diagnostic (D+ positive influence removed, D- negative influence added).
+(`original_model`): its own forget and retain answer scores (result["original"], the "before" of a report, so
+that a run that changed nothing shows as such) and the erase-or-hide diagnostic (D+ positive influence
+removed, D- negative influence added).
+
+Every measure works on the model as it comes: frozen parameters (requires_grad=False, as IMU or a masked
+recipe leaves them), eval or train mode, under torch.no_grad or torch.inference_mode; the parameters' flags and
+the train/eval mode are as they were afterwards.
 """
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ def evaluate_model(model, tokenizer, forget, retain=None, holdout=None, *, refer
                    batch_size: int = 16, max_length: int = 512, chat_template: bool = False,
                    progress: bool = False) -> dict:
     """{"forget": {...}, "retain": {...}, "holdout": {...}, "mia": {...}, "forget_quality": ...,
-    "utility": {...}, "relearning": [...], "erase_or_hide": {...}}; keys only for what was given."""
+    "utility": {...}, "relearning": [...], "original": {"forget": {...}, "retain": {...}}, "erase_or_hide": {...}};
+    keys only for what was given. "original" holds the original model's scores, the same metrics as the
+    model's own "forget" / "retain" (retain only when retain examples were given)."""
     splits = {"forget": _list(forget, "forget"), "retain": _list(retain, "retain"),
               "holdout": _list(holdout, "holdout")}
     if not splits["forget"]:
@@ -66,6 +74,8 @@ def evaluate_model(model, tokenizer, forget, retain=None, holdout=None, *, refer
     if attacks:
         result["relearning"] = attacks
     if original_model is not None:
+        result["original"] = {name: _split_metrics(original_model, tokenizer, splits[name], common, progress)
+                              for name in ("forget", "retain") if splits[name]}
         result["erase_or_hide"] = erase_or_hide(original_model, model, tokenizer, splits["forget"],
                                                 batch_size=batch_size, max_length=max_length)
     return result

@@ -1,4 +1,4 @@
-"""Does a neuron mask hold the forget knowledge? The causal check of DESIGN.md ("Direction of attribution").
+"""Does a neuron mask hold the forget knowledge? The causal check of docs/DESIGN.md ("Direction of attribution").
 
 neuron_ablation zeroes the selected neurons' activations (the input of each layer's down projection, at every
 position) and measures the forget and retain answer probability, against random neuron sets of the same
@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from ..attribution.architectures import mlp_down_projections
-from .answer_likelihood import answer_probability, answer_token_logprobs
+from .answer_likelihood import mean_answer_probability
 
 
 @contextlib.contextmanager
@@ -44,14 +44,6 @@ def zeroed_neurons(model, neurons: dict, mlp_modules=None):
             h.remove()
 
 
-def _mean_answer_probability(model, tokenizer, examples, batch_size, max_length) -> float:
-    probs = [answer_probability(t) for t in answer_token_logprobs(model, tokenizer, examples, batch_size, max_length)]
-    probs = [p for p in probs if not math.isnan(p)]
-    if not probs:
-        raise ValueError("no example has an answer token within max_length")
-    return sum(probs) / len(probs)
-
-
 def neuron_ablation(model, tokenizer, mask, forget, retain, *, random_sets: int = 5, seed: int = 0,
                     batch_size: int = 16, max_length: int = 512, mlp_modules=None) -> dict:
     """Forget / retain mean answer probability (length-normalized, as answer_metrics) of the model as it is, with
@@ -75,7 +67,7 @@ def neuron_ablation(model, tokenizer, mask, forget, retain, *, random_sets: int 
 
     def score(neurons=None) -> dict:
         with zeroed_neurons(model, neurons or {}, mlp_modules):
-            return {name: _mean_answer_probability(model, tokenizer, ex, batch_size, max_length)
+            return {name: mean_answer_probability(model, tokenizer, ex, batch_size, max_length)
                     for name, ex in (("forget", forget), ("retain", retain))}
 
     chosen = {layer: selected[slot].nonzero().flatten() for slot, layer in enumerate(layers)}

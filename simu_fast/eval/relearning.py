@@ -78,16 +78,19 @@ def relearning_attack(model, tokenizer, forget_examples, kind: str = "harmful", 
                                 chat_template=chat_template, generate=generate)
         return {metric: float(result[metric])}
 
-    attacked = copy.deepcopy(model)
-    for p in attacked.parameters():  # the attacker trains everything, whatever the unlearning froze
-        if p.is_floating_point():
-            p.requires_grad_(True)
-    cuda = sorted({p.device.index for p in attacked.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):  # seeded (dropout, if any) without touching the caller's RNG
-        torch.manual_seed(seed)
-        curve = [{"step": 0, **score(attacked)}]
-        run = finetune(attacked, loader, lr=float(lr), max_steps=steps, eval_fn=score, eval_every=eval_every,
-                       progress=progress, desc=f"{kind} relearning")
+    # the copy trains also when the caller evaluates under torch.no_grad or torch.inference_mode (a copy made
+    # in inference mode would hold inference tensors, which autograd refuses)
+    with torch.inference_mode(False), torch.enable_grad():
+        attacked = copy.deepcopy(model)
+        for p in attacked.parameters():  # the attacker trains everything, whatever the unlearning froze
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        cuda = sorted({p.device.index for p in attacked.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):  # seeded (dropout, if any) without touching the caller's RNG
+            torch.manual_seed(seed)
+            curve = [{"step": 0, **score(attacked)}]
+            run = finetune(attacked, loader, lr=float(lr), max_steps=steps, eval_fn=score, eval_every=eval_every,
+                           progress=progress, desc=f"{kind} relearning")
     curve += run["history"]
     del attacked
     values = [c[metric] for c in curve]

@@ -9,6 +9,12 @@ of relearning_attack], "mia": {attack: {"auc", "privacy"}}, "forget_quality", "u
 (listed first, drawn as a star). Metric names are those of answer_metrics ("rougeL_recall", "answer_prob",
 "exact_match") and "truth_ratio".
 
+An entry's "original" ({"forget": {...}, "retain": {...}}: evaluate_model's scores of the model before
+unlearning, given original_model) is the "before" of that entry: report.md puts an "original (before)" row
+above the entry's row (labelled "(after)"), and the trade-off plot draws it as a star labelled "original" with
+an arrow to the entry's point, so how far each method moved, or that it did not, is seen at once. Entries
+that share an original get one row and one star.
+
 Everything is rendered in memory first and each file is then written to a temporary file in out_dir and
 os.replace'd over its name, so a failure (a bad value, a plotting error, a full disk) never leaves a
 half-written file, and a failure before the writes leaves the previous report as it was.
@@ -61,14 +67,24 @@ def report(results: dict, out_dir: str, title: str = "Unlearning report") -> dic
 
 def format_markdown(results: dict, title: str | None = None) -> str:
     """The report's markdown: a table with one row per method (the reference model first; a column only
-    where some method has a value for it), then one table per relearning kind."""
+    where some method has a value for it; an "original (before)" row above the first method evaluated against
+    that original), then one table per relearning kind."""
     _check_results(results)
     names = ordered_names(results)
     columns = _main_columns(results)
+    originals = _originals(results)
     lines = [f"# {title}", ""] if title else []
     lines += [_row(["method"] + [c[0] for c in columns]), _row(["---"] * (len(columns) + 1))]
+    shown_before = set()
     for name in names:
-        lines.append(_row([_escape(name)] + [_fmt(get(results[name])) for _, get in columns]))
+        original = _original_of(results[name])
+        if original is not None:
+            label, key = originals[name]
+            if key not in shown_before:
+                shown_before.add(key)
+                lines.append(_row([_escape(f"{label} (before)")] + [_fmt(get(original)) for _, get in columns]))
+        shown = f"{name} (after)" if original is not None else name
+        lines.append(_row([_escape(shown)] + [_fmt(get(results[name])) for _, get in columns]))
     for kind in _relearning_kinds(results):
         lines += ["", f"## {kind} relearning", "",
                   _row(["method"] + list(RELEARNING_COLUMNS)), _row(["---"] * (len(RELEARNING_COLUMNS) + 1))]
@@ -79,25 +95,76 @@ def format_markdown(results: dict, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_tradeoff(results: dict) -> bytes | None:
-    """PNG bytes: forget (x) against retain (y) ROUGE-L recall, one labelled point per method (answer
-    probability when no method has both ROUGE-L scores); None when no method has a forget and a retain score."""
+def tradeoff_points(results: dict) -> tuple[str, list[dict]] | None:
+    """What the trade-off plot draws: (metric, points), each point {"name", "x" (forget), "y" (retain),
+    "kind": "reference" | "original" | "method", "color", "from": (x, y) of the entry's original or None},
+    reference models first, then the originals, then the methods. The metric is ROUGE-L recall, or the
+    answer probability when no method has both ROUGE-L scores; None when no method has a forget and a retain
+    score."""
     metric = next((m for m, _ in SPLIT_METRICS[:2] if any(
         _finite(_split_value(e, "forget", m)) and _finite(_split_value(e, "retain", m)) for e in results.values())),
         None)
     if metric is None:
         return None
+
+    def xy(entry):
+        x, y = _split_value(entry, "forget", metric), _split_value(entry, "retain", metric)
+        return (float(x), float(y)) if _finite(x) and _finite(y) else None
+
+    references, originals, methods = [], [], []
+    drawn = set()  # the (x, y) of the stars so far: an original equal to a reference entry is one star
+    labels = _originals(results)
+    for i, name in enumerate(ordered_names(results)):
+        at = xy(results[name])
+        if _is_reference(name):
+            if at is not None:
+                references.append({"name": name, "x": at[0], "y": at[1], "kind": "reference", "color": "black",
+                                   "from": None})
+                drawn.add(at)
+            continue
+        original = _original_of(results[name])
+        start = xy(original) if original is not None else None
+        if start is not None and start not in drawn:
+            drawn.add(start)
+            originals.append({"name": labels[name][0], "x": start[0], "y": start[1], "kind": "original",
+                              "color": "black", "from": None})
+        if at is not None:
+            methods.append({"name": name, "x": at[0], "y": at[1], "kind": "method", "color": f"C{i % 10}",
+                            "from": start})
+    return metric, references + originals + methods
+
+
+def plot_tradeoff(results: dict) -> bytes | None:
+    """PNG bytes of tradeoff_figure(results); None when there is nothing to plot."""
+    figure = tradeoff_figure(results)
+    return None if figure is None else _png(*figure)
+
+
+def tradeoff_figure(results: dict):
+    """(Figure, canvas): forget (x) against retain (y) scores, one labelled point per method, a star per
+    reference model and per original (the model before unlearning; an arrow from it to each method evaluated
+    against it): the points of tradeoff_points. None when there is nothing to plot."""
+    drawn = tradeoff_points(results)
+    if drawn is None:
+        return None
+    metric, points = drawn
     fig, canvas = _figure((6.4, 5.2))
     ax = fig.add_subplot(1, 1, 1)
-    for i, name in enumerate(ordered_names(results)):
-        x, y = _split_value(results[name], "forget", metric), _split_value(results[name], "retain", metric)
-        if not (_finite(x) and _finite(y)):
-            continue
-        reference = _is_reference(name)
-        ax.scatter([x], [y], s=160 if reference else 60, marker="*" if reference else "o", zorder=3,
-                   color="black" if reference else f"C{i % 10}", edgecolors="white", linewidths=0.8)
-        dx, dy = ((10, 10), (10, -16), (-14, 12), (-14, -18))[i % 4]  # alternate sides: fewer overlaps
-        ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9,
+    sides = ((10, 10), (10, -16), (-14, 12), (-14, -18))
+    labelled = set()  # (x, y, side) taken: points at one place (a method that did not move) get other sides
+    for i, point in enumerate(points):
+        x, y, star = point["x"], point["y"], point["kind"] != "method"
+        if point["from"] is not None and point["from"] != (x, y):
+            ax.annotate("", (x, y), xytext=point["from"], zorder=2,
+                        arrowprops={"arrowstyle": "->", "color": point["color"], "alpha": 0.5, "linewidth": 0.8,
+                                    "shrinkA": 6, "shrinkB": 5})
+        # stars above the dots: an original under an unmoved method's dot stays visible
+        ax.scatter([x], [y], s=160 if star else 60, marker="*" if star else "o", zorder=4 if star else 3,
+                   color=point["color"], edgecolors="white", linewidths=0.8, label=point["name"])
+        side = next((k % 4 for k in range(i, i + 4) if (x, y, k % 4) not in labelled), i % 4)  # alternate sides
+        labelled.add((x, y, side))
+        dx, dy = sides[side]
+        ax.annotate(point["name"], (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9,
                     ha="left" if dx > 0 else "right",
                     arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.6},
                     bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.8", "alpha": 0.85})
@@ -110,7 +177,7 @@ def plot_tradeoff(results: dict) -> bytes | None:
     ax.text(0.98, 0.02, "better: top left (forgets, keeps the rest)", transform=ax.transAxes, ha="right",
             va="bottom", fontsize=8, color="0.4")
     ax.set_title("forget / retain trade-off")
-    return _png(fig, canvas)
+    return fig, canvas
 
 
 def plot_relearning(results: dict) -> bytes | None:
@@ -187,10 +254,34 @@ def _check_results(results):
             raise TypeError(f"method names must be str, got {name!r}")
         if not isinstance(entry, dict):
             raise TypeError(f"results[{name!r}] must be a dict, got {type(entry).__name__}")
-        for split in SPLITS + ("mia", "utility"):
+        for split in SPLITS + ("mia", "utility", "original"):
             if entry.get(split) is not None and not isinstance(entry[split], dict):
                 raise TypeError(f"results[{name!r}][{split!r}] must be a dict, got {type(entry[split]).__name__}")
+        for split in SPLITS:
+            value = (entry.get("original") or {}).get(split)
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"results[{name!r}]['original'][{split!r}] must be a dict, got {type(value).__name__}")
         _attacks(entry, name)
+
+
+def _original_of(entry: dict):
+    """The entry's original-model scores ({"forget": ..., "retain": ...}), None when it has none."""
+    original = entry.get("original")
+    return original if original and any(original.get(split) for split in SPLITS) else None
+
+
+def _originals(results: dict) -> dict:
+    """{name: (label, key)} for each entry with original scores: entries whose originals score the same share
+    a key (one row, one star); the label is "original", or "original of NAME" when the entries have different
+    originals."""
+    keys = {name: json.dumps(to_jsonable({s: _original_of(e).get(s) for s in SPLITS}), sort_keys=True)
+            for name, e in results.items() if _original_of(e) is not None}
+    first = {}
+    for name, key in keys.items():
+        first.setdefault(key, name)
+    if len(first) == 1:
+        return {name: ("original", key) for name, key in keys.items()}
+    return {name: (f"original of {first[key]}", key) for name, key in keys.items()}
 
 
 def _attacks(entry: dict, name: str) -> list:

@@ -4,7 +4,7 @@
 theta_s, the influence subset: the attention output and MLP down projections (`modules`) of the last
 `layers` = 3 decoder layers (the official code hard-codes layers 19-21 of its 22-layer model). An earlier
 version of that file took q, k, v, o instead, with a gradient-zeroing hook that could not run (an undefined
-name); the later one, with the hook fixed, takes o_proj + down_proj, as DESIGN.md does. Measured on the
+name); the later one, with the hook fixed, takes o_proj + down_proj, as docs/DESIGN.md does. Measured on the
 protocol (bench/results/protocol/ablation-imu.md, 3 seeds, lr 3e-4): retain at matched forget 0.198 ± 0.124
 with o + down against 0.058 ± 0.070 with q/k/v/o. **Only theta_s is
 trainable**: setup() freezes every other parameter and the AdamW optimizer holds theta_s alone.

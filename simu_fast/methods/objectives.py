@@ -1,5 +1,5 @@
 """Loss functions of the unlearning methods: GA, GradDiff, NPO (Zhang et al. 2024) and IMU (arXiv 2508.01620,
-per the official code; see DESIGN.md "IMU").
+per the official code; see docs/DESIGN.md "IMU").
 
 A batch is a dict {"input_ids", "attention_mask", "labels"} of [rows, seq] LongTensors; labels are -100 on
 prompt and padding, and the loss is next-token NLL on the answer tokens only (the conventions of

@@ -14,19 +14,31 @@ METHODS = {"ga": GA, "graddiff": GradDiff, "npo": NPO, "so-graddiff": SOGradDiff
            "imu": IMU, "ssiuu": Ssiuu, "simu": SIMU}
 
 
-def method_options(cls) -> list:
-    """The keyword options a recipe class takes: its __init__'s, and those its **kwargs pass up the MRO."""
-    names = []
+def _init_parameters(cls) -> list:
+    """The keyword parameters of a recipe class's __init__, and those its **kwargs pass up the MRO (first
+    definition wins)."""
+    found = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters.values()
-        names += [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                  and p.name not in names]
+        for p in params:
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                found.setdefault(p.name, p)
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
-    return names
+    return list(found.values())
+
+
+def method_options(cls) -> list:
+    """The keyword options a recipe class takes."""
+    return [p.name for p in _init_parameters(cls)]
+
+
+def method_defaults(cls) -> dict:
+    """{option: default} of a recipe class's options that have one (None: the recipe decides inside)."""
+    return {p.name: p.default for p in _init_parameters(cls) if p.default is not p.empty}
 
 
 def make_method(name: str, **overrides):
@@ -39,6 +51,10 @@ def make_method(name: str, **overrides):
     options = method_options(cls)
     unknown = [k for k in overrides if k not in options]
     if unknown:
+        hint = ("; the optimizer steps are the loop's (--steps, RunConfig.max_steps)"
+                + ("; SIMU's integrated-gradient steps are ig_steps" if "ig_steps" in options else "")
+                if "steps" in unknown else "")
         raise TypeError(f"method {key!r} has no option {', '.join(map(repr, unknown))}; its options: "
-                        f"{', '.join(options)}")
+                        f"{', '.join(options)}{hint}")
     return cls(**overrides)
+

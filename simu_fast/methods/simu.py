@@ -1,6 +1,6 @@
-"""SIMU (Selective Influence Machine Unlearning, arXiv 2510.07822; DESIGN.md "Neuron selection (SIMU)").
+"""SIMU (Selective Influence Machine Unlearning, arXiv 2510.07822; docs/DESIGN.md "Neuron selection (SIMU)").
 
-setup(): integrated gradients over the MLP neurons (NeuronAttributor: `steps` = 5 IG steps, the right
+setup(): integrated gradients over the MLP neurons (NeuronAttributor: `ig_steps` = 5 IG steps, the right
 Riemann rule of DEPN and SIMU, answer positions) on the forget and on the retain loader, then
 select_neurons: the critical sets C_f (forget scores) and C_r (retain scores) by the paper's per-layer rule
 score > ratio * max(score in its layer); the mask is forget-only C_f - C_r plus the dual neurons C_f & C_r
@@ -34,7 +34,7 @@ bench/results/protocol/ablation.md): retain answer probability at matched forget
 0.829 +- 0.065 with gamma 2; the Hessian kind barely matters (0.831 with SOUL's squared gradient). The paper gives no t and no lr: ratio 0.2 is the t
 with the largest forget drop relative to random same-size sets in the selection benchmark above (of t in
 {0.1, 0.2, 0.3, 0.5}); on the demo it selects about 6% of
-the neurons (t = 0.3: 3%, 13x; t = 0.5: 1%, 11x). Tune lr per model (DESIGN.md, "Evaluating unlearning
+the neurons (t = 0.3: 3%, 13x; t = 0.5: 1%, 11x). Tune lr per model (docs/DESIGN.md, "Evaluating unlearning
 fairly").
 
 Not built: the paper's attribution per next-token sample (each answer token with its own prefix as a
@@ -62,7 +62,7 @@ class SIMU(SOGradDiff):
     name = "simu"
     uses_retain = True
 
-    def __init__(self, steps: int = 5, ratio: float | None = None, fraction: float | None = None,
+    def __init__(self, ig_steps: int = 5, ratio: float | None = None, fraction: float | None = None,
                  k: int | None = None, scope: str | None = None, include_dual: bool = True,
                  neuron_params=("down",), attention: str = "full", target: str = DEFAULT_TARGET,
                  gamma: float = 2.0, hessian: str = "gnb", mask: NeuronMask | str | None = None,
@@ -78,7 +78,7 @@ class SIMU(SOGradDiff):
         if kind != "k" and not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{kind} must be in (0, 1], got {value!r}")
         self.scope = scope or ("per_layer" if kind == "ratio" else "global")
-        self.steps, self.include_dual = int(steps), bool(include_dual)
+        self.ig_steps, self.include_dual = int(ig_steps), bool(include_dual)
         self.neuron_params, self.attention = tuple(neuron_params), attention
         self.attribution = {"target": target, **dict(attribution or {})}  # NeuronAttributor arguments
         self.progress = progress
@@ -97,7 +97,7 @@ class SIMU(SOGradDiff):
             return
         if forget_loader is None:
             raise ValueError("SIMU needs the forget loader in setup (or a precomputed mask=)")
-        attributor = NeuronAttributor(model, steps=self.steps, **self.attribution)
+        attributor = NeuronAttributor(model, steps=self.ig_steps, **self.attribution)
         self.forget_scores = self._supporting(attributor.attribute(forget_loader, progress=self.progress))
         if retain_loader is not None:
             self.retain_scores = self._supporting(attributor.attribute(retain_loader, progress=self.progress))

@@ -1,4 +1,4 @@
-"""Ssiuu ("Erase or Hide?", arXiv 2509.22263; DESIGN.md, "Ssiuu"): GradDiff plus an attribution-guided
+"""Ssiuu ("Erase or Hide?", arXiv 2509.22263; docs/DESIGN.md, "Ssiuu"): GradDiff plus an attribution-guided
 regularizer that keeps parameters from growing negative attribution (hiding knowledge) instead of erasing.
 
 Attribution of parameter element i on examples b: A_i(b; theta) = phi_i * dP(b)/dphi_i, P(b) the sum over

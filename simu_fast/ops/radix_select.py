@@ -1,4 +1,4 @@
-"""Exact top-k by radix select: kth_largest, topk_mask, threshold_mask (DESIGN.md, "Neuron selection").
+"""Exact top-k by radix select: kth_largest, topk_mask, threshold_mask (docs/DESIGN.md, "Neuron selection").
 
 No sort and no index array: values become order-preserving unsigned keys (32-bit for float32, 16-bit for
 bfloat16/float16; -0.0 is folded onto +0.0 so the two tie), and a few histogram passes, 8 bits each from the

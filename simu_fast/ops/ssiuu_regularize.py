@@ -1,4 +1,4 @@
-"""Ssiuu's attribution regularizer folded into the GradDiff gradient, in place (DESIGN.md, "Ssiuu").
+"""Ssiuu's attribution regularizer folded into the GradDiff gradient, in place (docs/DESIGN.md, "Ssiuu").
 
 The regularizer compares the attribution of the SAME forget examples at the previous parameters
 theta^(t-1) and at the current ones theta^t. Per parameter element, with phi the parameter, g the GradDiff

@@ -31,7 +31,11 @@ NONFINITE_POLICIES = ("raise", "skip")
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A gradient holds NaN or inf where the optimizer would update."""
+    """A gradient holds NaN or inf where the optimizer would update; `names` lists the parameters."""
+
+    def __init__(self, message: str, names=()):
+        super().__init__(message)
+        self.names = list(names)
 
 
 def mix_seed(*values: int) -> int:
@@ -241,7 +245,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN or inf) in {', '.join(bad)}; pass nonfinite='skip' to skip "
-                "such steps instead")
+                "such steps instead", names=bad)
         return False
 
     def _nonfinite_flag(self) -> Optional[torch.Tensor]:

@@ -1,7 +1,7 @@
 """SophiaG (arXiv 2305.14342) with neuron masks and a fused multi-tensor step.
 
 A drop-in for the official SophiaG: same constructor arguments, `step(closure=None, bs=...)`,
-`update_hessian()` and state keys (`step`, `exp_avg`, `hessian`). The update (DESIGN.md, "SophiaG"):
+`update_hessian()` and state keys (`step`, `exp_avg`, `hessian`). The update (docs/DESIGN.md, "SophiaG"):
 
     p <- p * (1 - lr * weight_decay)
     m <- beta1 * m + (1 - beta1) * g

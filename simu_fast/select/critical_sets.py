@@ -1,4 +1,4 @@
-"""SIMU's critical neuron sets (DESIGN.md, "Neuron selection"): C_f from forget scores, C_r from retain scores.
+"""SIMU's critical neuron sets (docs/DESIGN.md, "Neuron selection"): C_f from forget scores, C_r from retain scores.
 
 A rule picks a critical set from [L, F] scores: k (top-k count), fraction (top fraction) or ratio (the
 per-layer rule score > t * max(score in layer)), globally or per layer. Top-k is exact with ties broken by

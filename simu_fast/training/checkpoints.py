@@ -54,6 +54,15 @@ def latest_checkpoint(out_dir: Optional[str]) -> Optional[str]:
     return None
 
 
+def checkpoint_step(path: str) -> Optional[int]:
+    """The step a checkpoint was written at (from its history.json, without loading the state); None if unreadable."""
+    try:
+        with open(os.path.join(path, "history.json"), encoding="utf-8") as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_checkpoint(out_dir: str, module, optimizer, method, loop_state: dict) -> str:
     """Write out_dir/checkpoint atomically; returns its path. `loop_state` (a dict with "step" and "history")
     goes into trainer_state.pt with the RNG states. Distributed: a collective (every rank calls it); rank 0

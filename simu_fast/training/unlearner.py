@@ -39,7 +39,7 @@ Unlearner on its share of the data (make_distributed_loader: the same number of 
   no_sync), before_step(module) (gradient changes it makes to replicated parameters are then averaged across
   ranks, one all-reduce), after_step(root) (a forward/backward there, SophiaG's GNB Hessian refresh, is
   synchronized like any training step), eval_fn(module) on every rank, rank 0's metrics kept by all.
-- Rank 0 alone shows the progress bar, issues warnings and writes files. A checkpoint is a collective
+- Rank 0 alone shows progress (bar or lines), issues warnings and writes files. A checkpoint is a collective
   (training/checkpoints.py). Resume: every rank loads the same checkpoint and its own RNG state.
 - At the end of a run of a replicated model the loop checks that every rank holds the same parameters and
   warns if not (a recipe whose hooks change parameters rank by rank).
@@ -60,6 +60,7 @@ from ..data.sharding import unpadded_shard_loader
 from ..lm import model_device, to_device
 from ..optim.masked_optimizer import MaskedOptimizer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_best_model, save_checkpoint
+from .progress import check_every_s, make_progress, progress_mode
 from .run_config import RunConfig
 from .rng_state import loader_rng_state, rng_state, seed_everything, set_loader_rng_state, set_rng_state
 
@@ -76,11 +77,16 @@ class Unlearner:
     def __init__(self, model: torch.nn.Module, method: "UnlearningMethod", forget_loader, retain_loader=None, *,
                  config: Optional[RunConfig] = None, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None,
                  stop_when: Optional[Callable[[dict], bool]] = None, out_dir: Optional[str] = None,
-                 progress: bool = True, progress_desc: str = "unlearning", ddp_kwargs: Optional[dict] = None,
-                 **options):
+                 progress: bool | str = True, progress_desc: str = "unlearning", progress_every_s: float = 30.0,
+                 ddp_kwargs: Optional[dict] = None, **options):
         """The run options (max_steps, epochs, grad_accum, max_grad_norm, autocast_dtype, eval_every,
         keep_best, save_every, resume, seed, parallel: training/run_config.py) come as a RunConfig or as
-        keyword arguments (which then override the config's)."""
+        keyword arguments (which then override the config's).
+
+        progress (shown by rank 0 only; training/progress.py): True or "bar" a tqdm bar, "lines" a line to
+        stderr at the first step, every `progress_every_s` seconds and at the end (step, loss, the latest
+        forget score evaluated, the method's step metrics, elapsed and estimated time left), "auto" a bar
+        when stderr is a terminal and lines otherwise (CI logs, nohup, pipes), False nothing."""
         run = RunConfig.from_options(options) if config is None else dataclasses.replace(config, **options)
         missing = [a for a in ("setup", "make_optimizer", "loss", "before_step", "after_step", "state_dict",
                                "load_state_dict") if not callable(getattr(method, a, None))]
@@ -131,7 +137,8 @@ class Unlearner:
         self.autocast_dtype = run.autocast_dtype
         self.eval_fn, self.eval_every, self.stop_when = eval_fn, run.eval_every, stop_when
         self.out_dir, self.save_every, self.resume = out_dir, run.save_every, run.resume
-        self.seed, self.progress, self.progress_desc = run.seed, bool(progress), str(progress_desc)
+        self.seed, self.progress, self.progress_desc = run.seed, progress_mode(progress), str(progress_desc)
+        self.progress_every_s = check_every_s(progress_every_s)
         self.parallel, self.ddp_kwargs = (None if run.parallel == "none" else run.parallel), dict(ddp_kwargs or {})
         self.module = _dist.unwrap_model(model)  # what recipes set up, make optimizers for and evaluate
         self.root = model  # what the loss is computed through (the DDP wrapper once run() has made it)
@@ -182,8 +189,8 @@ class Unlearner:
 
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        bar = _progress_bar(self._total_steps(), self.step, self.progress and _dist.is_main_process(),
-                            self.progress_desc)
+        shown = make_progress(self.progress if _dist.is_main_process() else None, self._total_steps(), self.step,
+                              self.progress_desc, self.progress_every_s)
         try:
             while self.max_steps is None or self.step < self.max_steps:
                 group = self._next_group()
@@ -196,12 +203,11 @@ class Unlearner:
                 reported = method.step_metrics()
                 if reported:
                     self.step_metrics.append({"step": self.step, **reported})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
                 stop = False
                 if self.eval_every is not None and self.step % self.eval_every == 0:
                     stop = self._evaluate()
+                if shown is not None:  # after the evaluation: a line at an evaluated step shows its score
+                    shown.step(self.step, loss, self._latest_evaluation(), lambda: self._shown_metrics(reported))
                 if stop:
                     self.stop_reason = "stop_when"
                     break
@@ -210,10 +216,14 @@ class Unlearner:
             else:
                 self.stop_reason = "max_steps"
         finally:
-            if bar is not None:
-                bar.close()
+            if shown is not None:
+                shown.close()
         if self.eval_fn is not None and (not self.history or self.history[-1]["step"] != self.step):
             self._evaluate()  # the run ends here anyway; stop_when has nothing left to stop
+        if shown is not None:  # the last line, with the final evaluation
+            last = self.step_metrics[-1] if self.step_metrics and self.step_metrics[-1]["step"] == self.step else {}
+            shown.finish(self.step, self.train_loss[-1] if self.train_loss else None, self._latest_evaluation(),
+                         lambda: self._shown_metrics(last))
         if self.out_dir is not None and (self.save_every is not None or self.resume):  # opt-in: a run that
             self.save_checkpoint()  # checkpoints (or resumed from one) ends with one
         if _dist.world_size() > 1 and not _dist.is_fsdp2(module) and not _dist.params_in_sync(module):
@@ -313,6 +323,19 @@ class Unlearner:
         if self.keep_best is not None:
             self._keep_if_best(metrics)
         return bool(self.stop_when(metrics)) if self.stop_when is not None else False
+
+    def _latest_evaluation(self) -> Optional[dict]:
+        return self.history[-1] if self.history else None
+
+    def _shown_metrics(self, reported: dict) -> dict:
+        """The step's numbers worth a progress line: the method's (step_metrics) and the optimizer's win_rate
+        (SophiaG's fraction of unclipped updates), where it has one."""
+        shown = {k: float(v) for k, v in reported.items()
+                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        value = getattr(self.optimizer, "win_rate", None)  # a property of SophiaG (reading it synchronises)
+        if isinstance(value, float) and math.isfinite(value):
+            shown["win_rate"] = value
+        return shown
 
     def _keep_if_best(self, metrics: dict) -> None:
         mode, name = self.keep_best
@@ -463,11 +486,3 @@ def _known_len(loader) -> Optional[int]:
         return len(loader)
     except TypeError:
         return None
-
-
-def _progress_bar(total, initial, enabled, desc):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)

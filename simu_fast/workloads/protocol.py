@@ -1,4 +1,4 @@
-"""The unlearning protocol's model builders and its pieces (DESIGN.md, "Evaluating unlearning fairly").
+"""The unlearning protocol's model builders and its pieces (docs/DESIGN.md, "Evaluating unlearning fairly").
 
 1. A base model that knows things: a small Llama pretrained on a background corpus (workloads/corpora.py:
    synthetic people, each fact in 3 question phrasings, made-up countries' facts and filler sentences; or

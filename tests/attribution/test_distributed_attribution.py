@@ -61,7 +61,7 @@ def _worker(rank, world, store, forget, retain, shards, results):
                        labels=batch["labels"]).loss
             loss.backward()
         out["grad"] = ddp.module.model.layers[0].mlp.down_proj.weight.grad.clone()
-        simu = SIMU(steps=3, fraction=0.1)
+        simu = SIMU(ig_steps=3, fraction=0.1)
         simu.setup(ddp, mine_f, mine_r)
         out["mask_forget_only"], out["mask_dual"] = simu.mask.forget_only.clone(), simu.mask.dual.clone()
 
@@ -113,7 +113,7 @@ def test_two_ranks_equal_one_process_on_the_union():
     assert torch.equal(r0["grad"], r1["grad"])  # DDP still averages gradients after attribution
 
     from simu_fast.methods.simu import SIMU
-    simu = SIMU(steps=3, fraction=0.1)
+    simu = SIMU(ig_steps=3, fraction=0.1)
     simu.setup(model, forget, retain)
     for key, expected in (("mask_forget_only", simu.mask.forget_only), ("mask_dual", simu.mask.dual)):
         assert torch.equal(r0[key], r1[key]) and torch.equal(r0[key], expected), key

@@ -1,6 +1,7 @@
 """erase_or_hide (the D+ / D- diagnostic of arXiv 2509.22263) and neuron_ablation on tiny Llamas: the reduction
 by hand, attribution extremes against a one-example brute force, known answers for unchanged and for
 fully erased models, and the ablation's hooks."""
+import contextlib
 import copy
 
 import pytest
@@ -112,3 +113,88 @@ def test_logprob_target_is_the_prob_attribution_over_p(random_llama, people_toke
     torch.testing.assert_close(lo_l.double() * p, lo_p.double(), rtol=1e-3, atol=1e-12)
     with pytest.raises(ValueError, match="target"):
         neuron_attribution_extremes(model, tok, example, target="loss")
+
+
+def _perturbed(model, seed=5, scale=0.05):
+    """A copy of model with every weight moved a little: an 'unlearned' model with D+ and D- both non-zero."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return other
+
+
+def _flags(model):
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def test_extremes_take_every_path_after_the_neuron(random_llama, people_tokenizer, people):
+    """Layer 0's MLP activation reaches the answer also through layer 1's MLP: A = a * d log P/da, the full
+    derivative (no other neuron site cut from the graph). log P: a random model's P is ~1e-40, its
+    attributions denormal."""
+    model, tok = random_llama, people_tokenizer
+    example = people["forget"][0]
+    got = neuron_attribution_extremes(model, tok, [example], max_length=64, target="logprob")
+    from simu_fast.data import tokenize_examples
+    f = tokenize_examples([example], tok, 64)[0]
+    ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+    store = {}
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: store.setdefault("a", args[0].detach().requires_grad_(True)))
+    try:
+        logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        target = labels[0, 1:]
+        keep = target != -100
+        logprob = logits[keep].gather(-1, target[keep][:, None]).sum()
+        (grad,) = torch.autograd.grad(logprob, store["a"])
+    finally:
+        handle.remove()
+    attribution = (store["a"] * grad)[0].double()
+    hi, lo = got[(0, "mlp.act")]
+    torch.testing.assert_close(hi[0].double(), attribution.max(dim=0).values, rtol=1e-3, atol=1e-8)
+    torch.testing.assert_close(lo[0].double(), attribution.min(dim=0).values, rtol=1e-3, atol=1e-8)
+
+
+def test_frozen_models_in_any_mode_give_the_same_numbers_and_keep_their_flags(random_llama, people_tokenizer, people):
+    """IMU leaves all but a few parameters frozen: the diagnostic must not need any weight to require grad,
+    work in train or eval mode and under no_grad / inference_mode, and leave flags and modes as they were."""
+    tok, forget = people_tokenizer, people["forget"][:4]
+    before, after = random_llama, _perturbed(random_llama)
+    expected = erase_or_hide(before, after, tok, forget, max_length=64, target="logprob")
+    assert expected["d_plus"] > 1e-4 and expected["d_minus"] > 1e-4  # log P: P's attributions are denormal here
+
+    for p in before.parameters():  # fully frozen
+        p.requires_grad_(False)
+    for name, p in after.named_parameters():  # frozen but for the last layer's o_proj (what IMU keeps, in part)
+        p.requires_grad_(name.startswith("model.layers.1.self_attn.o_proj"))
+    before.train()
+    after.eval()
+    flags_before, flags_after = _flags(before), _flags(after)
+    for context in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+        with context():
+            got = erase_or_hide(before, after, tok, forget, max_length=64, target="logprob")
+        assert got["d_plus"] == pytest.approx(expected["d_plus"], rel=1e-6)
+        assert got["d_minus"] == pytest.approx(expected["d_minus"], rel=1e-6)
+        for row, want in zip(got["per_layer"], expected["per_layer"]):
+            assert row["d_plus"] == pytest.approx(want["d_plus"], rel=1e-5, abs=1e-12)
+            assert row["d_minus"] == pytest.approx(want["d_minus"], rel=1e-5, abs=1e-12)
+        assert _flags(before) == flags_before and _flags(after) == flags_after
+        assert before.training and not after.training
+        assert all(p.grad is None for p in list(before.parameters()) + list(after.parameters()))
+
+
+def test_the_model_imu_leaves_behind(random_llama, people_tokenizer, people):
+    """The reported crash: IMU's setup freezes everything outside theta_s, then `unlearn --eval` ran the
+    diagnostic on that model."""
+    from simu_fast.methods import make_method
+    tok, forget = people_tokenizer, people["forget"][:4]
+    after = _perturbed(random_llama)
+    expected = erase_or_hide(random_llama, after, tok, forget, max_length=64, target="logprob")
+    make_method("imu").setup(after)
+    trainable = [name for name, p in after.named_parameters() if p.requires_grad]
+    assert trainable and len(trainable) < len(list(after.parameters()))  # theta_s only
+    got = erase_or_hide(random_llama, after, tok, forget, max_length=64, target="logprob")
+    assert got["d_plus"] == pytest.approx(expected["d_plus"], rel=1e-6)
+    assert got["d_minus"] == pytest.approx(expected["d_minus"], rel=1e-6)
+    assert [name for name, p in after.named_parameters() if p.requires_grad] == trainable

@@ -1,8 +1,10 @@
+import copy
 import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
 from simu_fast.eval import answer_metrics
 from simu_fast.eval.evaluate import evaluate_model
@@ -59,3 +61,45 @@ def test_errors(people, people_tokenizer, random_llama):
         evaluate_model(random_llama, people_tokenizer, people["forget"], retain=[])
     with pytest.raises(ValueError, match="benign"):
         evaluate_model(random_llama, people_tokenizer, people["forget"], relearning=[{"kind": "benign", "steps": 1}])
+
+
+def test_a_frozen_model_against_its_original_under_inference_mode(people, people_tokenizer, random_llama):
+    """What `unlearn --method imu --eval` runs: a model with all but a few parameters frozen, evaluated against
+    the original (erase-or-hide takes gradients; relearning trains a copy), here even under inference_mode.
+    The numbers are those of the same models fully trainable, flags and modes are left as they were, and the
+    original's own forget / retain scores come back under "original"."""
+    tok, forget, retain = people_tokenizer, people["forget"][:4], people["retain"][:4]
+    original = random_llama
+    model = copy.deepcopy(random_llama)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    options = dict(original_model=original, max_length=64, batch_size=4,
+                   relearning=[{"kind": "harmful", "fraction": 0.5, "steps": 2, "eval_every": 1,
+                                "metric": "answer_prob", "lr": 1e-3}])
+    expected = evaluate_model(model, tok, forget, retain, **options)
+    assert set(expected["original"]) == {"forget", "retain"}
+    for split, examples in (("forget", forget), ("retain", retain)):
+        own = answer_metrics(original, tok, examples, max_length=64)
+        assert expected["original"][split]["answer_prob"] == pytest.approx(own["answer_prob"])
+        assert expected["original"][split]["rougeL_recall"] == pytest.approx(own["rougeL_recall"])
+    assert expected["original"]["forget"]["answer_prob"] != pytest.approx(expected["forget"]["answer_prob"])
+
+    for p in original.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers.1.self_attn.o_proj"))
+    model.train()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with torch.inference_mode():
+        got = evaluate_model(model, tok, forget, retain, **options)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not any(p.requires_grad for p in original.parameters())
+    assert model.training and not original.training
+    for split in ("forget", "retain"):
+        assert got[split] == pytest.approx(expected[split])
+        assert got["original"][split] == pytest.approx(expected["original"][split])
+    for key in ("d_plus", "d_minus"):
+        assert got["erase_or_hide"][key] == pytest.approx(expected["erase_or_hide"][key], rel=1e-5)
+    for point, want in zip(got["relearning"][0]["curve"], expected["relearning"][0]["curve"], strict=True):
+        assert point == pytest.approx(want)

@@ -247,3 +247,52 @@ def test_rewriting_replaces_the_files(tmp_path):
     assert json.load(open(paths["metrics"]))["simu"]["forget"]["rougeL_recall"] == 0.0625
     assert table_rows(open(paths["markdown"]).read())["simu"]["forget ROUGE-L"] == "0.062"
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "relearning.png", "report.md", "tradeoff.png"]
+
+
+def with_original():
+    """Two methods evaluated against one original model (evaluate_model's "original"), one against another."""
+    original = {"forget": {"rougeL_recall": 0.875, "answer_prob": 0.75},
+                "retain": {"rougeL_recall": 0.8125, "answer_prob": 0.6875}}
+    return {
+        "ga": {"forget": {"rougeL_recall": 0.125, "answer_prob": 0.0625},
+               "retain": {"rougeL_recall": 0.4375, "answer_prob": 0.375}, "original": original},
+        "noop": {"forget": dict(original["forget"]), "retain": dict(original["retain"]), "original": original},
+    }
+
+
+def test_the_tradeoff_plot_draws_the_original_as_a_star_with_arrows_to_the_methods():
+    points = report_module.tradeoff_points(with_original())[1]
+    assert [(p["name"], p["kind"]) for p in points] == [("original", "original"), ("ga", "method"),
+                                                        ("noop", "method")]  # one star for the shared original
+    assert (points[0]["x"], points[0]["y"]) == (0.875, 0.8125)
+    assert points[1]["from"] == points[2]["from"] == (0.875, 0.8125)
+    fig, _ = report_module.tradeoff_figure(with_original())
+    ax = fig.axes[0]
+    labels = {c.get_label(): c for c in ax.collections}
+    assert set(labels) == {"original", "ga", "noop"}
+    assert list(labels["original"].get_offsets()[0]) == [0.875, 0.8125]
+    assert labels["original"].get_sizes()[0] > labels["ga"].get_sizes()[0]  # the star is the large marker
+    assert "original" in [t.get_text() for t in ax.texts]
+    # the original alone, no entry named like a reference model: still drawn, the PNG too
+    assert report_module.plot_tradeoff(with_original())[:8] == PNG_MAGIC
+    # different originals: one star each, named after the first method that has it
+    results = with_original()
+    results["ga"]["original"] = {"forget": {"rougeL_recall": 1.0}, "retain": {"rougeL_recall": 0.9375}}
+    names = [p["name"] for p in report_module.tradeoff_points(results)[1] if p["kind"] == "original"]
+    assert names == ["original of ga", "original of noop"]
+
+
+def test_markdown_shows_the_original_before_the_methods_after():
+    rows = table_rows(format_markdown(with_original()))
+    assert list(rows) == ["original (before)", "ga (after)", "noop (after)"]
+    before = rows["original (before)"]
+    assert before["forget ROUGE-L"] == "0.875" and before["retain ROUGE-L"] == "0.812"
+    assert before["forget prob"] == "0.750" and before["retain prob"] == "0.688"
+    assert rows["ga (after)"]["forget ROUGE-L"] == "0.125"
+    # a run that changed nothing reads the same before and after
+    assert {k: v for k, v in rows["noop (after)"].items() if k != "method"} == \
+        {k: v for k, v in before.items() if k != "method"}
+    # entries without an original are as before
+    assert list(table_rows(format_markdown(make_results()))) == ["memorized", "ga", "simu"]
+    with pytest.raises(TypeError, match="original"):
+        format_markdown({"ga": {"forget": {}, "retain": {}, "original": {"forget": 0.5}}})

@@ -46,7 +46,7 @@ CASES = {
     "fo-graddiff": dict(lr=1e-2),
     "so-graddiff": dict(lr=1e-2, hessian_every=2),
     "ssiuu": dict(lr=1e-2, lam=1.0),
-    "simu": dict(lr=1e-2, fraction=0.2, steps=3, hessian_every=2),
+    "simu": dict(lr=1e-2, fraction=0.2, ig_steps=3, hessian_every=2),
     "imu": dict(lr=1e-2),
 }
 

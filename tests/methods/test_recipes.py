@@ -72,7 +72,7 @@ CASES = {
     "so-graddiff": dict(lr=1e-2, hessian_every=2),
     "imu": dict(lr=1e-2),
     "ssiuu": dict(lr=1e-2),
-    "simu": dict(lr=1e-2, fraction=0.2, steps=3, hessian_every=2),
+    "simu": dict(lr=1e-2, fraction=0.2, ig_steps=3, hessian_every=2),
 }
 
 
@@ -102,7 +102,7 @@ def test_registry_and_defaults():
         2.0, 5e-6, (0.9, 0.95), 0.04, 0.1, 5120, "squared_grad")
     assert (fo.gamma, fo.lr, fo.weight_decay, fo.warmup, so.warmup) == (0.3, 5e-6, 0.1, 0.1, 0.1)
     s = SIMU()  # the paper: per-layer t * max rule, down-projection columns + attention, GNB Sophia
-    assert (s.steps, s.rule, s.scope, s.include_dual, s.neuron_params, s.attention, s.hessian) == (
+    assert (s.ig_steps, s.rule, s.scope, s.include_dual, s.neuron_params, s.attention, s.hessian) == (
         5, {"ratio": 0.2}, "per_layer", True, ("down",), "full", "gnb")
     assert s.attribution["target"] == "prob" and s.hessian_every == 10 and s.gamma == 2.0
     assert SIMU(fraction=0.01).scope == "global" and SIMU(k=3).rule == {"k": 3}
@@ -189,7 +189,7 @@ def tiny_llama_layers(layers, seed=0):
 def test_simu_updates_only_masked_neurons():
     model = tiny_llama()
     initial = copy.deepcopy(model.state_dict())
-    method = SIMU(lr=1e-2, steps=3, hessian_every=2)  # the default rule and parts: ratio, down columns
+    method = SIMU(lr=1e-2, ig_steps=3, hessian_every=2)  # the default rule and parts: ratio, down columns
     run_steps(method, model, steps=4)
     mask = method.mask
     assert mask is not None and 0 < int(mask.mask.sum()) < mask.mask.numel()

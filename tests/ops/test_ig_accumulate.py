@@ -11,14 +11,14 @@ dtype is held to float32 accumulation error: per feature k,
     |out[k] - oracle[k]| <= rtol * (|out0[k]| + sum_{r,t} |weight[r] * mask[r,t] * act * grad|),
 rtol = 1e-5 (times sqrt(positions / 4096) past 4096 positions: rounding errors of same-sign float32 sums
 grow like sqrt(n) relative to the sum of magnitudes). One missing or doubled position is far beyond it.
+(The rule lives in simu_fast/ops/tolerances.py, shared with `simu-fast selftest`.)
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
+from simu_fast.ops import tolerances
 from simu_fast.ops.ig_accumulate import ig_accumulate
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -61,12 +61,8 @@ def oracle(out0, act, grad, weight, mask):
 
 def assert_close_to_oracle(actual, expected, magnitude, positions, what):
     assert actual.dtype == torch.float32
-    rtol = 1e-5 * max(1.0, math.sqrt(positions / 4096))
-    diff = (actual.cpu().double() - expected).abs()
-    tol = rtol * magnitude
-    bad = ~(diff <= tol)  # NaN counts as bad
-    assert not bool(bad.any()), (f"{what}: {int(bad.sum())}/{diff.numel()} features off; worst excess "
-                                 f"{float((diff - tol).max()):.3g} (rtol {rtol:.1e})")
+    verdict = tolerances.within_magnitude(actual, expected, magnitude, tolerances.ig_rtol(positions))
+    assert verdict.ok, f"{what}: {verdict.detail}"
 
 
 def run_and_check(name, device, shape, dtype, gen, mask_dtype=torch.bool):

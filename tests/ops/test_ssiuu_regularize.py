@@ -13,6 +13,7 @@ Tolerances: the kernels do the reference's float32 operations in its order with 
 (explicit round-to-nearest on CUDA, -ffp-contract=off on the CPU, no FP fusion in Triton), so grads must
 match the reference bit for bit on cpu, triton-interpret and cuda. triton-gpu is allowed one unit in the
 last place of g's dtype (Triton's GPU casts are not pinned down as tightly). No other tensor may change.
+(The rule lives in simu_fast/ops/tolerances.py, shared with `simu-fast selftest`.)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from simu_fast.ops import tolerances
 from simu_fast.ops.ssiuu_regularize import reference_ssiuu_regularize, ssiuu_regularize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -46,7 +48,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def exact(name: str, device: torch.device) -> bool:
-    return not (name == "triton" and device.type == "cuda")
+    return tolerances.ssiuu_exact(name, device)
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -89,13 +91,8 @@ def attributions(ts):
 
 
 def assert_within_ulp(actual, expected, what, ulps: float = 1.0):
-    fi = torch.finfo(actual.dtype)
-    a, b = actual.double(), expected.double()
-    tol = ulps * (fi.eps * torch.maximum(a.abs(), b.abs()) + fi.smallest_normal * fi.eps)
-    diff = (a - b).abs()
-    bad = ~(diff <= tol)
-    assert not bool(bad.any()), (f"{what}: {int(bad.sum())}/{a.numel()} elements differ by more than {ulps} ulp "
-                                 f"of {actual.dtype}")
+    verdict = tolerances.within_ulp(actual, expected, ulps)
+    assert verdict.ok, f"{what}: {verdict.detail}"
 
 
 def check_pair(orig, ref, out, name, device, what):

@@ -1,7 +1,8 @@
-"""Masked AdamW against torch.optim.AdamW."""
+"""Masked AdamW against torch.optim.AdamW (tolerance: simu_fast/ops/tolerances.py, shared with the selftest)."""
 import pytest
 import torch
 
+from simu_fast.ops.tolerances import STATE_ATOL, STATE_RTOL
 from simu_fast.optim import AdamW
 
 
@@ -20,7 +21,7 @@ def test_unmasked_matches_torch_adamw(amsgrad, maximize):
         a.step()
         b.step()
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=STATE_RTOL, atol=STATE_ATOL)
         torch.testing.assert_close(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"])
 
 
@@ -43,7 +44,7 @@ def test_masked_selected_match_torch_and_rest_unchanged(kind):
         b.step()
     assert torch.equal(p.detach()[~sel], p0[~sel])
     assert torch.equal(a.state[p]["exp_avg"][~sel], torch.zeros(int((~sel).sum())))
-    torch.testing.assert_close(p.detach()[sel], q.detach()[sel], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.detach()[sel], q.detach()[sel], rtol=STATE_RTOL, atol=STATE_ATOL)
 
 
 def test_bf16_params_float32_state_and_stochastic_rounding():

@@ -41,7 +41,7 @@ def _loaders():
 @pytest.fixture(scope="module")
 def base_and_mask():
     base = tiny_llama(VOCAB, seed=3, num_hidden_layers=3, intermediate_size=56)
-    pre = SIMU(fraction=0.1, steps=2)
+    pre = SIMU(fraction=0.1, ig_steps=2)
     pre.setup(copy.deepcopy(base), *_loaders())
     assert 0 < int(pre.mask.mask.sum()) < pre.mask.mask.numel()
     return base, pre.mask

@@ -18,7 +18,7 @@ from tiny_models import tiny_llama
 pytest.importorskip("transformers")
 
 VOCAB = 61
-TINY_ARGS = {"simu": {"fraction": 0.2, "steps": 1, "hessian_every": 1}, "imu": {"layers": 1}}
+TINY_ARGS = {"simu": {"fraction": 0.2, "ig_steps": 1, "hessian_every": 1}, "imu": {"layers": 1}}
 MODES = [m for m in PARALLEL_CHOICES if m != "none"]
 
 

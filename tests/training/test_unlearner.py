@@ -332,3 +332,65 @@ def test_a_finite_clipping_norm_spares_the_optimizer_its_nonfinite_pass(monkeypa
             return super().loss(model, forget_batch, retain_batch) * float("nan")
     with pytest.raises(NonFiniteGradientError):
         Unlearner(tiny_llama(), NaNLoss(lr=1e-3), *loaders(), max_steps=1, progress=False).run()
+
+
+class ReportingGradDiff(GradDiff):
+    """GradDiff that reports a number and a non-number per step (only numbers go on a progress line)."""
+
+    def step_metrics(self):
+        return {"reg_ratio": 0.25 * self.steps_done, "note": "not a number"}
+
+
+def progress_lines(text):
+    return [line for line in text.splitlines() if line.startswith("unlearning: step ")]
+
+
+def test_progress_lines_one_per_step_with_the_run_s_numbers(capsys):
+    f, r = loaders()
+    evals = lambda m: {"retain_nll": 1.0, "forget_nll": forget_nll(m)}  # noqa: E731
+    out = Unlearner(tiny_llama(), ReportingGradDiff(), f, r, max_steps=3, eval_fn=evals, eval_every=1,
+                    progress="lines", progress_every_s=0).run()
+    captured = capsys.readouterr()
+    lines = progress_lines(captured.err)
+    assert len(lines) == 3 and not progress_lines(captured.out)  # to stderr, one per step, no repeat at the end
+    for step, line in enumerate(lines, 1):
+        assert line.startswith(f"unlearning: step {step}/3 ({100 * step // 3}%)  loss ")
+        assert f"loss {out['train_loss'][step - 1]:.4f}" in line
+        # the forget score (not the first metric), at the step it was evaluated
+        assert f"forget_nll {out['history'][step - 1]['forget_nll']:.4g} (at step {step})" in line
+        assert "retain_nll" not in line and "note" not in line
+        assert f"  reg_ratio {0.25 * step:.4g}  " in line
+        assert "elapsed " in line and ("left ~" in line) == (step < 3)
+
+
+def test_progress_lines_show_sophias_win_rate(capsys):
+    from simu_fast.methods.soul import SOGradDiff
+    f, r = loaders()
+    Unlearner(tiny_llama(), SOGradDiff(lr=1e-3), f, r, max_steps=2, progress="lines", progress_every_s=0).run()
+    lines = progress_lines(capsys.readouterr().err)
+    assert len(lines) == 2 and all("  win_rate " in line for line in lines)
+
+
+def test_progress_lines_at_the_first_and_last_step_only_when_the_interval_is_long(capsys):
+    f, r = loaders()
+    evals = lambda m: {"forget_nll": forget_nll(m)}  # noqa: E731
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=4, eval_fn=evals, eval_every=3, progress="lines",
+              progress_every_s=1e9).run()
+    lines = progress_lines(capsys.readouterr().err)
+    assert [line.split()[2] for line in lines] == ["1/4", "4/4"]
+    assert "forget_nll" not in lines[0] and "(at step 4)" in lines[1]  # the last line: the final evaluation
+
+
+def test_progress_auto_prints_lines_off_a_terminal_and_false_prints_nothing(capsys):
+    f, r = loaders()
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, progress="auto", progress_every_s=0).run()
+    assert len(progress_lines(capsys.readouterr().err)) == 2  # pytest's captured stderr is not a terminal
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, progress=False, progress_every_s=0).run()
+    assert capsys.readouterr() == ("", "")
+    Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=2, progress=True, progress_every_s=0).run()
+    err = capsys.readouterr().err
+    assert "2/2" in err and not progress_lines(err)  # True: the tqdm bar, as before
+    with pytest.raises(ValueError, match="progress must be"):
+        Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, progress="loud")
+    with pytest.raises(ValueError, match="progress_every_s"):
+        Unlearner(tiny_llama(), GradDiff(), f, r, max_steps=1, progress="lines", progress_every_s=-1)
