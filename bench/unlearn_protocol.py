@@ -70,7 +70,7 @@ def evaluate_point(model, original, tok, split, corpus, seed, settings, full: bo
         out[f"{name}_rougeL"] = answer_metrics(model, tok, rows, batch_size=64, max_length=length)["rougeL_recall"]
     out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"],
                                 max_length=length)["loss"]["auc"]
-    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length)
+    eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length, target="prob")
     out.update(d_plus=eoh["d_plus"], d_minus=eoh["d_minus"], erase_share=eoh["erase_share"])
     eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length, target="logprob")
     out.update(d_plus_log=eoh["d_plus"], d_minus_log=eoh["d_minus"])
@@ -340,7 +340,8 @@ ABLATIONS = {
              ("t = 0.5", "simu", {"ratio": 0.5}),
              ("loss-signed target (the old default)", "simu", {"target": "loss"}),
              ("SO-GradDiff (everything moves)", "so-graddiff", {})),
-    "ssiuu": (("Ssiuu defaults (lam 0.01)", "ssiuu", {}), ("lam 0.1", "ssiuu", {"lam": 0.1}),
+    "ssiuu": (("Ssiuu defaults (P^(1/T), lam 0.1)", "ssiuu", {}),
+              ("the paper's P, lam 0.01 (the former defaults)", "ssiuu", {"attribution_target": "prob", "lam": 0.01}),
               ("lam 1", "ssiuu", {"lam": 1.0}), ("squared penalty (Algorithm 1)", "ssiuu", {"penalty": "squared"}),
               ("per-example norm", "ssiuu", {"per_example": True}), ("GradDiff (lam 0)", "graddiff", {})),
     "imu": (("IMU defaults (attention out + MLP down, last 3 layers)", "imu", {}), ("lr x 3", "imu", {}, 3.0),

@@ -43,3 +43,18 @@ def test_config_drives_the_command_line(tmp_path):
                                           "--forget", "f.jsonl", "--out", str(tmp_path / "o"), "--lr", "1e-4"])
     opts = cli.resolve_options(args)
     assert opts["method"] == "simu" and opts["lr"] == 1e-4 and opts["method_args"]["ratio"] == 0.2
+
+
+def test_sophia_configs_state_the_optimizer_settings_and_set_overrides_them():
+    """The settings that decide whether a Sophia run is second-order at all (bs, the first Hessian's data,
+    weight decay groups' rate, stochastic rounding) are written in the configs, and --set reaches them."""
+    for name in ("so-graddiff", "simu"):
+        args = cli.options.load_config(str(CONFIGS / f"{name}.yaml"))["method_args"]
+        assert {"bs", "hessian", "hessian_every", "hessian_data", "rho", "weight_decay",
+                "stochastic_rounding"} <= set(args), name
+        assert args["bs"] == "auto" and args["stochastic_rounding"] == "auto"
+    given = simu_fast.cli.options.parse_set(["stochastic_rounding=false", "bs=2048", "hessian_data=forget",
+                                              "nonfinite=skip"])
+    method = make_method("simu", **given)
+    assert (method.stochastic_rounding, method.bs, method.hessian_data, method.nonfinite) == (False, 2048.0, "forget",
+                                                                                              "skip")

@@ -9,6 +9,16 @@ gradient during backward and folds `w * a * grad` over positions into the float3
 fused ig_accumulate kernel. Weights get no gradients. Rows are ordered by layer, so each layer's rows are a
 contiguous slice: the hook keeps and reads only that slice. `max_rows` caps rows per pass.
 
+positions="last" (attribution/targets.py): one row per (layer, step, answer token): the row keeps its example up
+to that token, its target is that token alone, and its activation is scaled at the position that predicts the
+token only (the scale is per row and per position), where IG is read. That is answer-tokens times the rows of
+the other modes, so without max_rows a batch's rows are split into passes of the size the other modes' pass
+has (batch x layers x steps rows). The shared-prefix scheme does not apply (its alpha = 1 base row would score
+every answer token at once): the row scheme runs.
+
+A pass over a DataLoader leaves its shuffle generator(s) and torch's global RNG as it found them
+(batches.loader_rng_kept): attributing over the training loaders does not change the batches training sees.
+
 Distributed (DDP, FSDP2, or plain replicas in a torch.distributed job). Each rank attributes the batches it is
 given (its share of the data); then the [L, F] scores and the example count are all-reduced (SUM) across
 `group` (default: the default group, whenever torch.distributed is initialized with more than one rank), so
@@ -38,11 +48,11 @@ from .. import distributed as _dist
 from ..lm import IGNORE_INDEX, logits_of
 from ..ops.ig_accumulate import ig_accumulate
 from .architectures import MlpModulesFn, decoder_layers, intermediate_size, mlp_down_projections, model_type_of
-from .batches import prepare_batch
+from .batches import loader_rng_kept, prepare_batch
 from .model_state import attribution_mode
 from .quadrature import RULES, quadrature
 from .scores import NeuronScores
-from .targets import POSITIONS, TARGETS, position_mask, target_per_row
+from .targets import POSITIONS, TARGETS, answer_token_positions, position_mask, target_per_row
 
 ATTRIBUTION_METHODS = ("ig", "gradxact")
 SCHEMES = ("auto", "shared_prefix", "rows")
@@ -96,6 +106,10 @@ class NeuronAttributor:
         if scheme == "shared_prefix" and self.decoder_layers is None:
             raise ValueError("scheme='shared_prefix' needs a registered architecture whose decoder layers hold the "
                              "MLPs, and a model that is not FSDP2-sharded; use scheme='rows'")
+        if positions == "last":  # one row per answer token: no shared base row (module docstring)
+            if scheme == "shared_prefix":
+                raise ValueError("positions='last' runs the row scheme (scheme='rows' or 'auto')")
+            self.decoder_layers = None
         self.scheme = "shared_prefix" if self.decoder_layers is not None else "rows"
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(self.module).forward).parameters
 
@@ -114,17 +128,22 @@ class NeuronAttributor:
 
         def local_passes():
             nonlocal examples
-            for batch in tqdm(batches, total=total, desc="attribution", disable=not show, leave=False):
+            # tqdm gets a generator: tqdm.auto's asyncio tqdm calls iter() on an iterable in its __init__ and then
+            # iterates it again (a DataLoader would start, and draw the order of, an epoch nobody reads)
+            once = (batch for batch in batches)
+            for batch in tqdm(once, total=total, desc="attribution", disable=not show, leave=False):
                 ids, attn, labels = prepare_batch(batch, device)
                 examples += ids.shape[0]
                 if self.scheme == "shared_prefix":
                     for chosen, slots in self._prefix_passes(ids.shape[0]):
                         yield ("prefix", chosen, slots), ids, attn, labels
                     continue
-                for rows in self._passes(ids.shape[0]):
+                passes = (self._token_passes(answer_token_positions(labels, attn), ids.shape[0])
+                          if self.positions == "last" else self._passes(ids.shape[0]))
+                for rows in passes:
                     yield rows, ids, attn, labels
 
-        with attribution_mode(self.module):
+        with attribution_mode(self.module), loader_rng_kept(batches):
             work = local_passes()
             while True:
                 item = next(work, None)
@@ -159,16 +178,24 @@ class NeuronAttributor:
     def _empty_pass(self, device, scores) -> None:
         """A pass that adds nothing (lock-step FSDP2 ranks without work): one row, no answer positions."""
         ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-        self._run_pass([(li, 0, 0) for li in range(len(self.layers))], ids, torch.ones_like(ids),
+        self._run_pass([(li, 0, 0, -1) for li in range(len(self.layers))], ids, torch.ones_like(ids),
                        torch.full_like(ids, IGNORE_INDEX), scores)
 
-    def _passes(self, batch_size: int) -> list[list[tuple[int, int, int]]]:
-        """Work items (layer slot, step, example) ordered by layer, split into as few equal passes as fit."""
-        work = [(li, j, b) for li in range(len(self.layers)) for j in range(len(self.alphas)) for b in range(batch_size)]
-        cap = self.max_rows or len(work)
-        n_passes = math.ceil(len(work) / cap)
-        size = math.ceil(len(work) / n_passes)
-        return [work[i:i + size] for i in range(0, len(work), size)]
+    def _passes(self, batch_size: int) -> list[list[tuple[int, int, int, int]]]:
+        """Work items (layer slot, step, example, -1: every position) ordered by layer, split into as few equal
+        passes as fit."""
+        work = [(li, j, b, -1) for li in range(len(self.layers)) for j in range(len(self.alphas))
+                for b in range(batch_size)]
+        return _split(work, self.max_rows or len(work))
+
+    def _token_passes(self, token_positions: list, batch_size: int) -> list[list[tuple[int, int, int, int]]]:
+        """positions="last": work items (layer slot, step, example, the position that predicts an answer token)
+        ordered by layer; without max_rows, passes of at most the other modes' pass size (batch x layers x steps)."""
+        work = [(li, j, b, t) for li in range(len(self.layers)) for j in range(len(self.alphas))
+                for b, positions in enumerate(token_positions) for t in positions]
+        if not work:
+            return []
+        return _split(work, self.max_rows or batch_size * len(self.layers) * len(self.alphas))
 
     def _branch_steps(self) -> tuple[Optional[int], list[int]]:
         """(the step with alpha = 1, or None; the other steps). The alpha = 1 step of every layer is the unscaled
@@ -295,12 +322,24 @@ class NeuronAttributor:
 
     def _run_pass(self, rows, ids, attn, labels, scores) -> None:
         device = ids.device
-        example = torch.tensor([b for _, _, b in rows], device=device)
+        example = torch.tensor([b for _, _, b, _ in rows], device=device)
         ids_r, attn_r, labels_r = ids[example], attn[example], labels[example]
-        pos = position_mask(labels_r, attn_r, self.positions)
-        row_weight = torch.tensor([self.weights[j] for _, j, _ in rows], dtype=torch.float32, device=device)
+        at = None  # positions="last": the one position each row scales and reads
+        if rows and rows[0][3] >= 0:
+            at = torch.tensor([t for _, _, _, t in rows], device=device)
+            width = int(at.max()) + 2  # nothing after the last row's answer token matters (causal attention)
+            ids_r, attn_r = ids_r[:, :width], attn_r[:, :width]
+            r = torch.arange(len(rows), device=device)
+            token_labels = torch.full_like(labels_r[:, :width], IGNORE_INDEX)
+            token_labels[r, at + 1] = labels_r[r, at + 1]  # each row's target: its own answer token
+            labels_r = token_labels
+            pos = torch.zeros_like(labels_r, dtype=torch.bool)
+            pos[r, at] = True
+        else:
+            pos = position_mask(labels_r, attn_r, self.positions)
+        row_weight = torch.tensor([self.weights[j] for _, j, _, _ in rows], dtype=torch.float32, device=device)
         slices: dict[int, tuple[int, int]] = {}
-        for r, (li, _, _) in enumerate(rows):
+        for r, (li, _, _, _) in enumerate(rows):
             lo, _ = slices.get(li, (r, r))
             slices[li] = (lo, r + 1)
         hooks, handles = [], []
@@ -315,8 +354,9 @@ class NeuronAttributor:
 
             handles.append(embeddings.register_forward_hook(make_leaf))
         for li, (lo, hi) in slices.items():
-            alphas = torch.tensor([self.alphas[j] for _, j, _ in rows[lo:hi]], dtype=torch.float32, device=device)
-            hook = _ScaleAndAccumulate(lo, hi, alphas, row_weight[lo:hi], pos[lo:hi], scores[li], self.backend)
+            alphas = torch.tensor([self.alphas[j] for _, j, _, _ in rows[lo:hi]], dtype=torch.float32, device=device)
+            hook = _ScaleAndAccumulate(lo, hi, alphas, row_weight[lo:hi], pos[lo:hi], scores[li], self.backend,
+                                       None if at is None else at[lo:hi])
             hooks.append(hook)
             handles.append(self.modules[self.layers[li]].register_forward_pre_hook(hook))
         self._backward_through_hooks(
@@ -346,12 +386,12 @@ class NeuronAttributor:
 
 
 class _ScaleAndAccumulate:
-    """Forward pre-hook: scale rows lo:hi of the activation by their alphas; on backward, fold their
-    `w * a * grad` into the layer's score row."""
+    """Forward pre-hook: scale rows lo:hi of the activation by their alphas (at every position, or with `at`
+    only at position at[r] of row r); on backward, fold their `w * a * grad` into the layer's score row."""
 
-    def __init__(self, lo, hi, alphas, weight, pos, out, backend):
+    def __init__(self, lo, hi, alphas, weight, pos, out, backend, at=None):
         self.lo, self.hi, self.alphas, self.weight, self.pos, self.out = lo, hi, alphas, weight, pos, out
-        self.backend = backend
+        self.backend, self.at = backend, at
         self.leaf = None
 
     def __call__(self, module, args):
@@ -359,9 +399,14 @@ class _ScaleAndAccumulate:
         kept = a[self.lo:self.hi].detach()
         if self.hi - self.lo < a.shape[0]:
             kept = kept.clone()  # a view would keep the whole activation of every row alive
-        scale = torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
-        scale[self.lo:self.hi] = self.alphas.to(a.dtype)
-        scaled = a * scale[:, None, None]
+        if self.at is None:
+            scale = torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
+            scale[self.lo:self.hi] = self.alphas.to(a.dtype)
+            scaled = a * scale[:, None, None]
+        else:
+            scale = torch.ones(a.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
+            scale[torch.arange(self.lo, self.hi, device=a.device), self.at] = self.alphas.to(a.dtype)
+            scaled = a * scale[:, :, None]
         if not scaled.requires_grad:
             # The first hooked layer: nothing upstream carries a gradient (weights are frozen), so the
             # scaled activation becomes the leaf that every later hooked activation depends on.
@@ -373,3 +418,10 @@ class _ScaleAndAccumulate:
 
         scaled.register_hook(accumulate)
         return (scaled,) + tuple(args[1:])
+
+
+def _split(work: list, cap: int) -> list[list]:
+    """`work` in as few passes of at most `cap` items as fit, of equal sizes (the last one smaller)."""
+    n_passes = math.ceil(len(work) / cap)
+    size = math.ceil(len(work) / n_passes)
+    return [work[i:i + size] for i in range(0, len(work), size)]

@@ -14,11 +14,19 @@ A_{i,k} = h_{i,k} * dP(y|x)/dh_{i,k}, with P(y|x) the answer's sequence probabil
 (the clamps are the paper's: contradictory changes and over-unlearning do not count). Reported per layer and
 module as sums over its neurons, and in total; erase_share = D+ / (D+ + D-).
 
-target="logprob" attributes log P(y|x) instead of P: once an unlearned model gives the forget answers
-probability ~0, dP/dh vanishes with it, every attribution after is ~0, and the paper's D+ / D- say only
-"everything was removed" for any method (seen in bench/unlearn_protocol.py); the log-probability's gradient
-does not vanish, so its D- still shows negative influence grown to push the answer down. A method that erases shows
+target: "logprob" (the default) attributes log P(y|x), "prob" the paper's P(y|x). A method that erases shows
 D+ > D-; one that hides (grows neurons that push the answer down) shows D- > D+.
+
+Why log P by default (bench/ssiuu_long_answers.py, report.md section 3): once an unlearned model gives the forget
+answers probability ~0, dP/dh vanishes with it, every attribution after is ~0, and P's D+ / D- are those of the
+model before alone (D+ = its positive maxima, D- = 0, erase_share 1), whatever the method did. At matched
+forget (forget P^(1/T) at the never-seen people's level) this held for GradDiff and Ssiuu alike, to every digit,
+on answers of 11-32 tokens as on 71-94 (and already halfway there): a constant, not a measurement. Long answers
+make it worse: their P is ~1e-8 before unlearning, so P's attributions are ~0 on both sides. The log-probability's
+gradient does not vanish, and its D+ / D- differ between methods. Read them with care: log P's gradient grows as
+the answer becomes unlikely, so at matched forget D- dominates for every method measured (erase_share ~0):
+compare D- (and D+) between methods at the same forget level rather than the share against 1/2. target="prob"
+gives the paper's exact form, meaningful while the forget answers keep a non-negligible P.
 """
 from __future__ import annotations
 
@@ -61,7 +69,7 @@ TARGETS = ("prob", "logprob")
 
 
 def neuron_attribution_extremes(model, tokenizer, examples, batch_size: int = 8, max_length: int = 512,
-                                target: str = "prob") -> dict:
+                                target: str = "logprob") -> dict:
     """{(layer, module name): (max_k A [n, width], min_k A [n, width])} for the n examples, float32 on the CPU,
     the extremes over the example's non-padding positions (module docstring)."""
     if target not in TARGETS:
@@ -126,7 +134,7 @@ def attribution_change(before: tuple, after: tuple) -> tuple:
 
 
 def erase_or_hide(model_before, model_after, tokenizer, forget, *, batch_size: int = 8, max_length: int = 512,
-                  target: str = "prob") -> dict:
+                  target: str = "logprob") -> dict:
     """D+ (positive influence removed) and D- (negative influence added) of `model_after` relative to
     `model_before` on the forget examples: {"d_plus", "d_minus", "erase_share", "per_layer": [{"layer",
     "module", "d_plus", "d_minus"}]} (module docstring). The two models must share the architecture."""

@@ -9,6 +9,14 @@ The method owns the optimizer (its own learning rate; args.learning_rate is not 
 scheduler still scales the method's rate), the loss, and what it does around each optimizer step. Its setup()
 runs once, at the start of train(), over loaders built from the dataset's forget and retain features.
 TrainingArguments must have remove_unused_columns=False (the batches are {"forget": ..., "retain": ...}).
+
+Clipping (args.max_grad_norm) follows the Unlearner's rule (training.unlearner.clip_gradients): the method's
+before_step runs first (Ssiuu's regularizer is clipped with the loss's gradient), then the norm of what trains is
+clipped: the model's parameters under the optimizer's masks (SIMU's selected columns, not the frozen ones) and
+the method's detached parameters (SIMU's compact neuron slices). It takes over the Trainer's clipping step
+(`Trainer._clip_grad_norm`, transformers versions that have it), except under DeepSpeed, XLA and FSDP1, whose
+engines clip their flat parameters themselves (there, and on older transformers, the Trainer's own clipping
+of the model's parameters applies and SIMU's compact slices are not clipped).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..data.collate import collate
 from ..methods.base import UnlearningMethod
+from ..training.unlearner import clip_gradients
 
 __all__ = ["PairedUnlearningDataset", "PairedCollator", "UnlearningTrainer", "UnlearningCallback"]
 
@@ -70,20 +79,21 @@ class PairedCollator:
 
 
 class UnlearningCallback(TrainerCallback):
-    """Calls method.before_step before each optimizer step, method.after_step after it (and zero_grad), and
-    method.finish at the end of training. The Trainer's gradient clipping (max_grad_norm) covers the model's
-    parameters only: SIMU's compact neuron slices (method.detached_parameters()) are not clipped under the
-    Trainer (the Unlearner clips them with the model's)."""
+    """Calls method.before_step before each optimizer step (before clipping where the trainer clips: see the
+    module docstring), method.after_step after it (and zero_grad; the method's detached parameters, SIMU's compact
+    slices, have their gradients reset too: the Trainer's model.zero_grad() does not reach them), and
+    method.finish at the end of training."""
 
     def __init__(self, trainer: "UnlearningTrainer"):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        t = self.trainer
-        t.method.before_step(t.model, t._method_optimizer, t._last_forget_batch, state.global_step)
+        self.trainer._before_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
+        for p in t.method.detached_parameters():  # the Trainer zeroes the model's gradients only (model.zero_grad)
+            p.grad = None
         t.method.after_step(t.model, t._method_optimizer, t._last_forget_batch, state.global_step - 1)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -104,7 +114,31 @@ class UnlearningTrainer(Trainer):
         self._method_optimizer: Optional[torch.optim.Optimizer] = None
         self._last_forget_batch: Optional[dict] = None
         self._method_ready = False
+        self._before_step_done = False  # this step's before_step already ran (in _clip_grad_norm)
         self.add_callback(UnlearningCallback(self))
+
+    def _before_step(self, step: int) -> None:
+        """method.before_step from the pre-optimizer-step callback, unless _clip_grad_norm ran it for this step."""
+        if self._before_step_done:
+            self._before_step_done = False
+            return
+        self.method.before_step(self.model, self._method_optimizer, self._last_forget_batch, step)
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping step (transformers calls it when max_grad_norm > 0, before the pre-optimizer-step
+        callbacks): before_step, then clip_gradients over what trains, as the Unlearner (module docstring)."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if (acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA)
+                or (acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", False))):
+            return super()._clip_grad_norm(model)
+        acc.unscale_gradients()  # fp16: as accelerate's clip_grad_norm_ does first
+        self.method.before_step(self.model, self._method_optimizer, self._last_forget_batch, self.state.global_step)
+        self._before_step_done = True
+        return clip_gradients([p for p in model.parameters() if p.grad is not None],
+                              [p for p in self.method.detached_parameters() if p.grad is not None],
+                              self.args.max_grad_norm, optimizer=self._method_optimizer)
 
     def _setup_loaders(self):
         ds = self.train_dataset

@@ -28,7 +28,7 @@ class UnlearningMethod:
 
     def detached_parameters(self) -> list:
         """Trainable tensors the recipe keeps outside the model (SIMU's compact neuron slices): the loop clips
-        them with the model's parameters."""
+        them with the model's parameters (training.unlearner.clip_gradients: what trains, and only that)."""
         return []
 
     def finish(self, model: torch.nn.Module) -> None:
@@ -37,7 +37,9 @@ class UnlearningMethod:
 
     def before_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, forget_batch: dict,
                     step: int) -> None:
-        """Called after backward (and unscaling/clipping), before optimizer.step()."""
+        """Called after backward (and unscaling), before clipping and optimizer.step(): what it adds to the
+        gradients (Ssiuu's regularizer) is clipped with the loss's gradient, as part of the gradient the optimizer
+        steps on."""
 
     def after_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, forget_batch: dict,
                    step: int) -> None:

@@ -3,6 +3,14 @@
 Defaults follow the TOFU benchmark's fine-tuning/unlearning settings (AdamW, lr 1e-5, weight decay 0.01) and
 NPO's paper (Zhang et al. 2024: beta 0.1). `reduction` is how each row's answer NLL is formed ('mean' per
 answer token, as the reference implementations' HF cross-entropy; 'sum' the sequence NLL), rows averaged.
+
+The optimizer (AdamWMethod): simu_fast's AdamW with its constructor options as recipe options (lr,
+weight_decay, betas, eps, amsgrad, nonfinite, stochastic_rounding, seed, backend; maximize is left out: a
+recipe's loss already says which way it goes). Weight decay in two parameter groups, none on norms, biases
+and embeddings (optim/decay_groups.py: SOUL's create_sophia_optimizer and Sophia's configure_optimizers),
+as the transformers Trainer the TOFU and SOUL code run under also groups it. stochastic_rounding="auto"
+(the default): bfloat16 / float16 parameters round stochastically (docs/DESIGN.md, "Sophia in the runs
+users make"; evidence in tests/optim/test_low_precision.py and bench/results/sophia_health).
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import torch
 
 from ..lm import model_device, to_device
 from ..optim.adamw import AdamW
+from ..optim.decay_groups import weight_decay_groups
 from .base import UnlearningMethod
 from .example_keys import example_keys
 from .objectives import answer_nll, ga_loss, graddiff_loss, npo_loss, npo_reference_logprobs
@@ -27,18 +36,30 @@ def trainable_named(model) -> list:
 
 
 class AdamWMethod(UnlearningMethod):
-    """Shared AdamW construction: lr, betas, eps, weight_decay overridable."""
+    """Shared AdamW construction (module docstring): the optimizer's options overridable."""
 
     def __init__(self, lr: float = 1e-5, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", amsgrad: bool = False, nonfinite: str = "raise",
+                 stochastic_rounding: bool | str = "auto", seed: int = 0, backend: str = "auto"):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if stochastic_rounding not in (True, False, "auto"):
+            raise ValueError(f"stochastic_rounding must be true, false or 'auto', got {stochastic_rounding!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), tuple(betas), float(eps)
         self.reduction = reduction
+        self.amsgrad, self.nonfinite, self.stochastic_rounding = bool(amsgrad), nonfinite, stochastic_rounding
+        self.seed, self.backend = int(seed), backend
+
+    def _adamw(self, params, model=None):
+        """simu_fast's AdamW over (name, parameter) pairs, weight decay grouped by optim.weight_decay_groups."""
+        return AdamW(weight_decay_groups(params, self.weight_decay, model), lr=self.lr, betas=self.betas,
+                     eps=self.eps, weight_decay=self.weight_decay, amsgrad=self.amsgrad, nonfinite=self.nonfinite,
+                     stochastic_rounding=self.stochastic_rounding, seed=self.seed, backend=self.backend)
 
     def make_optimizer(self, model):
-        return AdamW(trainable_named(model), lr=self.lr, betas=self.betas, eps=self.eps,
-                     weight_decay=self.weight_decay)
+        return self._adamw(trainable_named(model), model)
 
 
 class GA(AdamWMethod):

@@ -80,10 +80,9 @@ class IMU(AdamWMethod):
         self.theta_names = [n for n, _ in self.theta_s(model)]
 
     def make_optimizer(self, model):
-        from ..optim.adamw import AdamW
         if not self.theta_names:
             self.setup(model)
-        return AdamW(self.theta_s(model), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        return self._adamw(self.theta_s(model), model)  # the recipes' AdamW: decay groups, stochastic rounding
 
     def loss(self, model, forget_batch, retain_batch=None):
         theta = [p for _, p in self.theta_s(model)]

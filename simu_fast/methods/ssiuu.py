@@ -1,18 +1,22 @@
 """Ssiuu ("Erase or Hide?", arXiv 2509.22263; docs/DESIGN.md, "Ssiuu"): GradDiff plus an attribution-guided
 regularizer that keeps parameters from growing negative attribution (hiding knowledge) instead of erasing.
 
-Attribution of parameter element i on examples b: A_i(b; theta) = phi_i * dP(b)/dphi_i, P(b) the sum over
-the examples of b of the sequence probability P(y|x) (the product of the answer tokens' probabilities, as
-the paper defines it). The loss (paper, Eq. 3):
+Attribution of parameter element i on examples b: A_i(b; theta) = phi_i * dF(b)/dphi_i, F(b) the sum over
+the examples (x, y) of b of a target f(y|x), `attribution_target` (defined in attribution_target()). The
+paper's f is the sequence probability P(y|x), the product of the answer tokens' probabilities ("prob"); the
+default is its length-normalized form P(y|x)^(1/T), T the answer's token count ("normalized_prob": the
+geometric mean of the answer tokens' probabilities, TOFU's normalized answer probability; why: below). The
+loss (paper, Eq. 3):
 
     L = L_GD + lam * sum over i with A_i(b; theta^t) < 0 of | A_i(b; theta^(t-1)) - A_i(b; theta^t) |
 
 on the SAME forget batch b at the previous parameters theta^(t-1) (the parameters before the last update,
 kept here as a copy) and at the current ones theta^t; A(theta^(t-1)) is a constant (no gradient), and
-dP/dphi is treated as a constant (the paper's Appendix B: no Hessian-vector product), so the added gradient
-is lam * [A < 0] * sign(A - A_prev) * dP/dphi, element-wise, done by the fused ssiuu_regularize kernel.
+dF/dphi is treated as a constant (the paper's Appendix B: no Hessian-vector product), so the added gradient
+is lam * [A < 0] * sign(A - A_prev) * dF/dphi, element-wise, done by the fused ssiuu_regularize kernel (its
+inputs are phi and d = dF/dphi at both parameters, whatever scalar F is: the target changes d only).
 penalty="squared" uses the paper's Algorithm 1 / Eq. 6 form, (A_prev - A)^2 (gradient 2 lam [A<0] (A - A_prev)
-dP/dphi). per_example=True takes the norm per example (Eq. 3's sum over (x, y) outside the norm), one
+dF/dphi). per_example=True takes the norm per example (Eq. 3's sum over (x, y) outside the norm), one
 forward/backward pair per row; the default sums the attribution over the batch first (Algorithm 1), one pair
 per batch. The first step has no previous parameters: only GradDiff.
 
@@ -22,16 +26,40 @@ data noise, and the squared difference of two nearly equal attributions is ~1e-9
 (an earlier version of this recipe did that; after 20 steps its parameters equalled GradDiff's to four
 decimals).
 
-Defaults: lam 0.01, gamma 1, AdamW lr 1e-5, weight decay 0.01 (GradDiff's). The paper's lam (1e-4 TOFU,
-1e-3 FaithUn) is for 3B models and its own scale of P. Measured on the demo's memorized model (GradDiff at
-lr 1e-4, 20 steps, the same batches): the logged ratio ||g_reg|| / ||g_GD|| is about 0.2 at lam 0.01 (the
-parameters end 24% of GradDiff's change away from GradDiff's), 2 at lam 0.1 (86%: the regularizer
-dominates), so about 0.02 at lam 1e-3 (the term is linear in lam). lam 0.01 is the largest of these that leaves GradDiff in charge. Tune it
-per model with that ratio in view; it scales with P, so it fades as the forget answers' probability falls.
+Why P(y|x)^(1/T) and not the paper's P (bench/ssiuu_long_answers.py; bench/results/ssiuu_long_answers/report.md,
+2-core CPU, one seed): P vanishes on long answers even when each token is well known, and its gradient with it.
+On a tiny model that memorized answers of 77-94 tokens (per-token probability 0.84, P(y|x) 5e-8, as low as
+6e-10: TOFU's regime, where P is ~3e-8), the paper's term is 1e-10 to 3e-9 of GradDiff's gradient and Ssiuu's
+20 steps end 0.0000 of GradDiff's change away from GradDiff's, at any lam up to 0.3. The gradient of P^(1/T),
+P^(1/T) * d(mean token log-probability)/dphi, has the scale of GradDiff's forget term at any length and still
+falls as the answer is forgotten, as P does. Per example it is an increasing function of P, so the set
+[A < 0] is exactly the paper's; summed over a batch, rows weigh P^(1/T)/T instead of P (87% of elements in the
+same set on the tests' model of 12-32-token answers). There, where the paper's form works, the two terms agree
+in sign on 72% of those elements (cosine 0.57), and both hold the paper's own penalty along the trajectory to
+0.93 of GradDiff's. On long answers the paper's sign(A - A_prev) mostly records P's fall (96% of its negative
+attributions rise towards 0 each step), not which parameters grow negative influence. Rejected: "logprob"
+(alive, but its term grows with the answer's length and it takes over at lam 0.01 on long answers),
+"mean_logprob" (as P^(1/T), without fading), "mean_token_prob" (not a function of P: another mask).
+
+Defaults: attribution_target "normalized_prob", lam 0.1, gamma 1, AdamW lr 1e-5, weight decay 0.01
+(GradDiff's). Measured (GradDiff at lr 1e-4, 20 steps, the same batches; reg_ratio = ||g_reg|| / ||g_GD||, the
+median over the steps): at lam 0.1, reg_ratio 0.11 on the long answers, 0.23 on the short ones, 0.19 on the
+demo's model, and the parameters end 7.6%, 12.8% and 17.5% of GradDiff's change away from GradDiff's, the
+size of effect the former default (the paper's P at lam 0.01: 8.3% and 21% on the two short-answer models,
+reg_ratio 0.08) had where it worked. lam 0.3 lets the regularizer take over (63%, reg_ratio 0.73, on the short
+answers); at lam 0.03 it is 2-5%. The term is linear in lam. With attribution_target="prob" use lam ~0.01 (0.1
+makes its reg_ratio 0.8-1 on short answers). The paper's lam (1e-4 TOFU, 1e-3 FaithUn) is for 3B models and
+its own scale of P. Tune lam per model with reg_ratio in view; it fades as the forget answers' probability
+falls.
 
 Logged per step (`self.last_stats`; in the Unlearner's result and the CLI's metrics.json as "step_metrics",
 through `step_metrics()`): reg_ratio = ||g_reg|| / ||g_GD|| and the fraction of elements with negative attribution.
-Costs per step: two extra forward/backward passes (P at theta^t and at theta^(t-1); 2 per row with
+Clipping: the regularizer's gradient is added in before_step, and the loop clips after before_step (the
+Unlearner, and the transformers Trainer integration), so max_grad_norm clips the total, the gradient of the
+whole loss L, as a framework that backpropagates L would: lam weighs the same against GradDiff whether or not
+clipping acts. reg_ratio compares like with like: both norms are taken in before_step, before clipping, over
+the same parameters (clipping scales both by one factor, so it is also their ratio in the step taken).
+Costs per step: two extra forward/backward passes (F at theta^t and at theta^(t-1); 2 per row with
 per_example) and one copy of the trainable parameters. Not supported under FSDP2 (sharded parameters).
 """
 from __future__ import annotations
@@ -42,15 +70,51 @@ import math
 import torch
 
 from ..distributed.dtensor import is_dtensor
-from ..lm import model_device, to_device
+from ..lm import answer_logprobs, answer_positions, logits_of, model_device, to_device
 from ..ops.ssiuu_regularize import PENALTIES, ssiuu_regularize
 from .baselines import GradDiff
-from .objectives import answer_nll
+from .objectives import _check_batch, answer_nll
+
+# the scalar whose parameter gradient d makes the attribution A = phi * d (module docstring); the first is the default
+ATTRIBUTION_TARGETS = ("normalized_prob", "prob", "mean_token_prob", "logprob", "mean_logprob")
 
 
 def sequence_probability(model, batch) -> torch.Tensor:
     """Scalar: sum over the batch's rows of P(answer | prompt) (the product of the answer tokens' probabilities)."""
     return (-answer_nll(model, batch, "sum")).exp().sum()
+
+
+def attribution_target(model, batch, target: str = "normalized_prob") -> torch.Tensor:
+    """Scalar: the sum over the batch's rows of each row's target, T its number of answer tokens, p_t their
+    probabilities, P = prod_t p_t:
+
+        prob             P                       (the paper's)
+        normalized_prob  P ** (1 / T)            (the geometric mean of p_t; the default)
+        mean_token_prob  (1 / T) sum_t p_t
+        logprob          log P
+        mean_logprob     (1 / T) log P
+
+    A row without answer tokens adds a constant (no gradient)."""
+    if target not in ATTRIBUTION_TARGETS:
+        raise ValueError(f"attribution_target must be one of {ATTRIBUTION_TARGETS}, got {target!r}")
+    _check_batch(batch)
+    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    labels = batch["labels"].to(logits.device)
+    logp = answer_logprobs(logits, labels)  # [rows, seq - 1], 0 where not scored
+    scored = answer_positions(labels)
+    total = logp.sum(dim=1)  # log P
+    count = scored.sum(dim=1).clamp(min=1)
+    if target == "prob":
+        value = total.exp()
+    elif target == "normalized_prob":
+        value = (total / count).exp()
+    elif target == "mean_token_prob":
+        value = (logp.exp() * scored).sum(dim=1) / count
+    elif target == "logprob":
+        value = total
+    else:
+        value = total / count
+    return value.sum()
 
 
 @contextlib.contextmanager
@@ -71,14 +135,17 @@ class Ssiuu(GradDiff):
     uses_retain = True
     supports_fsdp2 = False  # swaps parameter storages for theta^(t-1), which DTensor shards do not allow
 
-    def __init__(self, lam: float = 0.01, gamma: float = 1.0, lr: float = 1e-5, weight_decay: float = 0.01,
+    def __init__(self, lam: float = 0.1, gamma: float = 1.0, lr: float = 1e-5, weight_decay: float = 0.01,
                  penalty: str = "norm", per_example: bool = False, log_every: int = 1, backend: str = "auto",
-                 **kwargs):
+                 attribution_target: str = "normalized_prob", **kwargs):
         super().__init__(gamma=gamma, lr=lr, weight_decay=weight_decay, **kwargs)
         if not (math.isfinite(float(lam)) and float(lam) >= 0.0):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+        if attribution_target not in ATTRIBUTION_TARGETS:
+            raise ValueError(f"attribution_target must be one of {ATTRIBUTION_TARGETS}, got {attribution_target!r}")
+        self.attribution_target = attribution_target
         if isinstance(log_every, bool) or int(log_every) < 0:
             raise ValueError(f"log_every must be an int >= 0 (0: never), got {log_every!r}")
         self.lam, self.penalty, self.per_example = float(lam), penalty, bool(per_example)
@@ -92,8 +159,10 @@ class Ssiuu(GradDiff):
                                       "process or under DDP")
 
     def _prob_grads(self, model, batch, params) -> list:
+        """d = d(target)/dphi for each parameter (attribution_target), detached, contiguous."""
         with torch.enable_grad():
-            grads = torch.autograd.grad(sequence_probability(model, batch), params, allow_unused=True)
+            target = attribution_target(model, batch, self.attribution_target)
+            grads = torch.autograd.grad(target, params, allow_unused=True)
         return [torch.zeros_like(p) if d is None else d.detach().contiguous() for p, d in zip(params, grads)]
 
     def before_step(self, model, optimizer, forget_batch, step):

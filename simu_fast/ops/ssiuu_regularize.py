@@ -2,8 +2,9 @@
 
 The regularizer compares the attribution of the SAME forget examples at the previous parameters
 theta^(t-1) and at the current ones theta^t. Per parameter element, with phi the parameter, g the GradDiff
-gradient, d = dP/dphi (P: the forget batch's answer probability, as methods/ssiuu.py defines it) at the
-current parameters, and phi_prev, d_prev the same at the previous parameters (same examples):
+gradient, d = dP/dphi (P: the forget batch's attribution target, methods/ssiuu.py: by default the answers'
+length-normalized probability P(y|x)^(1/T), or the paper's P(y|x); the op takes d, whatever scalar it is the
+gradient of) at the current parameters, and phi_prev, d_prev the same at the previous parameters (same examples):
 
     A      = phi * d                       (attribution now, float32)
     A_prev = phi_prev * d_prev             (attribution of the same examples at the previous parameters)

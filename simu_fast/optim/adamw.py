@@ -3,8 +3,9 @@
 The first-order baseline SIMU is compared against (FO-GradDiff). Eager PyTorch on the gathered selected
 elements: AdamW is not SIMU's hot loop, so it has no fused kernel; sparse masks still cost only what
 they select. DTensor parameters (FSDP2 fully_shard): the update runs on each rank's shard and the
-state is DTensor (see simu_fast/distributed/dtensor.py); bf16 stochastic rounding draws by global element offset, so a
-sharded run rounds exactly like an unsharded one.
+state is DTensor (see simu_fast/distributed/dtensor.py); bf16 / fp16 stochastic rounding (stochastic_rounding=True,
+or "auto": on when a trainable parameter is bf16 or fp16) draws by global element offset, so a sharded run
+rounds exactly like an unsharded one.
 
 Semantics per selected element (step count per parameter, as torch.optim.AdamW):
 
@@ -20,6 +21,7 @@ import torch
 
 from ..distributed.dtensor import local
 from ..ops.stochastic_rounding import round_to_bf16_stochastic
+from .fp16_rounding import round_to_fp16_stochastic
 from .masked_optimizer import MaskedOptimizer
 from .masked_slices import gather, scatter_, selected_offsets
 
@@ -27,7 +29,7 @@ from .masked_slices import gather, scatter_, selected_offsets
 class AdamW(MaskedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, nonfinite: str = "raise",
-                 stochastic_rounding: bool = False, seed: int = 0, backend: str = "auto"):
+                 stochastic_rounding: bool | str = False, seed: int = 0, backend: str = "auto"):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not eps >= 0.0:
@@ -97,6 +99,7 @@ class AdamW(MaskedOptimizer):
                     start = self._row_start(p)
                     if start:
                         offsets += start * (p.numel() // p.shape[0])
-                    p32 = round_to_bf16_stochastic(p32, offsets, seed)
+                    p32 = (round_to_bf16_stochastic(p32, offsets, seed) if shard.dtype == torch.bfloat16
+                           else round_to_fp16_stochastic(p32, offsets, seed))
                 scatter_(shard, mask, p32)  # rounds to nearest when no stochastic rounding applied
         return loss

@@ -28,6 +28,7 @@ from ..ops.update_mask import DENSE, FULL, UpdateMask, full_mask, localize_mask,
 
 FLOAT32_STATE_KEYS = ("exp_avg", "hessian", "exp_avg_sq", "max_exp_avg_sq")
 NONFINITE_POLICIES = ("raise", "skip")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -48,12 +49,15 @@ def mix_seed(*values: int) -> int:
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
-    def __init__(self, params, defaults: dict, *, nonfinite: str = "raise", stochastic_rounding: bool = False,
+    def __init__(self, params, defaults: dict, *, nonfinite: str = "raise", stochastic_rounding: bool | str = False,
                  seed: int = 0, backend: str = "auto"):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if stochastic_rounding not in (True, False, "auto"):
+            raise ValueError(f"stochastic_rounding must be True, False or 'auto', got {stochastic_rounding!r}")
         self._param_names: dict = {}
         self._plans: dict = {}  # group index -> (key, [StepCall]): see _plan
+        self._sr_setting, self._sr_resolved = stochastic_rounding, None
         super().__init__(params, defaults)  # each group through add_param_group below
         self._masks: dict[torch.Tensor, UpdateMask] = {}  # what the kernels apply (this rank's shard)
         # DTensor parameters: the mask over the full parameter, for state_dict and counts (a DENSE one
@@ -61,10 +65,28 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._global_masks: dict[torch.Tensor, UpdateMask] = {}
         self._row_starts: dict[torch.Tensor, int] = {}
         self.nonfinite = nonfinite
-        self.stochastic_rounding = bool(stochastic_rounding)
         self.seed = int(seed)
         self.backend = backend
         self.skipped_steps = 0
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether steps round bfloat16 / float16 parameters stochastically. Set as True, False or "auto":
+        on when any trainable parameter is bfloat16 or float16 (at a small lr a round-to-nearest update of such
+        a parameter is mostly rounded away: docs/DESIGN.md, "Sophia in the runs users make"). float32
+        parameters never round, so "auto" only matters for the host-side bookkeeping it turns on (seeds take
+        the step count on the host, so nonfinite="skip" then checks on the host)."""
+        if self._sr_setting != "auto":
+            return bool(self._sr_setting)
+        if self._sr_resolved is None:
+            self._sr_resolved = any(p.dtype in LOW_PRECISION and p.requires_grad for p in self._all_params())
+        return self._sr_resolved
+
+    @stochastic_rounding.setter
+    def stochastic_rounding(self, value) -> None:
+        if value not in (True, False, "auto"):
+            raise ValueError(f"stochastic_rounding must be True, False or 'auto', got {value!r}")
+        self._sr_setting, self._sr_resolved = value, None
 
     @property
     def skipped_steps(self) -> int:
@@ -100,6 +122,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         if hasattr(self, "_plans"):
             self._plans.clear()
+        self._sr_resolved = None  # "auto" looks at the parameters again
 
     # ---- names and indices -------------------------------------------------------------------------
     def _all_params(self) -> list[torch.Tensor]:
@@ -265,10 +288,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return flag
 
     def _sr_seed(self, p: torch.Tensor, step: int, index: int, global_offsets: bool = False) -> int:
-        """Stochastic-rounding seed of p at `step` (-1: round to nearest). Kernels that draw by local offset
-        (global_offsets=False) get the shard's first row mixed in, so that shards do not reuse one random
+        """Stochastic-rounding seed of p (bfloat16 or float16) at `step` (-1: round to nearest). Kernels that draw
+        by local offset (global_offsets=False) get the shard's first row mixed in, so that shards do not reuse one random
         stream; rank 0 and unsharded runs keep the unsharded seed."""
-        if self.stochastic_rounding and p.dtype == torch.bfloat16:
+        if p.dtype in LOW_PRECISION and self.stochastic_rounding:
             start = 0 if global_offsets else self._row_start(p)
             return mix_seed(self.seed, step, index, start) if start else mix_seed(self.seed, step, index)
         return -1
@@ -363,6 +386,17 @@ class MaskedOptimizer(torch.optim.Optimizer):
                                                validated=True)
         else:
             self._masks[p] = local_mask
+
+
+def global_offsets(p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """Flat offsets of a shard's elements in the full parameter p (rows split over ranks: Shard(0)), so that
+    stochastic rounding by offset draws what the unsharded parameter draws."""
+    offsets = torch.arange(shard.numel(), device=shard.device, dtype=torch.int64)
+    if is_dtensor(p) and p.shape[0] and p.numel():
+        start = row_range(p)[0]
+        if start:
+            offsets += start * (p.numel() // p.shape[0])
+    return offsets
 
 
 @dataclasses.dataclass

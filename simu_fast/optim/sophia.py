@@ -12,7 +12,11 @@ hessian="gnb": the caller backpropagates a loss on labels sampled from the model
 every k steps and calls update_hessian(). hessian="squared_grad" (SOUL, arXiv 2404.18239): h is
 updated from the real gradient inside every step, before the update.
 
-State is float32 for every parameter dtype; bfloat16 parameters can use stochastic rounding.
+State is float32 for every parameter dtype. stochastic_rounding (True, False or "auto": on when a trainable
+parameter is bfloat16 or float16) rounds bfloat16 / float16 parameters stochastically after each update
+(bfloat16 inside the fused kernels, float16 from a float32 copy: fp16_rounding.py); the default False keeps
+the official code's round-to-nearest, the recipes default to "auto" (docs/DESIGN.md, "Sophia in the runs
+users make": at lr 5e-6 most round-to-nearest bfloat16 updates are rounded away).
 `win_rate` is the fraction of selected coordinates whose update was not clipped in the last step.
 
 DTensor parameters (FSDP2 fully_shard): the kernels run on each rank's shard, state is DTensor (see
@@ -26,7 +30,8 @@ from ..distributed.collectives import all_reduce_sum
 from ..distributed.dtensor import local
 from ..ops.hessian_ema import hessian_ema
 from ..ops.sophia_step import sophia_step
-from .masked_optimizer import MaskedOptimizer
+from .fp16_rounding import round_to_fp16_stochastic
+from .masked_optimizer import MaskedOptimizer, global_offsets
 
 HESSIAN_ESTIMATORS = ("gnb", "squared_grad")
 
@@ -35,7 +40,7 @@ class SophiaG(MaskedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.965, 0.99), rho: float = 0.04, weight_decay: float = 1e-1,
                  *, maximize: bool = False, capturable: bool = False, bs: float = 5120, hessian: str = "gnb",
                  eps: float = 1e-15, backend: str = "auto", nonfinite: str = "raise",
-                 stochastic_rounding: bool = False, seed: int = 0):
+                 stochastic_rounding: bool | str = False, seed: int = 0):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -114,15 +119,27 @@ class SophiaG(MaskedOptimizer):
                             s["step"] = s["step"].to(skip.device)
                     torch._foreach_add_([s["step"] for s in call.states], [taken] * len(call.states))
                 steps = [s["step"] for s in call.states]
-                seeds = None
+                seeds, shards, fp16 = None, call.shards, {}
                 if self.stochastic_rounding:
                     seeds = [self._sr_seed(p, int(t.item()), i) for p, t, i in zip(call.params, steps, call.positions)]
+                    # float16: the kernel updates a float32 copy, rounded back stochastically below (the kernels'
+                    # own stochastic rounding is bfloat16's)
+                    fp16 = {i: shard.float() for i, (shard, seed) in enumerate(zip(shards, seeds))
+                            if shard.dtype == torch.float16 and seed >= 0}
+                    if fp16:
+                        shards = [fp16.get(i, shard) for i, shard in enumerate(shards)]
+                        seeds = [-1 if i in fp16 else seed for i, seed in enumerate(seeds)]
                 unclipped = sophia_step(
-                    call.shards, call.grads(), call.state_tensors["exp_avg"], call.state_tensors["hessian"],
+                    shards, call.grads(), call.state_tensors["exp_avg"], call.state_tensors["hessian"],
                     call.masks, lr=group["lr"], beta1=beta1, rho=group["rho"], bs=group_bs,
                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                     hessian_beta2=beta2 if group["hessian"] == "squared_grad" else None, sr_seeds=seeds,
                     backend=self.backend, names=call.names, prepared=call.kernel_masks, skip=skip)
+                for i, value in fp16.items():
+                    p = call.params[i]
+                    # unselected elements were not changed: their float32 value rounds back to itself
+                    seed = self._sr_seed(p, int(steps[i].item()), call.positions[i], global_offsets=True)
+                    call.shards[i].copy_(round_to_fp16_stochastic(value, global_offsets(p, call.shards[i]), seed))
                 self._unclipped.append((call.mesh, unclipped))
                 self._selected.append((call.mesh, call.selected))
         return loss

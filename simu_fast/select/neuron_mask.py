@@ -165,17 +165,30 @@ class NeuronMask:
 
     # ---- reporting ------------------------------------------------------------------------------------
     def per_layer(self) -> list[dict]:
-        final = self.mask
-        return [dict(layer=layer, forget_only=int(self.forget_only[i].sum()), dual=int(self.dual[i].sum()),
-                     selected=int(final[i].sum())) for i, layer in enumerate(self.layers)]
+        """Per layer: forget-only, dual (None for both without the split: has_split) and selected counts."""
+        final, split = self.mask, self.has_split
+        return [dict(layer=layer, forget_only=int(self.forget_only[i].sum()) if split else None,
+                     dual=int(self.dual[i].sum()) if split else None, selected=int(final[i].sum()))
+                for i, layer in enumerate(self.layers)]
+
+    @property
+    def has_split(self) -> bool:
+        """Whether forget_only / dual are the split by C_r. A mask selected without retain scores (SIMU with
+        include_dual=True skips the retain attribution: its mask is C_f either way) holds C_f as forget_only
+        and no dual neurons; settings["with_retain"] is then False."""
+        return bool(self.settings.get("with_retain", True))
 
     def summary(self) -> str:
         width = self.mask.shape[1]
+        kind = 'forget-only + dual' if self.include_dual else 'forget-only'
+        if not self.has_split:
+            kind = "C_f; the retain set was not attributed, so the forget-only / dual split is unknown"
         lines = [f"NeuronMask: {int(self.mask.sum())} of {self.mask.numel()} neurons selected "
-                 f"({'forget-only + dual' if self.include_dual else 'forget-only'}; F = {width})",
+                 f"({kind}; F = {width})",
                  f"{'layer':>6} {'forget-only':>12} {'dual':>8} {'selected':>9}"]
         for row in self.per_layer():
-            lines.append(f"{row['layer']:>6} {row['forget_only']:>12} {row['dual']:>8} {row['selected']:>9}")
+            forget_only, dual = ("-", "-") if row["dual"] is None else (row["forget_only"], row["dual"])
+            lines.append(f"{row['layer']:>6} {forget_only:>12} {dual:>8} {row['selected']:>9}")
         return "\n".join(lines)
 
     __str__ = summary

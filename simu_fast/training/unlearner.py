@@ -57,7 +57,10 @@ import torch
 
 from .. import distributed as _dist
 from ..data.sharding import unpadded_shard_loader
+from ..distributed.collectives import all_reduce_sum
+from ..distributed.dtensor import local, sharded_mesh
 from ..lm import model_device, to_device
+from ..ops.update_mask import COLS, FULL, ROWS
 from ..optim.masked_optimizer import MaskedOptimizer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_best_model, save_checkpoint
 from .progress import check_every_s, make_progress, progress_mode
@@ -277,21 +280,23 @@ class Unlearner:
             total += float(loss.detach())
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        norm = None
-        if self.max_grad_norm is not None:
-            norm = clip_gradients([p for p in module.parameters() if p.grad is not None],
-                                  [p for p in method.detached_parameters() if p.grad is not None], self.max_grad_norm)
         last_forget = group[-1][0]
         factor = float(method.lr_factor(self.step, self._total_steps()))
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         method.before_step(module, opt, last_forget, self.step)
-        if _dist.world_size() > 1 and _overrides(method, "before_step") and not _dist.is_fsdp2(module):
+        changes_grads = _changes_gradients(method)
+        if _dist.world_size() > 1 and changes_grads and not _dist.is_fsdp2(module):
             _dist.average_gradients(module)  # what before_step did from this rank's batch, averaged as DDP does
+        norm = None
+        if self.max_grad_norm is not None:  # after before_step: what the optimizer steps on (a regularizer's part too)
+            norm = clip_gradients([p for p in module.parameters() if p.grad is not None],
+                                  [p for p in method.detached_parameters() if p.grad is not None], self.max_grad_norm,
+                                  optimizer=opt)
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
-        elif norm is not None and isinstance(opt, MaskedOptimizer) and not _overrides(method, "before_step") \
+        elif norm is not None and isinstance(opt, MaskedOptimizer) and not changes_grads \
                 and bool(torch.isfinite(norm)):
             opt.step(grads_finite=True)  # a finite norm: every gradient is finite, the optimizer need not look
         else:
@@ -452,11 +457,24 @@ class Unlearner:
                 "stop_reason": self.stop_reason, "stopped_early": self.stop_reason == "stop_when"}
 
 
-def clip_gradients(params: list, detached: list, max_norm: float) -> Optional[torch.Tensor]:
-    """clip_grad_norm_ over the model's parameters and the recipe's detached ones (UnlearningMethod.
-    detached_parameters) together; returns the total norm before clipping (None without gradients). Sharded
-    (DTensor) model parameters and plain detached tensors cannot go into one call: the two norms are then
-    combined by hand."""
+def clip_gradients(params: list, detached: list, max_norm: float, optimizer=None) -> Optional[torch.Tensor]:
+    """Scale the gradients so that the 2-norm of what trains is at most max_norm; returns that norm before
+    clipping (None without gradients).
+
+    What trains: `params` (the model's parameters with a gradient) and `detached` (the recipe's own trainable
+    tensors, UnlearningMethod.detached_parameters: SIMU's compact neuron slices), and of a parameter that
+    `optimizer` (a MaskedOptimizer) updates under a mask, only the elements the mask selects: the gradient of a
+    frozen down-projection column in SIMU's dense masked path (sparse=False) counts no more than in its
+    compact-slice path (sparse=True), which has none, so both paths clip alike (docs/DESIGN.md, "Gradient
+    clipping sees only what trains"). Every gradient is scaled by the one coefficient (a frozen element's is
+    read by nothing). The masked norm reads only the selected rows/columns of a gradient (one gather of their
+    size per masked parameter; a dense element mask reads its selected elements), on each rank's local shard of a
+    DTensor gradient, the shards' squares summed over their mesh. Without masks it is torch's clip_grad_norm_ over
+    `params` and `detached` together (DTensor model parameters and plain detached tensors: the two norms combined
+    by hand)."""
+    masks = _update_masks(params, optimizer)
+    if masks:
+        return _clip_trained(params + detached, masks, max_norm)
     if not detached or not any(_dist.is_dtensor(p) for p in params):
         if not (params or detached):
             return None
@@ -470,6 +488,74 @@ def clip_gradients(params: list, detached: list, max_norm: float) -> Optional[to
     for p in params + detached:
         p.grad.mul_(coef.to(p.grad.device) if not _dist.is_dtensor(p.grad) else float(coef))
     return total
+
+
+def _update_masks(params: list, optimizer) -> dict:
+    """{parameter: the UpdateMask `optimizer` applies to it (its local shard's part)} for the parameters it
+    updates under a mask that is not FULL; {} for any other optimizer."""
+    if not isinstance(optimizer, MaskedOptimizer):
+        return {}
+    out = {}
+    for p in params:
+        mask = optimizer.mask_of(p)
+        if mask.kind != FULL:
+            out[p] = mask
+    return out
+
+
+def _selected(grad: torch.Tensor, mask) -> torch.Tensor:
+    """The elements of a (local) gradient that `mask` selects: a gather of their size, no full-size temporary."""
+    if mask.kind == ROWS:
+        return grad.reshape(-1, mask.row_len).index_select(0, mask.index)
+    if mask.kind == COLS:
+        return grad.reshape(-1, mask.row_len).index_select(1, mask.index)
+    return grad.reshape(-1)[mask.dense.view(torch.bool)]  # DENSE: uint8 0/1 read as bool, no copy of the mask
+
+
+@torch.no_grad()
+def _clip_trained(params: list, masks: dict, max_norm: float) -> Optional[torch.Tensor]:
+    """clip_gradients with update masks: the norm over the selected elements (local shards; a Shard(0) DTensor's
+    squares summed over its mesh, one all-reduce per mesh), then every gradient scaled by the one coefficient."""
+    if not params:
+        return None
+    grads = [local(p.grad) for p in params]
+    pieces = [g if p not in masks else _selected(g, masks[p]) for p, g in zip(params, grads)]
+    by_device: dict = {}
+    for i, piece in enumerate(pieces):
+        by_device.setdefault(piece.device, []).append(i)
+    squares = [None] * len(pieces)
+    for device, index in by_device.items():
+        norms = torch._foreach_norm([pieces[i] for i in index])
+        for i, n in zip(index, norms):
+            squares[i] = n.float().square()
+    home = squares[0].device
+    total_sq = torch.zeros((), dtype=torch.float32, device=home)
+    per_mesh: dict = {}
+    for p, sq in zip(params, squares):
+        mesh = sharded_mesh(p)
+        if mesh is None:
+            total_sq = total_sq + sq.to(home)
+        else:
+            key = id(mesh)
+            per_mesh.setdefault(key, [mesh, []])[1].append(sq)
+    for mesh, parts in per_mesh.values():  # the same meshes, in the same order, on every rank
+        local_sum = torch.stack([s.to(parts[0].device) for s in parts]).sum()
+        total_sq = total_sq + all_reduce_sum(local_sum, mesh).to(home)
+    total = total_sq.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_grad_device: dict = {}
+    for g in grads:
+        by_grad_device.setdefault(g.device, []).append(g)
+    for device, group in by_grad_device.items():
+        torch._foreach_mul_(group, coef.to(device))
+    return total
+
+
+def _changes_gradients(method) -> bool:
+    """Whether the method's before_step may change the gradients: it overrides before_step and does not
+    declare `before_step_changes_gradients = False` (SO-GradDiff / SIMU: the GNB Hessian estimate puts the
+    gradients back as they were and averages its own sampled-label gradients over the ranks)."""
+    return _overrides(method, "before_step") and bool(getattr(method, "before_step_changes_gradients", True))
 
 
 def _overrides(method, name: str) -> bool:

@@ -10,7 +10,9 @@
 3. One unlearning run (unlearning_run): a method at an lr from the fine-tuned model, logging teacher-forced
    forget / retain / holdout answer probability every `eval_every` steps; the first checkpoint where forget
    reaches the never-seen level (the fine-tuned model's holdout score) is the matched checkpoint, kept in
-   memory, and one at `strict_fraction` of that level the strict checkpoint.
+   memory, and one at `strict_fraction` of that level the strict checkpoint. A run of a Sophia recipe
+   (so-graddiff, simu) also reports "win_rate_matched": its mean win rate over the steps up to matched
+   forget (mean_win_rate; every step of a run that never got there).
 4. The lr rule (choose_lr): on a validation split (seed `validation_seed`, not one of the reported seeds),
    each method's grid is run; the chosen lr is, of those that reach matched forget within half the step
    budget, the one with the highest retain answer probability there; if none does so within half, the one
@@ -19,7 +21,8 @@
    matched forget on the validation split near the end of the budget, and at those lrs GradDiff and Ssiuu
    reached it on 1 of 3 reported seeds, GA on 2 and IMU on none, so their rows compared nothing. The
    margin is the same for every method and was set before the rerun, without regard to which method wins.
-5. Pure pieces the report needs: matched_index, tradeoff_auc, mean_std, paired_difference.
+5. Pure pieces the report needs: matched_index, tradeoff_auc, mean_std, paired_difference, mean_win_rate,
+   win_rate_summary.
 
 bench/unlearn_protocol.py runs the protocol and writes the report; `simu-fast demo` runs it in miniature.
 """
@@ -251,6 +254,7 @@ def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: 
            "matched_step": matched_index(curve, target), "strict_step": matched_index(curve, strict_target),
            "setup_s": round(timing.get("setup_s", 0.0), 2), "steps_s": round(total - timing.get("setup_s", 0.0), 2),
            "steps": int(result["step"]), "step_metrics": result.get("step_metrics", [])}
+    out["win_rate_matched"] = mean_win_rate(out["step_metrics"], out["matched_step"])  # Sophia recipes only
     if keep_models:
         kept["final"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         out["models"] = kept
@@ -264,6 +268,27 @@ def matched_index(curve: list, target: float):
         if point["forget"] <= target:
             return point["step"]
     return None
+
+
+def mean_win_rate(step_metrics: list, until_step=None):
+    """Mean SophiaG win rate (the fraction of coordinates not clipped by rho: methods/soul.py) over the steps
+    1..until_step of a run's step_metrics (until_step None, a run that never reached matched forget: every
+    step); None for a run that logs none (a first-order method). Sophia's authors keep it in 0.1-0.5; near 0
+    a "second-order" run is sign descent."""
+    rates = [m["win_rate"] for m in step_metrics if m.get("win_rate") is not None
+             and (until_step is None or m["step"] <= until_step)]
+    return statistics.fmean(rates) if rates else None
+
+
+def win_rate_summary(runs: dict) -> dict:
+    """{method: mean_std of its runs' win_rate_matched} for the methods whose runs report one (the Sophia
+    recipes); runs: {method: [unlearning_run results]}."""
+    out = {}
+    for name, entries in runs.items():
+        rates = [e.get("win_rate_matched") for e in entries]
+        if any(r is not None for r in rates):
+            out[name] = mean_std(rates)
+    return out
 
 
 def tradeoff_auc(curve: list, start: dict, target: float) -> float:

@@ -285,3 +285,135 @@ def test_quadrature_rules():
     # exact for x^5 on [0, 1]
     assert sum(wi * ai ** 5 for ai, wi in zip(a, w)) == pytest.approx(1 / 6)
     assert math.isclose(sum(quadrature("riemann_right", 3)[1]), 1.0)
+
+
+# ---- positions="last": one next-token sample per answer token ---------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("max_rows", [None, 5])
+def test_last_position_mode_matches_the_per_token_reference(arch, max_rows):
+    """positions="last" against its definition written out (reference.py): per answer token, its prefix as an
+    example, the activation scaled only at the position that predicts the token, IG read there, summed."""
+    model = tiny(arch)
+    batches = make_batches(seed=7)  # padding on the last row of each batch
+    ref = reference_neuron_attribution(model, batches, steps=3, target="prob", positions="last")
+    attributor = NeuronAttributor(model, steps=3, target="prob", positions="last", max_rows=max_rows)
+    assert attributor.scheme == "rows"
+    got = attributor.attribute(batches, progress=False)
+    assert ref.abs().max() > 0 and got.metadata["positions"] == "last"
+    torch.testing.assert_close(got.scores, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    # not the all-positions mode under another name
+    answer = NeuronAttributor(model, steps=3, target="prob").attribute(batches, progress=False).scores
+    assert (answer - got.scores).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_last_position_mode_closed_form():
+    """No attention (TwoTokenModel): each position sees only itself, so scaling one position is scaling all
+    that its token sees, and "last" equals "answer" (and the closed form of test_closed_form_two_token_model)."""
+    model = TwoTokenModel()
+    batch = dict(input_ids=torch.tensor([[0, 1, 1, 0]]), labels=torch.tensor([[-100, 1, 0, 0]]))
+    kw = dict(steps=40, rule="gausslegendre", target="logprob", mlp_modules=lambda m: [m.down])
+    last = NeuronAttributor(model, positions="last", **kw).attribute([batch], progress=False).scores
+    answer = NeuronAttributor(model, positions="answer", **kw).attribute([batch], progress=False).scores
+    torch.testing.assert_close(last, answer, rtol=1e-6, atol=1e-9)
+
+
+def _ig_per_position(model, module, ids, attn, labels, steps, target):
+    """[seq, F] float64: a[t] * sum_j w_j dF(alpha_j)/da'[t] with the activation scaled at every position."""
+    from simu_fast.attribution.targets import target_per_row
+    alphas, weights = quadrature("riemann_right", steps)
+    out = 0
+    for alpha, weight in zip(alphas, weights):
+        captured = {}
+
+        def scale(m, args, alpha=alpha):
+            scaled = (args[0] * alpha).requires_grad_()
+            captured["a"], captured["scaled"] = args[0].detach(), scaled
+            return (scaled,)
+        handle = module.register_forward_pre_hook(scale)
+        try:
+            logits = model(input_ids=ids, attention_mask=attn).logits
+            (grad,) = torch.autograd.grad(target_per_row(logits, labels, target).sum(), captured["scaled"])
+        finally:
+            handle.remove()
+        out = out + weight * (captured["a"] * grad)[0].double()
+    return out
+
+
+def test_all_positions_pass_is_the_sum_of_its_next_token_samples():
+    """What SIMU's docstring claims of the batched pass (positions="answer"): it equals the sum over the answer
+    tokens of the attribution of that token's sample (its prefix, the token its target) with the activation
+    scaled at every position of the prefix, read at the answer positions of the prefix (IG is linear in the
+    target; attention is causal). It is not the per-token "last" attribution, except in the last layer, whose
+    activation at a position reaches no other position."""
+    model = tiny("llama").double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = make_batches(seed=8, n_batches=1, batch=1)[0]["input_ids"]
+    attn = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = dict(input_ids=ids, attention_mask=attn, labels=labels)
+    got = NeuronAttributor(model, steps=3, target="prob", layers=[0]).attribute([batch], progress=False).scores[0]
+    module = model.model.layers[0].mlp.down_proj
+    answer_pos = [t for t in range(ids.shape[1] - 1) if labels[0, t + 1] != -100]
+    expected = 0
+    for t in answer_pos:  # the sample of the token at t + 1
+        sample_labels = torch.full_like(labels[:, :t + 2], -100)
+        sample_labels[0, t + 1] = labels[0, t + 1]
+        per_pos = _ig_per_position(model, module, ids[:, :t + 2], attn[:, :t + 2], sample_labels, 3, "prob")
+        expected = expected + per_pos[[s for s in answer_pos if s <= t]].sum(0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    last = NeuronAttributor(model, steps=3, target="prob", layers=[0, 1], positions="last").attribute(
+        [batch], progress=False).scores
+    assert (last[0].double() - expected).abs().max() > 1e-2 * expected.abs().max()
+    answer = NeuronAttributor(model, steps=3, target="prob", layers=[1]).attribute([batch], progress=False).scores[0]
+    torch.testing.assert_close(last[1], answer, rtol=1e-4, atol=1e-6 * float(answer.abs().max()))
+
+
+def test_last_positions_errors():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="positions='last'"):
+        NeuronAttributor(model, positions="last", scheme="shared_prefix")
+    with pytest.raises(ValueError, match="unknown positions"):
+        NeuronAttributor(model, positions="first")
+
+
+# ---- the training loaders' random state -------------------------------------------------------------------
+def _features(n, seed=0, seq=8):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (seq,), generator=g)
+        labels = ids.clone()
+        labels[:3] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _order(loader):
+    return [b["input_ids"][:, 3].tolist() for b in loader]
+
+
+@pytest.mark.parametrize("generator", [True, False])
+def test_attribution_leaves_the_loaders_shuffle_alone(generator):
+    """A pass over a shuffled DataLoader (its generator, or torch's global RNG where it has none) leaves the
+    order of its next epochs as it was: training after an attribution setup sees the batches it would have."""
+    from functools import partial
+
+    from simu_fast.data import make_loader
+    from simu_fast.data.collate import collate
+
+    def loader():
+        if generator:
+            return make_loader(_features(10), 3, shuffle=True, seed=4, pad_token_id=0)
+        return torch.utils.data.DataLoader(_features(10), batch_size=3, shuffle=True,
+                                           collate_fn=partial(collate, pad_token_id=0))
+    model = tiny("llama")
+    torch.manual_seed(11)
+    untouched = loader()
+    expected = [_order(untouched), _order(untouched)]
+    torch.manual_seed(11)
+    attributed = loader()
+    NeuronAttributor(model, steps=1).attribute(attributed, progress=False)
+    assert [_order(attributed), _order(attributed)] == expected
+    assert expected[0] != expected[1]  # the loader does shuffle, epoch after epoch

@@ -27,7 +27,7 @@ def test_attribution_change_by_hand():
 def test_extremes_match_a_one_example_brute_force(random_llama, people_tokenizer, people):
     model, tok = random_llama, people_tokenizer
     example = people["forget"][0]
-    got = neuron_attribution_extremes(model, tok, [example], max_length=64)
+    got = neuron_attribution_extremes(model, tok, [example], max_length=64, target="prob")
     assert (0, "mlp.act") in got and (1, "attn.o_proj") in got and (0, "attn.q_proj") in got
     # brute force for layer 1's MLP activation: A = a * dP/da, P the answer's sequence probability
     from simu_fast.data import tokenize_examples
@@ -104,7 +104,7 @@ def test_logprob_target_is_the_prob_attribution_over_p(random_llama, people_toke
     from simu_fast.eval import answer_token_logprobs
     model, tok = random_llama, people_tokenizer
     example = [people["forget"][1]]
-    prob = neuron_attribution_extremes(model, tok, example, max_length=64)
+    prob = neuron_attribution_extremes(model, tok, example, max_length=64, target="prob")
     logp = neuron_attribution_extremes(model, tok, example, max_length=64, target="logprob")
     p = float(answer_token_logprobs(model, tok, example, max_length=64)[0].double().sum().exp())
     hi_p, lo_p = prob[(1, "mlp.act")]

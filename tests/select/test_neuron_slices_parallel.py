@@ -1,7 +1,9 @@
 """SIMU's compact neuron slices under DDP and FSDP2 (2 gloo processes, spawned here; CPU): a sparse run
 follows the dense masked run of the same mode (float32 GEMM rounding apart), only the selected columns of
 the down projections move, and the ranks end with the same weights (each rank holds the whole slices; their
-gradients are averaged in the backward)."""
+gradients are averaged in the backward); under clipping (max_grad_norm 1e-3) too: both paths clip on the norm
+of what trains (the selected columns; under FSDP2 each rank's shard of the dense gradient, summed over the
+ranks)."""
 import copy
 
 import pytest
@@ -107,10 +109,17 @@ def _worker(rank, world, store, results, checkpoint_dir):
                 result = Unlearner(model, method, forget, retain, max_steps=4, max_grad_norm=None, grad_accum=2,
                                    progress=False, parallel="ddp" if mode == "ddp" else None).run()
                 out[(mode, sparse)] = {"loss": list(result["train_loss"]), "state": _full_state(model, mode == "fsdp2")}
-            clipped = SIMU(mask=copy.deepcopy(_mask()), lr=1e-2, hessian_every=2)  # clipping mixes the slices in
-            result = Unlearner(_model(mode == "fsdp2"), clipped, forget, retain, max_steps=2, max_grad_norm=1e-3,
-                               progress=False, parallel="ddp" if mode == "ddp" else None).run()
-            out[(mode, "clipped")] = list(result["train_loss"])
+            for sparse in (False, True):  # clipping on what trains: the same norm on both paths
+                forget = make_distributed_loader(_features(8, 1), 2, shuffle=True, seed=3, pad_token_id=0,
+                                                 fixed_shards=True)
+                retain = make_distributed_loader(_features(8, 2), 2, shuffle=True, seed=4, pad_token_id=0,
+                                                 fixed_shards=True)
+                model = _model(mode == "fsdp2")
+                clipped = SIMU(mask=copy.deepcopy(_mask()), lr=1e-2, hessian_every=2, sparse=sparse)
+                result = Unlearner(model, clipped, forget, retain, max_steps=2, max_grad_norm=1e-3, progress=False,
+                                   parallel="ddp" if mode == "ddp" else None).run()
+                out[(mode, "clipped", sparse)] = {"loss": list(result["train_loss"]),
+                                                  "state": _full_state(model, mode == "fsdp2")}
     except BaseException:
         leave_process_group(ok=False)
         raise
@@ -139,4 +148,10 @@ def test_sparse_slices_follow_the_dense_path_under_ddp_and_fsdp2(tmp_path):
                 layer = int(name.split(".")[2])
                 changed = (value != initial[name]).any(dim=0)
                 assert changed.any() and not (changed & ~mask.mask[layer]).any(), f"{mode} {name}"
-        assert all(torch.isfinite(torch.tensor(r0[(mode, "clipped")])))
+        dense, sparse = r0[(mode, "clipped", False)], r0[(mode, "clipped", True)]
+        assert dense["loss"][0] == sparse["loss"][0], mode  # the same batches
+        torch.testing.assert_close(torch.tensor(sparse["loss"]), torch.tensor(dense["loss"]), rtol=1e-4, atol=0)
+        for name, value in sparse["state"].items():
+            torch.testing.assert_close(value, dense["state"][name], rtol=0, atol=1e-5, msg=f"{mode} clipped {name}")
+        moved = [n for n, v in sparse["state"].items() if "down_proj" in n and not torch.equal(v, initial[n])]
+        assert moved, mode
