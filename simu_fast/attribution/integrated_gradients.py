@@ -17,7 +17,7 @@ has (batch x layers x steps rows). The shared-prefix scheme does not apply (its 
 every answer token at once): the row scheme runs.
 
 A pass over a DataLoader leaves its shuffle generator(s) and torch's global RNG as it found them
-(batches.loader_rng_kept): attributing over the training loaders does not change the batches training sees.
+(data.loader_rng.loader_rng_kept): attributing over the training loaders does not change the batches training sees.
 
 Distributed (DDP, FSDP2, or plain replicas in a torch.distributed job). Each rank attributes the batches it is
 given (its share of the data); then the [L, F] scores and the example count are all-reduced (SUM) across
@@ -48,7 +48,8 @@ from .. import distributed as _dist
 from ..lm import IGNORE_INDEX, logits_of
 from ..ops.ig_accumulate import ig_accumulate
 from .architectures import MlpModulesFn, decoder_layers, intermediate_size, mlp_down_projections, model_type_of
-from .batches import loader_rng_kept, prepare_batch
+from ..data.loader_rng import loader_rng_kept
+from .batches import prepare_batch
 from .model_state import attribution_mode
 from .quadrature import RULES, quadrature
 from .scores import NeuronScores

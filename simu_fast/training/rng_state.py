@@ -11,6 +11,8 @@ import random
 
 import torch
 
+from ..data.loader_rng import loader_generators
+
 try:  # numpy is optional here
     import numpy as _np
 except ImportError:  # pragma: no cover
@@ -42,21 +44,6 @@ def set_rng_state(state: dict) -> None:
     if state.get("numpy") is not None and _np is not None:
         kind, keys, pos, has_gauss, cached = state["numpy"]
         _np.random.set_state((kind, _np.asarray(keys, dtype=_np.int64).astype(_np.uint32), pos, has_gauss, cached))
-
-
-def loader_generators(loader) -> list:
-    """The torch Generators an iteration of `loader` may draw from (deduplicated, in a fixed order)."""
-    candidates = [getattr(loader, "generator", None)]
-    sampler = getattr(loader, "sampler", None)
-    candidates.append(getattr(sampler, "generator", None))
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    candidates.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
-    out, seen = [], set()
-    for g in candidates:
-        if isinstance(g, torch.Generator) and id(g) not in seen:
-            seen.add(id(g))
-            out.append(g)
-    return out
 
 
 def loader_rng_state(loader) -> dict:

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from .. import distributed as _dist
+from ..data.loader_rng import loader_rng_kept
 from ..data.sharding import unpadded_shard_loader
 from ..distributed.collectives import all_reduce_sum
 from ..distributed.dtensor import local, sharded_mesh
@@ -170,8 +171,9 @@ class Unlearner:
                 raise FileNotFoundError(f"resume=True but no checkpoint in {self.out_dir!r}")
         elif self.seed is not None:
             seed_everything(self.seed)
-        method.setup(module, unpadded_shard_loader(self.forget_loader),
-                     None if self.retain_loader is None else unpadded_shard_loader(self.retain_loader))
+        with loader_rng_kept(self.forget_loader, self.retain_loader):  # setup never moves training's batches
+            method.setup(module, unpadded_shard_loader(self.forget_loader),
+                         None if self.retain_loader is None else unpadded_shard_loader(self.retain_loader))
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = method.make_optimizer(module)
         for g in self.optimizer.param_groups:  # the rate method.lr_factor scales (as torch's LR schedulers)

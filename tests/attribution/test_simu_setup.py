@@ -69,7 +69,8 @@ def test_the_retain_set_is_attributed_only_when_it_can_change_the_mask():
 def _recording(cls):
     class Recording(cls):
         def loss(self, model, forget_batch, retain_batch=None):
-            self.seen.append((forget_batch["input_ids"].tolist(), retain_batch["input_ids"].tolist()))
+            self.seen.append((forget_batch["input_ids"].tolist(),
+                              None if retain_batch is None else retain_batch["input_ids"].tolist()))
             return super().loss(model, forget_batch, retain_batch)
     return Recording
 
@@ -100,3 +101,14 @@ def test_simu_trains_on_the_batches_graddiff_trains_on(loaders, steps):
     graddiff = _batches_trained_on(GradDiff, loaders, steps)
     simu = _batches_trained_on(SIMU, loaders, steps, fraction=0.1, ig_steps=1, hessian_every=2)
     assert simu == graddiff
+
+
+@pytest.mark.parametrize("loaders, steps", [(_seeded_loaders, 5), (_global_rng_loaders, 2)])
+def test_a_setup_pass_over_the_forget_set_leaves_its_batches_alone(loaders, steps):
+    """NPO (reference log-probabilities) and IMU (influence) pass over the forget loader in their setup: the
+    Unlearner keeps the loaders' random state around every recipe's setup, so they train on GA's batches."""
+    from simu_fast.methods.baselines import GA, NPO
+    from simu_fast.methods.imu import IMU
+    ga = [forget for forget, _ in _batches_trained_on(GA, loaders, steps)]
+    for cls, kwargs in ((NPO, {}), (IMU, {"layers": 1})):
+        assert [forget for forget, _ in _batches_trained_on(cls, loaders, steps, **kwargs)] == ga, cls.__name__
