@@ -45,3 +45,16 @@ def memorized_people(n_people: int = 10, seed: int = 0, target_prob: float = 0.9
 CLI_SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
 CLI_WORDS = ["alice", "bob", "lives", "in", "paris", "rome", "works", "as", "a", "baker", "pilot", "who", "where",
              "does", "is", "?"]
+
+
+def random_features(n: int, seed: int, length: int, prompt: int, vocab: int, low: int = 1) -> list:
+    """n features of random token ids in [low, vocab): {input_ids, labels (-100 on the first `prompt`),
+    attention_mask (all ones)}, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(low, vocab, (length,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    return out

@@ -7,6 +7,7 @@ import torch
 import simu_fast
 from simu_fast.attribution import NeuronAttributor, NeuronScores, reference_neuron_attribution
 from simu_fast.attribution.quadrature import quadrature
+from tiny_models import random_features
 
 VOCAB = 53
 
@@ -380,14 +381,7 @@ def test_last_positions_errors():
 
 # ---- the training loaders' random state -------------------------------------------------------------------
 def _features(n, seed=0, seq=8):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (seq,), generator=g)
-        labels = ids.clone()
-        labels[:3] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
-    return out
+    return random_features(n, seed, length=seq, prompt=3, vocab=VOCAB)
 
 
 def _order(loader):

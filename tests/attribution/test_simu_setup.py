@@ -10,22 +10,15 @@ from simu_fast import Unlearner
 from simu_fast.data import make_loader
 from simu_fast.data.collate import collate
 from simu_fast.methods import SIMU, GradDiff
-from tiny_models import tiny_llama
+from tiny_models import random_features, tiny_llama
 
 pytest.importorskip("transformers")
 
 VOCAB = 61
 
 
-def _features(n, seed, length=10):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (length,), generator=g)
-        labels = ids.clone()
-        labels[:4] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
-    return out
+def _features(n, seed):
+    return random_features(n, seed, length=10, prompt=4, vocab=VOCAB)
 
 
 FORGET, RETAIN = _features(8, 1), _features(6, 2)

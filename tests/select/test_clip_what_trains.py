@@ -12,7 +12,7 @@ from simu_fast import SophiaG, Unlearner
 from simu_fast.data.collate import make_loader
 from simu_fast.methods import make_method
 from simu_fast.training.unlearner import clip_gradients
-from tiny_models import tiny_llama
+from tiny_models import random_features, tiny_llama
 
 VOCAB = 61
 
@@ -65,15 +65,8 @@ def test_detached_tensors_count_with_the_masked_parameters():
 
 
 # ---- Ssiuu: the regularizer is clipped with the loss's gradient ----------------------------------------------
-def _features(n, seed, length=10):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (length,), generator=g)
-        labels = ids.clone()
-        labels[:4] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
-    return out
+def _features(n, seed):
+    return random_features(n, seed, length=10, prompt=4, vocab=VOCAB)
 
 
 def test_ssiuu_regularizer_is_clipped_with_the_graddiff_gradient_and_its_ratio_is_like_with_like():

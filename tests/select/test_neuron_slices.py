@@ -18,20 +18,13 @@ from simu_fast import SophiaG, Unlearner
 from simu_fast.data.collate import make_loader
 from simu_fast.methods import SIMU
 from simu_fast.select.neuron_slices import NeuronSlices
-from tiny_models import tiny_llama
+from tiny_models import random_features, tiny_llama
 
 VOCAB = 61
 
 
 def _features(n, seed, length=12):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB, (length,), generator=g)
-        labels = ids.clone()
-        labels[: length // 2] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(length, dtype=torch.long)})
-    return out
+    return random_features(n, seed, length=length, prompt=length // 2, vocab=VOCAB, low=0)
 
 
 FORGET, RETAIN = _features(8, 1), _features(8, 2)
