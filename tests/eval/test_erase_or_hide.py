@@ -24,12 +24,9 @@ def test_attribution_change_by_hand():
     torch.testing.assert_close(d_minus, torch.tensor([3.0, 0.0]))
 
 
-def test_extremes_match_a_one_example_brute_force(random_llama, people_tokenizer, people):
-    model, tok = random_llama, people_tokenizer
-    example = people["forget"][0]
-    got = neuron_attribution_extremes(model, tok, [example], max_length=64, target="prob")
-    assert (0, "mlp.act") in got and (1, "attn.o_proj") in got and (0, "attn.q_proj") in got
-    # brute force for layer 1's MLP activation: A = a * dP/da, P the answer's sequence probability
+def _brute_force_attribution(model, tok, example, layer: int, log: bool) -> torch.Tensor:
+    """a * dF/da for layer `layer`'s MLP activation a (the down projection's input), F the answer's sequence
+    probability P (log=False) or log P, by autograd on one example: [seq, F] float64."""
     from simu_fast.data import tokenize_examples
     f = tokenize_examples([example], tok, 64)[0]
     ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
@@ -39,16 +36,25 @@ def test_extremes_match_a_one_example_brute_force(random_llama, people_tokenizer
         store["a"] = args[0].detach().requires_grad_(True)
         return (store["a"],)
 
-    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(pre)
+    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(pre)
     try:
         logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
         target = labels[0, 1:]
         keep = target != -100
-        prob = logits[keep].gather(-1, target[keep][:, None]).sum().exp()
-        (grad,) = torch.autograd.grad(prob, store["a"])
+        logprob = logits[keep].gather(-1, target[keep][:, None]).sum()
+        (grad,) = torch.autograd.grad(logprob if log else logprob.exp(), store["a"])
     finally:
         handle.remove()
-    attribution = (store["a"] * grad)[0].double()
+    return (store["a"] * grad)[0].double()
+
+
+def test_extremes_match_a_one_example_brute_force(random_llama, people_tokenizer, people):
+    model, tok = random_llama, people_tokenizer
+    example = people["forget"][0]
+    got = neuron_attribution_extremes(model, tok, [example], max_length=64, target="prob")
+    assert (0, "mlp.act") in got and (1, "attn.o_proj") in got and (0, "attn.q_proj") in got
+    # brute force for layer 1's MLP activation: A = a * dP/da, P the answer's sequence probability
+    attribution = _brute_force_attribution(model, tok, example, layer=1, log=False)
     hi, lo = got[(1, "mlp.act")]
     torch.testing.assert_close(hi[0].double(), attribution.max(dim=0).values, rtol=1e-3, atol=1e-8)
     torch.testing.assert_close(lo[0].double(), attribution.min(dim=0).values, rtol=1e-3, atol=1e-8)
@@ -136,21 +142,7 @@ def test_extremes_take_every_path_after_the_neuron(random_llama, people_tokenize
     model, tok = random_llama, people_tokenizer
     example = people["forget"][0]
     got = neuron_attribution_extremes(model, tok, [example], max_length=64, target="logprob")
-    from simu_fast.data import tokenize_examples
-    f = tokenize_examples([example], tok, 64)[0]
-    ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
-    store = {}
-    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
-        lambda module, args: store.setdefault("a", args[0].detach().requires_grad_(True)))
-    try:
-        logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
-        target = labels[0, 1:]
-        keep = target != -100
-        logprob = logits[keep].gather(-1, target[keep][:, None]).sum()
-        (grad,) = torch.autograd.grad(logprob, store["a"])
-    finally:
-        handle.remove()
-    attribution = (store["a"] * grad)[0].double()
+    attribution = _brute_force_attribution(model, tok, example, layer=0, log=True)
     hi, lo = got[(0, "mlp.act")]
     torch.testing.assert_close(hi[0].double(), attribution.max(dim=0).values, rtol=1e-3, atol=1e-8)
     torch.testing.assert_close(lo[0].double(), attribution.min(dim=0).values, rtol=1e-3, atol=1e-8)
