@@ -170,7 +170,8 @@ def one_run(label, name, lr, args, model, tok, split, target, settings, seed, lo
            "win_rate_first_10": rates[:10],
            "bs_median": _median([s.get("bs") for s in per_step]),
            "hessian_grad_norm_median": _median([s.get("hessian_grad_norm") for s in per_step]),
-           "seconds": round(time.time() - start, 1), "per_step": per_step, "curve": r["curve"]}
+           "setup_s": r["setup_s"], "seconds": round(time.time() - start, 1), "per_step": per_step,
+           "curve": r["curve"]}
     log(f"{label:34s} matched at {row['matched_step']}, retain {_fmt(row['retain_at_matched'])}, win rate median "
         f"{_fmt(row['win_rate_median'])} ({_fmt(row['win_rate_in_band'], '{:.0%}')} of steps in 0.1-0.5), moving "
         f"{_fmt(row['win_rate_moving_median'])}, bs {_fmt(row['bs_median'], '{:.0f}')}")
@@ -229,6 +230,46 @@ def bf16_rows(model, tok, split, settings, steps: int, log) -> list:
     return out
 
 
+# ---- bf16 to matched forget ---------------------------------------------------------------------------------------
+def bf16_matched_rows(model, tok, split, target, settings, seed, lrs, names, log) -> list:
+    """Each method at its lr from the model cast to bf16 (stochastic rounding: the default) and from the float32
+    model, run as the protocol runs it: steps to matched forget and the retain / never-seen answer probability there
+    (scored in the run's own dtype)."""
+    out = []
+    for name in names:
+        for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            r = P.unlearning_run(name, lrs[name], copy.deepcopy(model).to(dtype), tok, split, target, settings, seed,
+                                 keep_models=False)
+            at = next((p for p in r["curve"] if p["step"] == r["matched_step"]), None)
+            row = {"method": name, "dtype": label, "lr": lrs[name], "matched_step": r["matched_step"],
+                   "retain_at_matched": at["retain"] if at else None, "holdout_at_matched": at["holdout"] if at else None,
+                   "win_rate_matched": r["win_rate_matched"], "final_forget": r["curve"][-1]["forget"] if r["curve"] else None}
+            out.append(row)
+            log(f"{name} {label}: matched at {row['matched_step']}, retain {_fmt(row['retain_at_matched'])}")
+    return out
+
+
+def seed_summary(report: dict) -> dict:
+    """{label: {key: mean_std over seeds}} of the rows every seed ran."""
+    keys = ("win_rate_median", "win_rate_in_band", "win_rate_matched", "matched_step", "retain_at_matched",
+            "holdout_at_matched", "setup_s")
+    labels = [r["label"] for r in next(iter(report["by_seed"].values()))["runs"]]
+    out = {}
+    for label in labels:
+        rows = [next((r for r in part["runs"] if r["label"] == label), None) for part in report["by_seed"].values()]
+        rows = [r for r in rows if r is not None]
+        out[label] = {k: P.mean_std([r[k] for r in rows]) for k in keys}
+        out[label]["reached"] = sum(r["matched_step"] is not None for r in rows)
+        out[label]["n"] = len(rows)
+    return out
+
+
+def _pm(stat, fmt="{:.3f}"):
+    if not stat["n"]:
+        return "-"
+    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["n"] > 1 else "")
+
+
 # ---- report ---------------------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
     s = report["settings"]
@@ -247,8 +288,32 @@ def markdown(report: dict) -> str:
              "and its mean up to matched forget (the protocol's win_rate_matched); the same median and share over "
              "moving coordinates; steps to matched forget and retain / never-seen answer probability there (the "
              "protocol's checkpoints, every 5 steps); the median norm of the GNB estimate's sampled-label gradient."]
+    if len(report["by_seed"]) > 1:
+        lines += ["", f"## Before / after over seeds {', '.join(report['by_seed'])} (mean ± std)", "",
+                  "Steps to matched forget, retain and never-seen there are over the seeds that reached matched forget "
+                  "(the reached column); setup: seconds before step 1 (SIMU's attribution and mask; the before rows run "
+                  "today's setup, which skips the retain attribution when include_dual=True: that change's effect is "
+                  "in bench/results/lume-cost, 10.5 s of setup then, 2.7 s now).", "",
+                  "| variant | reached | win rate median | steps in 0.1-0.5 | mean to matched | steps to matched | "
+                  "retain at matched | never-seen at matched | setup s |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, st in seed_summary(report).items():
+            lines.append(f"| {label} | {st['reached']}/{st['n']} | {_pm(st['win_rate_median'])} | "
+                         f"{_pm(st['win_rate_in_band'], '{:.2f}')} | {_pm(st['win_rate_matched'])} | "
+                         f"{_pm(st['matched_step'], '{:.0f}')} | {_pm(st['retain_at_matched'])} | "
+                         f"{_pm(st['holdout_at_matched'])} | {_pm(st['setup_s'], '{:.2f}')} |")
     for seed, part in report["by_seed"].items():
         lines += _seed_table(seed, part)
+    if report.get("bf16_matched"):
+        lines += ["", "## bf16 to matched forget (the model cast to bf16, the recipes' defaults: stochastic rounding)", "",
+                  "Each method at its lr from the same fine-tuned model in float32 and cast to bf16, run as the protocol "
+                  "runs it; the scores are the run's own dtype's.", "",
+                  "| seed | method | dtype | steps to matched | retain at matched | never-seen at matched | "
+                  "win rate to matched | final forget |", "|---|---|---|---|---|---|---|---|"]
+        for seed, rows in report["bf16_matched"].items():
+            for r in rows:
+                lines.append(f"| {seed} | {r['method']} | {r['dtype']} | {_fmt(r['matched_step'], '{:.0f}')} | "
+                             f"{_fmt(r['retain_at_matched'])} | {_fmt(r['holdout_at_matched'])} | "
+                             f"{_fmt(r['win_rate_matched'])} | {_fmt(r['final_forget'])} |")
     if report.get("bf16"):
         lines += ["", f"## bf16 at the papers' lr (SO-GradDiff, lr 5e-6, constant, {report['bf16_steps']} steps, seed "
                       f"{report['seeds'][0]})", "",
@@ -279,9 +344,11 @@ def _seed_table(seed: str, part: dict) -> list:
     return lines
 
 
-def variants(name: str) -> list:
-    """(label, recipe, options) of the rows for `name` (module docstring)."""
+def variants(name: str, headline: bool = False) -> list:
+    """(label, recipe, options) of the rows for `name` (module docstring); headline: before and after only."""
     rho = {"so-graddiff": SOGradDiff().rho, "simu": SIMU().rho}[name]
+    if headline:
+        return [row for row in variants(name) if row[0].startswith(("before (", "after (defaults"))]
     if name == "so-graddiff":
         return [("before (rho 0.04, bs 5120, one decay group, RTN)", "so-graddiff-before", {}),
                 ("after, SOUL's rho 0.04", "so-graddiff", {"rho": 0.04}),
@@ -340,6 +407,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", default="", help="comma-separated rhos to sweep for both methods (after)")
     ap.add_argument("--bf16-steps", type=int, default=20)
     ap.add_argument("--only", help="comma-separated subset of so-graddiff,simu")
+    ap.add_argument("--headline", action="store_true", help="only the before and after (defaults) rows")
+    ap.add_argument("--bf16-matched", action="store_true", help="also each method from the model cast to bf16 to "
+                                                                "matched forget, beside float32, on every seed")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.time()
@@ -349,7 +419,7 @@ def main(argv=None) -> int:
     lrs = {name: chosen[name]["lr"] for name in ("so-graddiff", "simu")}
     names = [n.strip() for n in args.only.split(",")] if args.only else ["so-graddiff", "simu"]
     seeds = [int(x) for x in args.seeds.split(",") if x]
-    by_seed, bf16 = {}, []
+    by_seed, bf16, bf16_matched = {}, [], {}
     for seed in seeds:
         model, tok, _ = P.finetuned_model(settings, seed, args.cache)
         split = P.new_split(settings, seed)
@@ -357,10 +427,10 @@ def main(argv=None) -> int:
         target = start["holdout"]
         runs = []
         for name in names:
-            for label, recipe, extra in variants(name):
+            for label, recipe, extra in variants(name, args.headline):
                 runs.append(one_run(f"{name}: {label}", recipe, lrs[name], extra, model, tok, split, target, settings,
                                     seed, print))
-            for rho in [float(x) for x in args.rho.split(",") if x]:
+            for rho in [] if args.headline else [float(x) for x in args.rho.split(",") if x]:
                 default = {"so-graddiff": SOGradDiff().rho, "simu": SIMU().rho}[name]
                 if rho == default or any(r["method"] == name and r["args"] == {"rho": rho} for r in runs):
                     continue
@@ -369,9 +439,12 @@ def main(argv=None) -> int:
         by_seed[str(seed)] = {"start": start, "target": target, "runs": runs, "notes": notes(runs)}
         if seed == seeds[0] and args.bf16_steps:
             bf16 = bf16_rows(model, tok, split, settings, args.bf16_steps, print)
+        if args.bf16_matched:
+            bf16_matched[str(seed)] = bf16_matched_rows(model, tok, split, target, settings, seed, lrs, names, print)
     meta = metadata(torch.device("cpu"))
     meta.pop("hostname", None)
     report = {"settings": P.settings_dict(settings), "seeds": seeds, "lrs": lrs, "by_seed": by_seed, "bf16": bf16,
+              "bf16_matched": bf16_matched,
               "bf16_steps": args.bf16_steps, "meta": meta, "wall_seconds": round(time.time() - t0, 1)}
     os.makedirs(args.out, exist_ok=True)
     from simu_fast.eval.report import to_jsonable

@@ -77,7 +77,7 @@ def lume_table(report: dict) -> str:
              "| method | " + " | ".join(f"{t} forget sc / qa | {t} retain sc / qa" for t in LUME_TASKS) + " | " +
              " | ".join(title for _, title in LUME_COLUMNS) + " |", "|---|" + "---|" * (2 * len(LUME_TASKS) + 4)]
     for name, runs in report["runs"].items():
-        reached = [r["matched"] for r in runs if r["matched"]["reached"]]
+        reached = [r["measures"] for r in runs if not r.get("error") and r["matched"]["reached"]]
         if not reached:
             lines.append(f"| {name} | " + " | ".join("-" for _ in range(2 * len(LUME_TASKS) + 4)) + " |")
             continue
@@ -102,11 +102,12 @@ def main(argv=None) -> int:
     for name in ("forget", "retain"):
         if not os.path.isfile(os.path.join(args.data, f"{name}.jsonl")):
             ap.error(f"{args.data} has no {name}.jsonl (give the LUME data directory with --data)")
-    settings, out = U.chosen_settings(P.lume_settings(os.path.abspath(args.data), quick=args.quick), args, "lume")
-    report = U.run(settings, args.cache, extra=lume_measures(settings))
-    report["settings"]["data_dir"] = os.path.basename(os.path.normpath(args.data))  # not this machine's path
-    U.write(report, out, appendix=lume_table(report))
-    print(U.markdown(report) + "\n" + lume_table(report))
+    base = P.lume_settings(os.path.abspath(args.data), quick=args.quick)
+    settings, compare, out = U.chosen_settings(base, args, "lume")
+    report = U.run(settings, compare, out, args.cache, extra=lume_measures(settings))
+    report["protocol_settings"]["data_dir"] = os.path.basename(os.path.normpath(args.data))  # not this machine's path
+    U.write(report, out, settings, appendix=lume_table(report))
+    print(U.claims_markdown(report) + "\n" + lume_table(report))
     print(f"wrote {out}")
     return 0
 

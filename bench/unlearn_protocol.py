@@ -1,50 +1,48 @@
-"""The unlearning protocol (`python -m bench.unlearn_protocol [--quick]`): every method at its own tuned lr,
-compared at matched forget over several seeds, on a model that knows more than the facts to forget.
+"""The unlearning protocol, version 2 (`python -m bench.unlearn_protocol [--quick | --size large]`): every method
+at its own lr, compared at matched forget over paired seeds, on a model that knows more than the facts to forget.
 
-The pieces are in simu_fast/workloads/protocol.py (its docstring states the protocol and the lr rule).
-Here: the lr grid on the validation split, then each method at its chosen lr on every seed; at each run's
-matched checkpoint (forget answer probability down to the never-seen people's level) and strict checkpoint
-(half that level; answer probabilities only): forget / retain / never-seen / paraphrase / world-fact
-answer probability, filler
-perplexity, ROUGE-L, membership inference (loss attack, forget vs never-seen), the erase-or-hide diagnostic
-(D+ / D-), harmful relearning (10% and 30% of the forget facts, scored on the rest) and benign relearning
-(filler text); the area under the retain-vs-forget curve; setup and step time. Mean and standard deviation
-over seeds, and paired differences for the papers' claims.
+The rules are simu_fast/workloads/compare.py's (its docstring; `simu-fast compare` runs the same on a user's model
+and files); the model builders and the synthetic people are simu_fast/workloads/protocol.py's. Here: one Task
+per seed (the base fine-tuned on that seed's new people), and at each reported run's matched checkpoint every
+measure of evaluate_point: paraphrase / world-fact answer probability, filler perplexity, ROUGE-L, membership
+inference (loss attack, forget vs never-seen), the erase-or-hide diagnostic (D+ / D-), harmful relearning (10%
+and 30% of the forget facts, scored on the rest) and benign relearning (filler text). Then the papers' claims as
+paired differences with their t intervals.
 
-Writes bench/results/<name>/{report.md, metrics.json, tradeoff.png, relearning.png, erase_or_hide.png}.
+Writes bench/results/<name>/{report.md, metrics.json, lr_curves.png, tradeoff.png} and the run cache runs/.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
-import time
 
 import torch
 
 from simu_fast.io import write_atomic
+from simu_fast.workloads import compare as C
+from simu_fast.workloads import compare_report
 from simu_fast.workloads import protocol as P
 
 from .common import RESULTS_DIR, metadata
 
+_pm = compare_report._pm
+
 RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
-# the papers' claims: (name, a, b, metric, higher is better for a) as paired differences a - b over seeds
-CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", "so-graddiff", "retain", True),
-          ("SIMU keeps more retain than FO-GradDiff at matched forget", "simu", "fo-graddiff", "retain", True),
-          ("SIMU keeps more of the never-seen people than SO-GradDiff", "simu", "so-graddiff", "holdout", True),
+# the methods of version 2: the issue's four (SIMU with attention trained and frozen) and the other papers' pairs
+METHODS = ("simu", "simu:frozen", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "ga", "imu")
+METHOD_ARGS = {"simu:frozen": {"recipe": "simu", "attention": "frozen"}}
+# the papers' claims: (name, a, b, metric, higher is better for a), read as paired differences a - b over seeds
+CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", "so-graddiff", "retain@target", True),
+          ("SIMU keeps more of the never-seen people than SO-GradDiff", "simu", "so-graddiff", "holdout@target", True),
+          ("SIMU keeps more unseen-paraphrase retain than SO-GradDiff", "simu", "so-graddiff", "retain_paraphrase", True),
+          ("SIMU keeps more retain than FO-GradDiff at matched forget", "simu", "fo-graddiff", "retain@target", True),
+          ("SIMU (attention frozen) keeps more retain than SO-GradDiff", "simu:frozen", "so-graddiff", "retain@target",
+           True),
           ("Ssiuu's harmful relearning (p=0.1) recovers less than GradDiff's", "ssiuu", "graddiff",
            "relearn_harmful_0.1", False),
-          ("IMU keeps more retain than GA at matched forget (no retain data)", "imu", "ga", "retain", True))
-METRICS = (("steps", "steps to matched", "{:.0f}"), ("forget", "forget", "{:.3f}"), ("retain", "retain", "{:.3f}"),
-           ("retain_paraphrase", "retain paraphrase", "{:.3f}"), ("holdout", "never-seen", "{:.3f}"),
-           ("world", "world facts", "{:.3f}"), ("filler_ppl", "filler ppl", "{:.2f}"),
-           ("forget_rougeL", "forget ROUGE-L", "{:.3f}"), ("retain_rougeL", "retain ROUGE-L", "{:.3f}"),
-           ("mia_auc", "MIA AUC", "{:.2f}"), ("relearn_harmful_0.1", "relearned p=0.1", "{:.3f}"),
-           ("relearn_harmful_0.3", "relearned p=0.3", "{:.3f}"), ("relearn_benign", "relearned benign", "{:.3f}"),
-           ("d_plus", "D+", "{:.3g}"), ("d_minus", "D-", "{:.3g}"), ("d_plus_log", "D+ (log P)", "{:.3g}"),
-           ("d_minus_log", "D- (log P)", "{:.3g}"), ("tradeoff_auc", "retain AUC", "{:.3f}"),
-           ("setup_s", "setup s", "{:.1f}"), ("steps_s", "steps s", "{:.1f}"))
+          ("IMU keeps more retain than GA at matched forget (no retain data)", "imu", "ga", "retain@target", True))
 
 
 def start_scores(model, tok, split, settings) -> dict:
@@ -98,234 +96,106 @@ def _load_state(model, state):
     return model.eval()
 
 
-def run(settings: P.ProtocolSettings, cache_dir=None, log=print, extra=None) -> dict:
-    """The protocol (module docstring) -> the report; extra: evaluate_point's workload measures."""
-    t_start = time.time()
+def large_settings(**overrides) -> P.ProtocolSettings:
+    """The second size: 8 layers, hidden 256, MLP 1024 (about 6.5x the default's parameters, attention a larger
+    share), the same people and corpus."""
+    base = dict(hidden_size=256, intermediate_size=1024, num_layers=8, num_heads=8)
+    base.update(overrides)
+    return P.ProtocolSettings(**base)
+
+
+def tasks_for(settings: P.ProtocolSettings, cache_dir=None, log=print):
+    """seed -> compare.Task: the base fine-tuned on that seed's new people (cached), its split and corpus."""
     corpus = P.background_corpus(settings)
-    report = {"settings": P.settings_dict(settings), "lr_rule": P.choose_lr.__doc__, "validation": {}, "chosen_lr": {},
-              "runs": {name: [] for name in settings.methods}}
-    # 1. the lr grid on the validation split
-    model, tok, info = P.finetuned_model(settings, settings.validation_seed, cache_dir, log)
-    split = P.new_split(settings, settings.validation_seed)
-    start = start_scores(model, tok, split, settings)
-    target = start["holdout"]
-    report["validation"]["start"] = start
-    for name in settings.methods:
-        rows = []
-        for lr in settings.lr_grids[name]:
-            r = P.unlearning_run(name, lr, model, tok, split, target, settings, settings.validation_seed,
-                                 keep_models=False)
-            at = next((p for p in r["curve"] if p["step"] == r["matched_step"]), None)
-            rows.append({"lr": lr, "matched_step": r["matched_step"], "matched_retain": at["retain"] if at else None,
-                         "final_forget": r["curve"][-1]["forget"] if r["curve"] else start["forget"],
-                         "seconds": r["setup_s"] + r["steps_s"]})
-            log(f"  validation {name:12s} lr {lr:.0e}: matched at {r['matched_step']}, retain there "
-                f"{rows[-1]['matched_retain']}")
-        lr, reason = P.choose_lr(rows, settings.max_steps)
-        report["validation"][name] = rows
-        report["chosen_lr"][name] = {"lr": lr, "reason": reason}
-    # 2. every method at its lr on every seed
-    for seed in settings.seeds:
-        model, tok, info = P.finetuned_model(settings, seed, cache_dir, log)
-        split = P.new_split(settings, seed)
-        start = start_scores(model, tok, split, settings)
-        target = start["holdout"]
-        report.setdefault("start", {})[str(seed)] = {**start, "finetune": info}
-        for name in settings.methods:
-            lr = report["chosen_lr"][name]["lr"]
-            r = P.unlearning_run(name, lr, model, tok, split, target, settings, seed)
-            models = r.pop("models")
-            entry = {**r, "curve": [{"step": 0, **start}] + r["curve"],
-                     "tradeoff_auc": P.tradeoff_auc(r["curve"], start, target)}
-            for point in ("matched", "strict"):
-                state = models.get(point)
-                reached = state is not None
-                unlearned = _load_state(model, state if reached else models["final"])
-                entry[point] = {"reached": reached, **evaluate_point(unlearned, model, tok, split, corpus, seed,
-                                                                     settings, full=point == "matched", extra=extra)}
-            report["runs"][name].append(entry)
-            m = entry["matched"]
-            log(f"seed {seed} {name:12s} lr {lr:.0e}: matched at step {r['matched_step']} "
-                f"(forget {m['forget']:.3f} <= {target:.3f}: {m['reached']}), retain {m['retain']:.3f}, never-seen "
-                f"{m['holdout']:.3f}, relearned p=0.1 {m['relearn_harmful_0.1']:.3f} ({r['setup_s']}+{r['steps_s']} s)")
-    report["summary"] = summarize(report)
-    report["wall_seconds"] = round(time.time() - t_start, 1)
+
+    def task(seed):
+        model, tok, _ = P.finetuned_model(settings, seed, cache_dir, log)
+        return C.Task(model, tok, P.new_split(settings, seed), key=settings.finetune_key(seed), extra=corpus)
+    return task
+
+
+def measure_for(settings: P.ProtocolSettings, extra=None):
+    """compare's measure: evaluate_point at a matched checkpoint (the curve already holds forget / retain /
+    holdout)."""
+    def measure(model, original, task, seed, compare_settings):
+        out = evaluate_point(model, original, task.tokenizer, task.split, task.extra, seed, settings, extra=extra)
+        return {k: v for k, v in out.items() if k not in C.CURVE_SPLITS}
+    measure.__qualname__ = f"bench.unlearn_protocol.evaluate_point[{settings.workload}]"
+    return measure
+
+
+def compare_settings(settings: P.ProtocolSettings, methods, seeds, validation_seeds, max_steps) -> C.CompareSettings:
+    return C.CompareSettings(methods=tuple(methods), seeds=tuple(seeds), validation_seeds=tuple(validation_seeds),
+                             max_steps=max_steps, batch_size=settings.batch_size, max_length=settings.max_length,
+                             method_args={**METHOD_ARGS, **settings.method_args},
+                             pairs=tuple((a, b) for _, a, b, _, _ in CLAIMS if a in methods and b in methods))
+
+
+def run(settings: P.ProtocolSettings, compare: C.CompareSettings, out_dir: str, cache_dir=None, log=print,
+        extra=None) -> dict:
+    """The protocol (module docstring) -> the report, with the claims' verdicts."""
+    report = C.compare(tasks_for(settings, cache_dir, log), compare, out_dir, measure=measure_for(settings, extra),
+                       log=log)
+    report["protocol_settings"] = P.settings_dict(settings)
+    report["claims"] = claims(report)
     return report
 
 
-def _value(entry, key):
-    if key == "steps":
-        return entry["matched_step"]
-    if key in ("tradeoff_auc", "setup_s", "steps_s"):
-        return entry[key]
-    return entry["matched"].get(key)
-
-
-def summarize(report: dict) -> dict:
-    """Means over the seeds whose run reached the point (a run that never got there is not at matched forget:
-    its numbers would flatter it), the count that did, and the papers' claims paired over the seeds where
-    both methods reached matched forget."""
-    out = {"matched": {}, "strict": {}, "claims": []}
-    for name, runs in report["runs"].items():
-        reached = [r for r in runs if r["matched"]["reached"]]
-        out["matched"][name] = {key: P.mean_std([_value(r, key) for r in reached]) for key, _, _ in METRICS}
-        out["matched"][name]["reached"] = len(reached)
-        ratios = [m["reg_ratio"] for r in runs for m in r.get("step_metrics", []) if "reg_ratio" in m]
-        if ratios:
-            out["matched"][name]["reg_ratio_median"] = sorted(ratios)[len(ratios) // 2]
-        strict = [r for r in runs if r["strict"]["reached"]]
-        out["strict"][name] = {key: P.mean_std([r["strict"].get(key) for r in strict])
-                               for key in ("forget", "retain", "holdout")}
-        out["strict"][name]["reached"] = len(strict)
-    for text, a, b, key, higher in CLAIMS:
-        if a not in report["runs"] or b not in report["runs"]:
+def claims(report: dict) -> list:
+    """Each claim of CLAIMS whose methods ran: its paired interval and the verdict: "holds" (the interval lies on
+    the claimed side of 0), "reversed" (on the other side), "not shown" (it holds 0), "n/a" (fewer than 2 seeds
+    where both reached matched forget)."""
+    out = []
+    pairs = {(p["a"], p["b"], p["metric"]): p for p in report.get("summary", {}).get("pairs", [])}
+    for text, a, b, metric, higher in CLAIMS:
+        p = pairs.get((a, b, metric))
+        if p is None:
             continue
-        both = [(x, y) for x, y in zip(report["runs"][a], report["runs"][b])
-                if x["matched"]["reached"] and y["matched"]["reached"]]
-        diff = P.paired_difference([_value(x, key) for x, _ in both], [_value(y, key) for _, y in both])
-        holds = None if diff["n"] < 2 else (diff["mean"] > 0) == higher and abs(diff["mean"]) > diff["std"]
-        out["claims"].append({"claim": text, "a": a, "b": b, "metric": key, "difference": diff, "holds": holds})
+        if p["low"] is None:
+            verdict = "n/a"
+        elif (p["low"] > 0) == higher and (p["low"] > 0 or p["high"] < 0):
+            verdict = "holds"
+        elif p["low"] > 0 or p["high"] < 0:
+            verdict = "reversed"
+        else:
+            verdict = "not shown"
+        out.append({"claim": text, "a": a, "b": b, "metric": metric, "verdict": verdict,
+                    **{k: p[k] for k in ("n", "mean", "std", "low", "high")}})
     return out
 
 
-def _pm(stat, fmt):
-    if not stat["n"]:
-        return "-"
-    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std']).lstrip('+')}" if stat["n"] > 1 else "")
-
-
-def markdown(report: dict) -> str:
-    s, summary = report["settings"], report["summary"]
+def describe(settings: P.ProtocolSettings) -> str:
+    s = dataclasses.asdict(settings)
     if s["workload"] == "lume":
-        data = (f"LUME (forget.jsonl / retain.jsonl, passages cut to the input's last {s['prompt_words']} and the "
+        return (f"LUME (forget.jsonl / retain.jsonl, passages cut to the input's last {s['prompt_words']} and the "
                 f"output's first {s['answer_words']} words). Base: a {s['num_layers']}-layer Llama (hidden "
                 f"{s['hidden_size']}, MLP {s['intermediate_size']}) pretrained on {6 * s['lume_background_per_group']} "
-                f"held-out retain.jsonl passages and {s['filler']} filler sentences; fine-tuned on "
+                f"held-out retain.jsonl passages and {s['filler']} filler sentences; fine-tuned per seed on "
                 f"{6 * s['lume_per_group']} forget.jsonl and {12 * s['lume_per_group']} other retain.jsonl items "
                 f"(balanced over the 3 tasks x sentence completion / QA) to answer probability ~{s['finetune_target']}; "
-                f"{6 * s['lume_per_group']} more forget.jsonl items never trained on (never-seen). World facts: the "
-                "base's own passages. No paraphrases.")
-    else:
-        data = (f"Base: a {s['num_layers']}-layer Llama (hidden {s['hidden_size']}, MLP {s['intermediate_size']}) "
-                f"pretrained on {s['background_people']} synthetic people (3 phrasings per fact), {s['countries']} "
-                f"countries' facts and {s['filler']} filler sentences; fine-tuned on "
-                f"{s['new_people'] - s['holdout_people']} new people ({s['forget_people']} to forget) in 2 phrasings "
-                f"to answer probability ~{s['finetune_target']}; {s['holdout_people']} new people never trained on.")
-    lines = [f"# Unlearning protocol{' on LUME' if s['workload'] == 'lume' else ''}", "",
-             data + f" Seeds {list(s['seeds'])} (the split of the new items, the data order, the run). Scores are "
-             "mean length-normalized answer probabilities (teacher forced) unless named otherwise; mean ± "
-             "standard deviation over seeds.", "",
-             "**Matched forget**: the first checkpoint (every "
-             f"{s['eval_every']} steps, at most {s['max_steps']}) where forget falls to the never-seen items' "
-             f"level in the fine-tuned model; **strict**: {s['strict_fraction']} x that level.", "",
-             "**lr rule** (protocol.py's docstring, 4.): on the validation split (seed "
-             f"{s['validation_seed']}), of the lrs that reach matched forget within half the budget, the one with "
-             "the highest retain there; else the soonest to matched forget; else the lowest final forget. "
-             "Grids and choices:", ""]
-    lines += ["| method | grid | chosen | why |", "|---|---|---|---|"]
-    for name, choice in report["chosen_lr"].items():
-        grid = ", ".join(f"{r['lr']:.0e} ({'step ' + str(r['matched_step']) if r['matched_step'] is not None else 'not reached'})"
-                         for r in report["validation"][name])
-        lines.append(f"| {name} | {grid} | {choice['lr']:.0e} | {choice['reason']} |")
-    lines += ["", "## At matched forget", "", "| method | reached | " + " | ".join(t for _, t, _ in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
-    n = len(s["seeds"])
-    for name, stats in summary["matched"].items():
-        lines.append(f"| {name} | {stats['reached']}/{n} | " + " | ".join(_pm(stats[k], f) for k, _, f in METRICS) + " |")
-    lines += ["", "## At the strict point", "", "| method | reached | forget | retain | never-seen |",
-              "|---|---|---|---|---|"]
-    for name, stats in summary["strict"].items():
-        lines.append(f"| {name} | {stats['reached']}/{n} | " + " | ".join(
-            _pm(stats[k], "{:.3f}") for k in ("forget", "retain", "holdout")) + " |")
-    lines += ["", "## The papers' claims (paired over seeds: a - b)", "", "| claim | metric | seeds | a - b | holds |",
-              "|---|---|---|---|---|"]
-    for c in summary["claims"]:
-        verdict = {True: "yes", False: "no", None: "n/a"}[c["holds"]]
-        lines.append(f"| {c['claim']} | {c['metric']} | {c['difference']['n']} | {_pm(c['difference'], '{:+.3f}')} | "
-                     f"{verdict} |")
-    lines += ["", "A claim \"holds\" when the mean paired difference has the claimed sign and exceeds its standard "
-              "deviation over the (at least 2) seeds where both methods reached matched forget; a run that never reached it is "
-              "left out of every matched-forget mean (the reached column counts the others)."]
-    ratios = {n: st["reg_ratio_median"] for n, st in summary["matched"].items() if "reg_ratio_median" in st}
-    if ratios:
-        lines += ["", "Regularizer size, median over steps and seeds of ||g_reg|| / ||g_GD||: " +
-                  ", ".join(f"{n} {v:.3g}" for n, v in ratios.items()) + "."]
-    lines += ["", f"Wall time: {report['wall_seconds']:.0f} s."] + (["", report["note"]] if report.get("note") else [])
+                f"{6 * s['lume_per_group']} more forget.jsonl items never trained on (never-seen). No paraphrases.")
+    return (f"Base: a {s['num_layers']}-layer Llama (hidden {s['hidden_size']}, MLP {s['intermediate_size']}) "
+            f"pretrained on {s['background_people']} synthetic people (3 phrasings per fact), {s['countries']} "
+            f"countries' facts and {s['filler']} filler sentences; fine-tuned per seed on "
+            f"{s['new_people'] - s['holdout_people']} new people ({s['forget_people']} to forget) in 2 phrasings to "
+            f"answer probability ~{s['finetune_target']}; {s['holdout_people']} new people never trained on; the "
+            "third phrasing of every fact is never trained on (the paraphrase rows).")
+
+
+def claims_markdown(report: dict) -> str:
+    lines = ["## The papers' claims (paired over seeds: a - b)", "",
+             "| claim | metric | seeds | a - b | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    for c in report["claims"]:
+        interval = "-" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]"
+        lines.append(f"| {c['claim']} | {c['metric']} | {c['n']} | {c['mean']:+.3f} | {interval} | {c['verdict']} |")
+    lines += ["", "A claim holds when its t interval over the seeds where both methods reached matched forget lies on "
+              "the claimed side of 0; \"not shown\" when it holds 0."]
     return "\n".join(lines) + "\n"
 
 
-def plots(report: dict) -> dict:
-    from simu_fast.eval.report import _figure, _png
-    out = {}
-    names = list(report["runs"])
-    fig, canvas = _figure((7, 5))
-    ax = fig.add_subplot(1, 1, 1)
-    for i, name in enumerate(names):
-        runs = report["runs"][name]
-        grid = [x / 20 for x in range(21)]
-        means, stds, xs = [], [], []
-        for x in grid:  # retain at the first point whose forget is <= x, per seed
-            vals = [next((p["retain"] for p in r["curve"] if p["forget"] <= x), None) for r in runs]
-            stat = P.mean_std(vals)
-            if stat["n"] == len(runs):
-                xs.append(x)
-                means.append(stat["mean"])
-                stds.append(stat["std"])
-        if xs:
-            ax.errorbar(xs, means, yerr=stds, label=name, color=f"C{i % 10}", capsize=2, marker="o", markersize=3)
-    ax.set_xlabel("forget answer probability (lower: more forgotten)")
-    ax.set_ylabel("retain answer probability")
-    ax.set_title("retain vs forget along each run (mean ± std over seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    out["tradeoff.png"] = _png(fig, canvas)
-
-    fig, canvas = _figure((10, 3.6))
-    for j, kind in enumerate(("harmful_0.1", "harmful_0.3", "benign")):
-        ax = fig.add_subplot(1, 3, j + 1)
-        for i, name in enumerate(names):
-            curves = [r["matched"]["relearning_curves"][kind] for r in report["runs"][name] if r["matched"]["reached"]]
-            if not curves:  # no seed reached matched forget: nothing to attack at matched forget
-                continue
-            steps = [p["step"] for p in curves[0]]
-            stats = [P.mean_std([c[k]["answer_prob"] for c in curves]) for k in range(len(steps))]
-            ax.errorbar(steps, [st["mean"] for st in stats], yerr=[st["std"] for st in stats], label=name,
-                        color=f"C{i % 10}", marker="o", markersize=3, capsize=2)
-        ax.set_title({"harmful_0.1": "harmful, 10% of forget", "harmful_0.3": "harmful, 30% of forget",
-                      "benign": "benign (filler text)"}[kind], fontsize=9)
-        ax.set_xlabel("relearning step")
-        ax.grid(True, alpha=0.3)
-    fig.axes[0].set_ylabel("held-out forget answer probability")
-    fig.suptitle("relearning from the matched checkpoints (mean ± std over the seeds that reached them)", fontsize=9)
-    fig.axes[0].legend(fontsize=7)
-    out["relearning.png"] = _png(fig, canvas)
-
-    fig, canvas = _figure((7, 4))
-    ax = fig.add_subplot(1, 1, 1)
-    summary = report["summary"]["matched"]
-    bars = (("d_plus", "D+ (positive influence removed)"), ("d_minus", "D- (negative influence added)"),
-            ("d_plus_log", "D+ of log P"), ("d_minus_log", "D- of log P"))
-    for k, (key, label) in enumerate(bars):
-        ax.bar([i + 0.2 * k for i in range(len(names))], [summary[n][key]["mean"] for n in names], width=0.2,
-               yerr=[summary[n][key]["std"] for n in names], label=label, capsize=2)
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_xticks([i + 0.3 for i in range(len(names))], names, rotation=30, fontsize=8)
-    ax.set_title("erase or hide, at matched forget (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    out["erase_or_hide.png"] = _png(fig, canvas)
-    return out
-
-
-def write(report: dict, out_dir: str, appendix: str = "") -> None:
-    from simu_fast.eval.report import to_jsonable
-    os.makedirs(out_dir, exist_ok=True)
-    for name, data in plots(report).items():
-        write_atomic(os.path.join(out_dir, name), data)
-    write_atomic(os.path.join(out_dir, "metrics.json"),
-                  json.dumps(to_jsonable({"metadata": metadata(), **report}), indent=1, allow_nan=False) + "\n")
-    figures = "\n".join(f"![{name[:-4]}]({name})" for name in ("tradeoff.png", "relearning.png", "erase_or_hide.png"))
-    write_atomic(os.path.join(out_dir, "report.md"), markdown(report) + (f"\n{appendix}" if appendix else "") +
-                  f"\n{figures}\n")
+def write(report: dict, out_dir: str, settings: P.ProtocolSettings, appendix: str = "") -> None:
+    report["metadata"] = metadata()
+    compare_report.write(report, out_dir, describe(settings), appendix=claims_markdown(report) + appendix)
 
 
 # Where a claim fails, what locates why: one change at a time from the method's defaults, at its chosen lr
@@ -406,32 +276,39 @@ def ablation_markdown(rows: list, method: str) -> str:
 def protocol_parser(module: str, doc: str, name: str) -> argparse.ArgumentParser:
     """The options every protocol benchmark takes (this one, bench/unlearn_lume.py)."""
     ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller protocol, one seed (a few minutes)")
-    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join(P.DEFAULT_METHODS)}")
-    ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    ap.add_argument("--quick", action="store_true", help="the smaller model and 3 seeds")
+    ap.add_argument("--methods", help=f"comma-separated labels (default {','.join(METHODS)}; a label 'simu:frozen' is "
+                                      "SIMU with attention frozen)")
+    ap.add_argument("--seeds", help="comma-separated reported seeds (default 0,1,2,3,4; --quick: 0,1,2)")
+    ap.add_argument("--validation-seeds", default="100,101,102", help="comma-separated seeds the lrs are chosen on")
+    ap.add_argument("--max-steps", type=int, help="validation runs' step budget (default 200; --quick 150)")
     ap.add_argument("--cache", help="where the base and fine-tuned models are cached")
-    ap.add_argument("--out", help=f"output directory (default bench/results/{name} or {name}-quick)")
+    ap.add_argument("--out", help=f"output directory (default bench/results/{name}-v2[-quick])")
     return ap
 
 
 def chosen_settings(settings: P.ProtocolSettings, args, name: str) -> tuple:
-    """(settings with --methods / --seeds applied, the output directory); sets torch's threads (2 cores)."""
-    if args.methods:
-        settings.methods = tuple(m.strip() for m in args.methods.split(","))
-    if args.seeds:
-        settings.seeds = tuple(int(x) for x in args.seeds.split(","))
+    """(protocol settings, compare settings, output directory) from the options; sets torch's threads (2 cores)."""
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ((0, 1, 2) if args.quick else tuple(range(5)))
+    validation = tuple(int(x) for x in args.validation_seeds.split(","))
+    compare = compare_settings(settings, methods, seeds, validation, args.max_steps or (150 if args.quick else 200))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    return settings, args.out or os.path.join(RESULTS_DIR, f"{name}-quick" if args.quick else name)
+    size = "-large" if getattr(args, "size", None) == "large" else ""
+    return settings, compare, args.out or os.path.join(RESULTS_DIR, f"{name}-v2{size}{'-quick' if args.quick else ''}")
 
 
 def main(argv=None) -> int:
     ap = protocol_parser("bench.unlearn_protocol", __doc__, "protocol")
+    ap.add_argument("--size", choices=("default", "large"), default="default",
+                    help="the model: the default (4 layers, hidden 128) or large_settings (8 layers, hidden 256)")
     ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="only that method's ablation (at --lr), into "
                                                                   "OUT/ablation-METHOD.md")
     ap.add_argument("--lr", type=float, help="the lr of the ablation (default: the method's chosen lr in "
                                              "OUT/metrics.json, from the protocol's run)")
     args = ap.parse_args(argv)
-    settings, out = chosen_settings(P.quick_settings() if args.quick else P.ProtocolSettings(), args, "protocol")
+    base = P.quick_settings() if args.quick else large_settings() if args.size == "large" else P.ProtocolSettings()
+    settings, compare, out = chosen_settings(base, args, "protocol")
     if args.ablation:
         from simu_fast.eval.report import to_jsonable
         lr = args.lr
@@ -441,6 +318,7 @@ def main(argv=None) -> int:
                 ap.error(f"--ablation needs --lr, or the protocol's {path} to take the chosen lr from")
             with open(path) as f:
                 lr = json.load(f)["chosen_lr"][args.ablation]["lr"]
+        settings.seeds = compare.seeds
         rows = ablation(settings, lr, ABLATIONS[args.ablation], cache_dir=args.cache)
         os.makedirs(out, exist_ok=True)
         text = ablation_markdown(rows, args.ablation)
@@ -448,9 +326,9 @@ def main(argv=None) -> int:
         write_atomic(os.path.join(out, f"ablation-{args.ablation}.md"), text)
         print(text)
         return 0
-    report = run(settings, args.cache)
-    write(report, out)
-    print(markdown(report))
+    report = run(settings, compare, out, args.cache)
+    write(report, out, settings)
+    print(claims_markdown(report))
     print(f"wrote {out}")
     return 0
 

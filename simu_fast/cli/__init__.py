@@ -1,7 +1,7 @@
 """The simu-fast command line: `simu-fast unlearn --model DIR --forget FILE --method NAME --out DIR ...`,
-`simu-fast eval`, `simu-fast demo`, `simu-fast selftest`.
+`simu-fast eval`, `simu-fast compare`, `simu-fast demo`, `simu-fast selftest`.
 
-One file per command (unlearn.py, evaluate.py, demo.py; the selftest is simu_fast/selftest.py), what they read
+One file per command (unlearn.py, evaluate.py, compare.py, demo.py; the selftest is simu_fast/selftest.py), what they read
 (inputs.py), where they write (output_dir.py) and unlearn's options (options.py). User errors (missing files,
 unknown method, bad config, an --out in use) exit with code 2 and one line on stderr; Ctrl-C exits with 130
 and says where it stopped.
@@ -153,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(new or empty, see --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
 
+    from .compare import add_arguments as compare_arguments
+    c = sub.add_parser("compare", help="the fair comparison: methods at matched forget, each at its own lr chosen "
+                                       "on validation seeds, over paired seeds",
+                       description="Compare unlearning methods on a local model and local data the fair way: each "
+                                   "method's lr chosen on validation seeds by a rule fixed in advance (the grid grows "
+                                   "while a choice sits at its edge), every method run until forget falls to the "
+                                   "never-seen (holdout) level, scores read at that exact target, paired differences "
+                                   "with intervals over the reported seeds. Resumable; under torchrun the runs are "
+                                   "spread over the ranks.", epilog=DATA_ROWS)
+    compare_arguments(c)
+    _data_arguments(c)
+    c.set_defaults(format="auto")
+
     from .demo import demo_module
     d = sub.add_parser("demo", help="the unlearning protocol in miniature on built-in synthetic people: SIMU "
                                      "against the baselines at matched forget",
@@ -190,6 +203,9 @@ def main(argv: Optional[list] = None) -> int:
         if args.command == "unlearn":
             from .unlearn import unlearn
             return unlearn(args)
+        if args.command == "compare":
+            from .compare import compare
+            return compare(args)
         if args.command == "demo":
             from .demo import demo
             return demo(args)
