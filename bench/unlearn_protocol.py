@@ -6,8 +6,9 @@ and files); the model builders and the synthetic people are simu_fast/workloads/
 per seed (the base fine-tuned on that seed's new people), and at each reported run's matched checkpoint every
 measure of evaluate_point: paraphrase / world-fact answer probability, filler perplexity, ROUGE-L, membership
 inference (loss attack, forget vs never-seen), the erase-or-hide diagnostic (D+ / D-), harmful relearning (10%
-and 30% of the forget facts, scored on the rest) and benign relearning (filler text). Then the papers' claims as
-paired differences with their t intervals.
+and 30% of the forget facts, scored on the rest), benign relearning (filler text), exact memorization,
+extraction strength and the quantization attack (forget after 8- and 4-bit round-to-nearest). Then the papers'
+claims as paired differences with their t intervals.
 
 Writes bench/results/<name>/{report.md, metrics.json, lr_curves.png, tradeoff.png} and the run cache runs/.
 """
@@ -31,7 +32,7 @@ _pm = compare_report._pm
 
 RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
 # the methods of version 2: the issue's four (SIMU with attention trained and frozen) and the other papers' pairs
-METHODS = ("simu", "simu:frozen", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "ga", "imu")
+METHODS = ("simu", "simu:frozen", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "simnpo", "rmu", "ga", "imu")
 METHOD_ARGS = {"simu:frozen": {"recipe": "simu", "attention": "frozen"}}
 # the papers' claims: (name, a, b, metric, higher is better for a), read as paired differences a - b over seeds
 CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", "so-graddiff", "retain@target", True),
@@ -45,21 +46,16 @@ CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", 
           ("IMU keeps more retain than GA at matched forget (no retain data)", "imu", "ga", "retain@target", True))
 
 
-def start_scores(model, tok, split, settings) -> dict:
-    return {k: P.answer_prob(model, tok, split[k], settings.max_length) for k in ("forget", "retain", "holdout")}
-
-
-def evaluate_point(model, original, tok, split, corpus, seed, settings, full: bool = True, extra=None) -> dict:
-    """Every measure of one checkpoint (module docstring); full=False: the answer probabilities only.
+def evaluate_point(model, original, tok, split, corpus, seed, settings, extra=None) -> dict:
+    """Every measure of one checkpoint beside the curve's forget / retain / holdout (module docstring).
     extra(model, original, tok, split, corpus) -> {name: value}: a workload's own measures (bench/unlearn_lume.py)."""
-    from simu_fast.eval import answer_metrics, mia_report, perplexity, relearning_attack
+    from simu_fast.eval import (answer_metrics, exact_memorization, extraction_strength, mia_report, perplexity,
+                                quantization_attack, relearning_attack)
     from simu_fast.eval.erase_or_hide import erase_or_hide
     from simu_fast.data import Example
 
     length = settings.max_length
-    out = {k: P.answer_prob(model, tok, split[k], length) for k in ("forget", "retain", "holdout")}
-    if not full:
-        return out
+    out = {}
     for name in ("retain_paraphrase", "forget_paraphrase"):
         out[name] = P.answer_prob(model, tok, split[name], length)  # None: the workload has no paraphrases
     out["world"] = P.answer_prob(model, tok, corpus["world"][:60], length)
@@ -68,6 +64,10 @@ def evaluate_point(model, original, tok, split, corpus, seed, settings, full: bo
         out[f"{name}_rougeL"] = answer_metrics(model, tok, rows, batch_size=64, max_length=length)["rougeL_recall"]
     out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"],
                                 max_length=length)["loss"]["auc"]
+    out["forget_exact_mem"] = exact_memorization(model, tok, split["forget"], max_length=length)["mean"]
+    out["forget_extraction"] = extraction_strength(model, tok, split["forget"], max_length=length)["mean"]
+    quantized = quantization_attack(model, tok, split["forget"], bits=(8, 4), max_length=length)["quantized"]
+    out["forget_8bit"], out["forget_4bit"] = quantized[8], quantized[4]
     eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length, target="prob")
     out.update(d_plus=eoh["d_plus"], d_minus=eoh["d_minus"], erase_share=eoh["erase_share"])
     eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length, target="logprob")
@@ -118,9 +118,9 @@ def measure_for(settings: P.ProtocolSettings, extra=None):
     """compare's measure: evaluate_point at a matched checkpoint (the curve already holds forget / retain /
     holdout)."""
     def measure(model, original, task, seed, compare_settings):
-        out = evaluate_point(model, original, task.tokenizer, task.split, task.extra, seed, settings, extra=extra)
-        return {k: v for k, v in out.items() if k not in C.CURVE_SPLITS}
+        return evaluate_point(model, original, task.tokenizer, task.split, task.extra, seed, settings, extra=extra)
     measure.__qualname__ = f"bench.unlearn_protocol.evaluate_point[{settings.workload}]"
+    measure.version = 2  # + memorization and the quantization attack
     return measure
 
 
@@ -222,31 +222,33 @@ ABLATIONS = {
 }
 
 
-def ablation(settings: P.ProtocolSettings, lr: float, variants, cache_dir=None, log=print) -> list:
-    """Each variant on every seed at `lr` (times its factor): steps to matched forget, retain / never-seen
-    there, the retain-vs-forget area, and harmful relearning (p = 0.1) from the matched checkpoint."""
-    import dataclasses
+def ablation(settings: P.ProtocolSettings, compare: C.CompareSettings, lr: float, variants, budget: int,
+             cache_dir=None, log=print) -> list:
+    """Each variant on every reported seed at `lr` (times its factor), run by compare's rules (schedule, budget,
+    reading at the exact target): steps to matched forget, retain / never-seen at target, the retain-vs-forget
+    area, and harmful relearning (p = 0.1) from the matched checkpoint."""
     from simu_fast.eval import relearning_attack
+    tasks = tasks_for(settings, cache_dir, log)
     rows = []
     for label, name, args, *factor in variants:
         run_lr = lr * (factor[0] if factor else 1.0)
+        varied = dataclasses.replace(compare, method_args={label: {"recipe": name, **args}})
         per_seed = []
-        for seed in settings.seeds:
-            model, tok, _ = P.finetuned_model(settings, seed, cache_dir, log)
-            split = P.new_split(settings, seed)
-            start = start_scores(model, tok, split, settings)
-            varied = dataclasses.replace(settings, method_args={name: args})
-            r = P.unlearning_run(name, run_lr, model, tok, split, start["holdout"], varied, seed)
-            at = next((p for p in r["curve"] if p["step"] == r["matched_step"]), None)
+        for seed in compare.seeds:
+            task = tasks(seed)
+            start = C.start_scores(task, varied)
+            r = C.unlearning_run(label, run_lr, task, start, varied, seed, budget)
+            m = r["matched"]
             relearned = None
-            if "matched" in r["models"]:
-                facts = [ex for ex in split["forget"] if ex.extra.get("phrasing", 0) == 0]
-                relearned = relearning_attack(_load_state(model, r["models"]["matched"]), tok, facts, kind="harmful",
-                                              fraction=0.1, seed=seed, max_length=settings.max_length,
+            if r["model_at_matched"] is not None:
+                facts = [ex for ex in task.split["forget"] if ex.extra.get("phrasing", 0) == 0]
+                relearned = relearning_attack(_load_state(task.model, r["model_at_matched"]), task.tokenizer, facts,
+                                              kind="harmful", fraction=0.1, seed=seed, max_length=settings.max_length,
                                               **RELEARN)["max"]
-            per_seed.append({"seed": seed, "matched_step": r["matched_step"], "retain": at and at["retain"],
-                             "holdout": at and at["holdout"], "relearn_harmful_0.1": relearned,
-                             "tradeoff_auc": P.tradeoff_auc(r["curve"], start, start["holdout"]),
+            at = m["at_target"] or {}
+            per_seed.append({"seed": seed, "matched_step": m["step"], "retain": at.get("retain"),
+                             "holdout": at.get("holdout"), "relearn_harmful_0.1": relearned,
+                             "tradeoff_auc": P.tradeoff_auc(r["curve"], start, r["target"]),
                              "seconds": r["setup_s"] + r["steps_s"]})
         row = {"variant": label, "method": name, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()},
                "lr": run_lr, "seeds": per_seed, "reached": sum(x["matched_step"] is not None for x in per_seed),
@@ -318,8 +320,12 @@ def main(argv=None) -> int:
                 ap.error(f"--ablation needs --lr, or the protocol's {path} to take the chosen lr from")
             with open(path) as f:
                 lr = json.load(f)["chosen_lr"][args.ablation]["lr"]
-        settings.seeds = compare.seeds
-        rows = ablation(settings, lr, ABLATIONS[args.ablation], cache_dir=args.cache)
+        path = os.path.join(out, "metrics.json")
+        budget = compare.max_steps
+        if os.path.isfile(path):
+            with open(path) as f:
+                budget = json.load(f).get("budget", {}).get("steps", budget)
+        rows = ablation(settings, compare, lr, ABLATIONS[args.ablation], budget, cache_dir=args.cache)
         os.makedirs(out, exist_ok=True)
         text = ablation_markdown(rows, args.ablation)
         write_atomic(os.path.join(out, f"ablation-{args.ablation}.json"), json.dumps(to_jsonable(rows), indent=1) + "\n")

@@ -197,7 +197,30 @@ def test_eval_command_writes_metrics_report_and_plots(model_dir, data, tmp_path,
     assert (out / "relearning.png").is_file()
 
 
+def test_eval_prints_the_fields_yardsticks_in_one_table(model_dir, data, tmp_path):
+    """Min-K%++ and GradNorm MIAs, exact memorization and extraction strength, and the quantization attack: in
+    metrics.json and as columns of report.md's one table."""
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(model_dir), "--forget", data["forget"], "--retain", data["retain"],
+            "--holdout", data["retain"], "--format", "lume", "--max-length", "32", "--mia",
+            "loss,min_k_plus_plus,gradnorm", "--quantization", "8,4", "--out", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["model"]
+    assert set(metrics["mia"]) == {"loss", "min_k_plus_plus", "gradnorm"}
+    assert set(metrics["quantization"]["quantized"]) == {"8", "4"}
+    for split in ("forget", "retain"):
+        assert 0.0 <= metrics[split]["exact_memorization"] <= 1.0 and 0.0 <= metrics[split]["extraction_strength"] <= 1.0
+    table = (out / "report.md").read_text()
+    for header in ("MIA AUC (min_k_plus_plus)", "MIA AUC (gradnorm)", "forget exact mem.", "forget extraction str.",
+                   "forget at 8-bit", "forget at 4-bit"):
+        assert header in table, header
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--mia", "loss,nope"], "--mia 'loss,nope': choose from"),
+    (["--quantization", "8,x"], "--quantization expects bit widths"),
+    (["--real-authors", "a.json"], "needs both --real-authors and --world-facts"),
+    (["--muse", "no-such-dir"], "--muse no-such-dir: not a directory"),
     (["--relearn", "benign"], "--relearn benign needs"),
     (["--relearn", "harmful", "--relearn-fraction", "1.5"], "--relearn-fraction must be in"),
     (["--holdout", "missing.jsonl"], "holdout file not found"),

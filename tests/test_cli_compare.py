@@ -103,3 +103,13 @@ def test_nothing_to_unlearn_is_a_message_not_a_crash(tofu_files, tmp_path):
     assert r.returncode == 1
     assert "nothing to unlearn" in r.stderr and "Traceback" not in r.stderr
     assert "nothing to unlearn" in (tmp_path / "flat" / "report.md").read_text()
+
+
+def test_a_hub_name_the_hub_cannot_give_is_one_line(tofu_files, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "simu_fast", "compare", "--model", "nobody/no-such-model", "--forget",
+                        tofu_files["forget"], "--retain", tofu_files["retain"], "--holdout", tofu_files["holdout"],
+                        "--format", "tofu", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "nobody/no-such-model is not a local directory, and the hub did not give" in r.stderr

@@ -144,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relearn-steps", type=int, default=20, metavar="N", help="relearning steps (default 20)")
     e.add_argument("--relearn-lr", type=float, default=1e-5, metavar="X", help="relearning lr (default 1e-5)")
     e.add_argument("--benign", metavar="FILE", help="data file for benign relearning (default: --retain)")
+    e.add_argument("--mia", metavar="LIST", default="loss,zlib,min_k,min_k_plus_plus",
+                   help="membership-inference attacks, forget against --holdout (of loss, zlib, min_k, "
+                        "min_k_plus_plus, gradnorm; reference is added with --reference; default %(default)s)")
+    e.add_argument("--quantization", metavar="BITS", help="the quantization attack: forget re-measured after "
+                                                          "round-to-nearest quantization to these bit widths, e.g. 8,4")
+    e.add_argument("--real-authors", metavar="FILE", help="TOFU's real_authors split (TOFU layout with "
+                                                          "perturbed_answer): with --world-facts, TOFU's model utility")
+    e.add_argument("--world-facts", metavar="FILE", help="TOFU's world_facts split (see --real-authors)")
+    e.add_argument("--muse", metavar="DIR", help="a local MUSE corpus folder (hub layout or muse_bench's data/<corpus>): "
+                                                 "VerbMem, KnowMem (forget, retain) and PrivLeak")
+    e.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, e.g. mmlu,wmdp_bio (the optional "
+                                                      "extra: pip install 'simu_fast[lm-eval]')")
+    e.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAML files")
+    e.add_argument("--lm-eval-limit", type=float, metavar="N", help="lm-eval: at most N examples per task")
     e.add_argument("--batch-size", type=int, default=16, metavar="N", help="evaluation batch size (default 16)")
     e.add_argument("--max-length", type=int, default=512, metavar="N", help="maximum tokens per example (default 512)")
     _data_arguments(e)

@@ -14,7 +14,8 @@ import sys
 import time
 
 from .errors import PROG, UsageError, one_line
-from .inputs import check_answers, check_forget_vs_retain, fit_max_length, load_model, read_examples
+from .inputs import (check_answers, check_forget_vs_retain, check_vocabulary, fit_max_length, load_model, read_examples,
+                     resolve_model, tokenize)
 from .output_dir import MANIFEST, OutputDir, check_not_an_input
 
 OUTPUTS = ("runs", "report.md", "metrics.json", "lr_curves.png", "tradeoff.png")
@@ -25,7 +26,8 @@ def add_arguments(c) -> None:
     from ..workloads.compare import COMPARE_METHODS, HALF_DECADES, CompareSettings
     d = CompareSettings()
     c.add_argument("--model", metavar="DIR", required=True, help="local directory of a transformers causal LM and "
-                                                                 "its tokenizer")
+                                                                 "its tokenizer, or a hub name (owner/name) where the "
+                                                                 "hub is reachable")
     c.add_argument("--forget", metavar="FILE", required=True, help="the forget set (data the model was trained on)")
     c.add_argument("--retain", metavar="FILE", required=True, help="the retain set (the GradDiff-type methods train "
                                                                    "on it)")
@@ -77,12 +79,16 @@ def compare(args) -> int:
         check_answers(split[role], getattr(args, role), role)
     check_forget_vs_retain(split["forget"], split["retain"], args.forget, args.retain)
     split.update(paraphrase_splits(split))
+    args.model = resolve_model(args.model)
     check_not_an_input(args.out, "--out", {"model": args.model, "forget file": args.forget,
                                            "retain file": args.retain, "holdout file": args.holdout})
     model, tokenizer = load_model(args.model)
     from ..data import ensure_pad_token
     ensure_pad_token(tokenizer)
     settings.max_length = fit_max_length(model, args.max_length or 512, args.max_length is not None, args.model)
+    for role, path in (("forget", args.forget), ("retain", args.retain), ("holdout", args.holdout)):
+        check_vocabulary(model, tokenize(split[role], tokenizer, settings.max_length, path, role), path, role,
+                         args.model)  # a clear message now, not one failed run per method, lr and seed later
     from ..workloads.compare import Task, run_device
     task = Task(model.to(run_device()).eval(), tokenizer, split, key=fingerprint(args.model, [args.forget, args.retain, args.holdout],
                                                                settings.max_length))

@@ -33,13 +33,15 @@ def evaluate(args) -> int:
             raise UsageError("--relearn benign needs --benign FILE (or --retain FILE)")
         benign = read_examples(source, args.format, "benign", *fields)
     utility_texts = read_texts(args.utility_text) if args.utility_text else None
+    extra = _extra_measures(args, fields)
     if args.multiple_choice and not os.path.isfile(args.multiple_choice):
         raise UsageError(f"multiple-choice file not found: {args.multiple_choice}")
     check_not_an_input(args.out, "--out", {
         "model": args.model, "original model": args.original, "reference model": args.reference,
         "forget file": args.forget, "retain file": args.retain, "holdout file": args.holdout,
         "benign file": args.benign, "utility text file": args.utility_text,
-        "multiple-choice file": args.multiple_choice})
+        "multiple-choice file": args.multiple_choice, "real-authors file": args.real_authors,
+        "world-facts file": args.world_facts, "MUSE folder": args.muse, "lm-eval task folder": args.lm_eval_include})
 
     import torch
     from ..data import ensure_pad_token
@@ -64,8 +66,8 @@ def evaluate(args) -> int:
                                     reference_model=reference, original_model=original, utility_texts=utility_texts,
                                     multiple_choice=args.multiple_choice, relearning=attacks, benign_examples=benign,
                                     batch_size=args.batch_size, max_length=args.max_length,
-                                    progress=sys.stderr.isatty())
-        except ValueError as e:
+                                    progress=sys.stderr.isatty(), **extra)
+        except (ValueError, ImportError) as e:
             raise UsageError(one_line(e))
         result["wall_seconds"] = round(time.time() - start, 2)
         out.record(*REPORT_FILES)
@@ -75,3 +77,45 @@ def evaluate(args) -> int:
           + (f"; retain ROUGE-L {result['retain']['rougeL_recall']:.3f}" if "retain" in result else "")
           + f"; wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to {args.out}")
     return 0
+
+
+def _extra_measures(args, fields) -> dict:
+    """evaluate_model's keyword arguments for --mia, --quantization, --real-authors / --world-facts, --muse and
+    --lm-eval, each input checked here (a UsageError names the flag)."""
+    from ..eval.membership_inference import ATTACKS
+    out: dict = {}
+    attacks = tuple(a.strip() for a in args.mia.split(",") if a.strip())
+    unknown = [a for a in attacks if a not in ATTACKS or a == "reference"]
+    if unknown or not attacks:
+        raise UsageError(f"--mia {args.mia!r}: choose from {', '.join(a for a in ATTACKS if a != 'reference')} "
+                         "(reference is added with --reference)")
+    out["mia_attacks"] = attacks
+    if args.quantization:
+        try:
+            bits = tuple(int(b) for b in args.quantization.split(","))
+        except ValueError:
+            raise UsageError(f"--quantization expects bit widths such as 8,4, got {args.quantization!r}")
+        if any(not 2 <= b <= 16 for b in bits):
+            raise UsageError(f"--quantization bit widths must be in 2..16, got {args.quantization!r}")
+        out["quantization"] = {"bits": bits}
+    if bool(args.real_authors) != bool(args.world_facts):
+        raise UsageError("TOFU's model utility needs both --real-authors and --world-facts (and --retain)")
+    if args.real_authors:
+        if not args.retain:
+            raise UsageError("TOFU's model utility needs --retain too (its retain split, TOFU layout)")
+        out["tofu_utility"] = {"real_authors": read_examples(args.real_authors, "tofu", "real-authors", *fields),
+                               "world_facts": read_examples(args.world_facts, "tofu", "world-facts", *fields)}
+    if args.muse:
+        from ..data import load_muse
+        if not os.path.isdir(args.muse):
+            raise UsageError(f"--muse {args.muse}: not a directory (give a MUSE corpus folder)")
+        try:
+            out["muse"] = load_muse(args.muse)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--muse {args.muse}: {one_line(e)}")
+    if args.lm_eval:
+        if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
+            raise UsageError(f"--lm-eval-include {args.lm_eval_include}: not a directory")
+        out["lm_eval_tasks"] = args.lm_eval
+        out["lm_eval_options"] = {"include_path": args.lm_eval_include, "limit": args.lm_eval_limit}
+    return out

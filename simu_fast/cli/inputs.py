@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .errors import UsageError, one_line, warn
 
@@ -13,6 +14,23 @@ from .errors import UsageError, one_line, warn
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "vocab.txt", "merges.txt", "tokenizer.tiktoken")
 POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")  # never pickled weights (*.bin)
+
+
+def resolve_model(path: str, flag: str = "--model") -> str:
+    """A local path as is; a hub name (owner/name that is no local path) downloaded into the hub's cache (config,
+    tokenizer and safetensors weights only) and its snapshot directory returned, or a UsageError when the hub
+    cannot give it (offline, unknown name)."""
+    if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=list(HUB_FILES))
+    except (OSError, ValueError, ImportError) as e:
+        raise UsageError(f"{flag} {path} is not a local directory, and the hub did not give a model of that name "
+                         f"({one_line(e)[:200]})")
 
 
 def load_model(path: str, flag: str = "--model"):

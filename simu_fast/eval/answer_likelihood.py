@@ -41,6 +41,34 @@ def answer_token_logprobs(model, tokenizer, examples, batch_size: int = 16, max_
     return out
 
 
+@torch.no_grad()
+def map_answer_logits(model, tokenizer, examples, fn, batch_size: int = 16, max_length: int = 512,
+                      chat_template: bool = False, progress: bool = False, desc: str = "scoring") -> list:
+    """fn(logits, targets) for each example, None for one that tokenize_examples drops. logits: [n, vocab] in the
+    model's dtype, on its device, the full next-token distribution at each of the example's n answer positions
+    (exactly the positions answer_token_logprobs scores); targets: [n], the true answer tokens. fn reduces them
+    (upcasting what it computes to float32) so that only one example's [n, vocab] rows are in float32 at a time:
+    the measures that need the whole distribution (Min-K%++, argmax-based memorization) share this pass."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no examples to score")
+    pad = ensure_pad_token(tokenizer)
+    features = tokenize_examples(examples, tokenizer, max_length=max_length, chat_template=chat_template)
+    out: list = [None] * len(examples)
+    device = model_device(model)
+    with in_eval_mode(model), progress_bar(len(features), progress, desc) as bar:
+        for start in range(0, len(features), batch_size):
+            chunk = features[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+            logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+            answer = answer_positions(batch["labels"])
+            for row, feature in enumerate(chunk):  # logits[:, t] predicts labels[:, t + 1], as in answer_logprobs
+                rows = answer[row]
+                out[feature["example_index"]] = fn(logits[row, :-1][rows], batch["labels"][row, 1:][rows])
+            bar.update(len(chunk))
+    return out
+
+
 def mean_nll(token_logprobs) -> float:
     """-mean log-probability per answer token (nan for a dropped example)."""
     if token_logprobs is None or token_logprobs.numel() == 0:

@@ -31,7 +31,8 @@ from ..io import write_atomic
 
 REFERENCE_NAMES = ("memorized", "memorized model", "original", "original model", "reference", "target")
 SPLIT_METRICS = (("rougeL_recall", "ROUGE-L"), ("answer_prob", "prob"), ("exact_match", "EM"),
-                 ("truth_ratio", "truth ratio"))
+                 ("truth_ratio", "truth ratio"), ("exact_memorization", "exact mem."),
+                 ("extraction_strength", "extraction str."))
 SPLITS = ("forget", "retain", "holdout")
 RELEARNING_COLUMNS = ("fraction", "lr", "steps", "metric", "n_train", "n_eval", "initial", "max", "final")
 
@@ -332,8 +333,30 @@ def _main_columns(results: dict) -> list:
         candidates.append((header, lambda e, k=key: (e.get("erase_or_hide") or {}).get(k)))
     candidates.append(("perplexity", lambda e: (e.get("utility") or {}).get("perplexity")))
     candidates.append(("MC accuracy", lambda e: (e.get("utility") or {}).get("mc_accuracy")))
+    bits = sorted({b for e in results.values() for b in ((e.get("quantization") or {}).get("quantized") or {})},
+                  key=lambda b: -int(b))
+    for b in bits:
+        candidates.append((f"forget at {b}-bit", lambda e, b=b: ((e.get("quantization") or {}).get("quantized")
+                                                                  or {}).get(b)))
+    candidates.append(("model utility", lambda e: (e.get("model_utility") or {}).get("model_utility")))
+    for key, header in (("verbmem_f", "MUSE VerbMem forget"), ("knowmem_f", "MUSE KnowMem forget"),
+                        ("knowmem_r", "MUSE KnowMem retain"), ("privleak", "MUSE PrivLeak")):
+        candidates.append((header, lambda e, k=key: (e.get("muse") or {}).get(k)))
+    tasks = sorted({t for e in results.values() for t in (e.get("lm_eval") or {})})
+    for task in tasks:
+        candidates.append((f"{task} (lm-eval)", lambda e, t=task: _lm_eval_main((e.get("lm_eval") or {}).get(t))))
     candidates.append(("time (s)", lambda e: _seconds(e.get("wall_seconds"))))
     return [c for c in candidates if any(c[1](e) is not None for e in results.values())]
+
+
+def _lm_eval_main(metrics):
+    """A task's headline number in lm-eval's results: acc_norm, else acc, else its first non-stderr metric."""
+    if not metrics:
+        return None
+    for name in ("acc_norm,none", "acc,none"):
+        if name in metrics:
+            return metrics[name]
+    return next((v for k, v in sorted(metrics.items()) if "stderr" not in k), None)
 
 
 def _split_value(entry: dict, split: str, metric: str):

@@ -17,6 +17,8 @@ from .base import UnlearningMethod
 from .baselines import GA, NPO, GradDiff
 from .imu import IMU
 from .recipes import METHODS, make_method
+from .rmu import RMU
+from .simnpo import SimNPO
 from .simu import SIMU
 from .soul import FOGradDiff, SOGradDiff
 from .ssiuu import Ssiuu
@@ -25,5 +27,5 @@ __all__ = [
     "answer_nll", "ga_loss", "graddiff_loss", "npo_loss", "npo_reference_logprobs",
     "imu_influence", "imu_weights", "imu_loss", "per_example_grads", "streaming_imu_influence",
     "UnlearningMethod", "GA", "GradDiff", "FOGradDiff", "NPO", "SOGradDiff", "IMU", "Ssiuu", "SIMU",
-    "METHODS", "make_method",
+    "SimNPO", "RMU", "METHODS", "make_method",
 ]

@@ -6,12 +6,14 @@ import inspect
 
 from .baselines import GA, NPO, GradDiff
 from .imu import IMU
+from .rmu import RMU
+from .simnpo import SimNPO
 from .simu import SIMU
 from .soul import FOGradDiff, SOGradDiff
 from .ssiuu import Ssiuu
 
 METHODS = {"ga": GA, "graddiff": GradDiff, "npo": NPO, "so-graddiff": SOGradDiff, "fo-graddiff": FOGradDiff,
-           "imu": IMU, "ssiuu": Ssiuu, "simu": SIMU}
+           "imu": IMU, "ssiuu": Ssiuu, "simu": SIMU, "simnpo": SimNPO, "rmu": RMU}
 
 
 def _init_parameters(cls) -> list:

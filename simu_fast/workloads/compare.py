@@ -5,7 +5,7 @@ A Task is what one seed compares on: a model, its tokenizer and the split {"forg
 optionally "retain_paraphrase", "forget_paraphrase", ...}. A user's compare has one Task for every seed (the seed
 then draws the batch order and the run's randomness); the synthetic protocol fine-tunes one model per seed.
 
-The rules, fixed before any run (version 1 and why each changed: README, "The fair comparison"):
+The rules, fixed before any run (what changed from version 1 and why: README, "Comparing methods fairly"):
 
 1. Target. Matched forget is the holdout set's answer probability in the starting model (never-seen items:
    what forgetting should reach), or `target` when given; strict is `strict_fraction` of it.
@@ -448,8 +448,9 @@ def describe(result: dict) -> str:
 def compare(tasks: Callable[[int], Task], settings: CompareSettings, out_dir: str, measure: Optional[Callable] = None,
             log=print) -> Optional[dict]:
     """The comparison (module docstring) on tasks(seed) -> Task. measure(model, original, task, seed, settings) ->
-    {name: value}: what to read at each reported run's matched checkpoint (default_measure). Returns the report
-    on rank 0 (None on the others); writing it is the caller's (compare_report.write)."""
+    {name: value}: what to read at each reported run's matched checkpoint (default_measure); its `version`
+    attribute, when set, keys the reported runs only, so adding a measure keeps the validation runs cached.
+    Returns the report on rank 0 (None on the others); writing it is the caller's (compare_report.write)."""
     measure = measure or default_measure
     rank, world = rank_and_world()
     device = run_device()
@@ -457,13 +458,17 @@ def compare(tasks: Callable[[int], Task], settings: CompareSettings, out_dir: st
     progress = Progress(log, rank, world)
     progress.add(len(settings.methods) * len(settings.seeds))  # the reported runs, so the time left counts them
     t_start = time.time()
-    starts, task_cache = {}, {}
+    starts, task_cache, task_keys = {}, {}, {}
 
     def task_of(seed):
         if seed not in task_cache:
             task_cache.clear()  # one seed's model in memory at a time
             task_cache[seed] = tasks(seed)
+            task_keys[seed] = task_cache[seed].key
         return task_cache[seed]
+
+    def key_of(seed):
+        return task_keys[seed] if seed in task_keys else task_of(seed).key
 
     def start_of(seed):
         if seed not in starts:
@@ -473,15 +478,18 @@ def compare(tasks: Callable[[int], Task], settings: CompareSettings, out_dir: st
     report = {"settings": dataclasses.asdict(settings), "rule": __doc__, "validation": {}, "chosen_lr": {},
               "runs": {}, "problems": []}
     # 0. something to unlearn on every seed?
+    flat = []
     for seed in list(settings.validation_seeds) + list(settings.seeds):
         start = start_of(seed)
-        target = target_of(start, settings)
-        if start["forget"] <= target:
-            report["problems"].append(
-                f"seed {seed}: the forget set's answer probability ({start['forget']:.4f}) is already at or below the "
-                f"target ({target:.4f}{', the holdout level' if settings.target is None else ''}): nothing to unlearn "
-                "(the model does not know the forget set better than never-seen items; give --target, or a model "
-                "trained on the forget set)")
+        if start["forget"] <= target_of(start, settings):
+            flat.append(seed)
+    if flat:
+        start = start_of(flat[0])
+        report["problems"].append(
+            f"seed{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))}: the forget set's answer probability "
+            f"({start['forget']:.4f}) is already at or below the target ({target_of(start, settings):.4f}"
+            f"{', the holdout level' if settings.target is None else ''}): nothing to unlearn (the model does not "
+            "know the forget set better than never-seen items; give --target, or a model trained on the forget set)")
     report["start"] = {str(s): starts[s] for s in starts}
     if report["problems"]:
         progress.close()
@@ -489,9 +497,12 @@ def compare(tasks: Callable[[int], Task], settings: CompareSettings, out_dir: st
 
     def job_key(label, lr, seed, budget, phase):
         recipe, args = recipe_of(label, settings)
-        return _key({"task": task_of(seed).key, "label": label, "recipe": recipe, "args": args, "lr": lr,
-                     "seed": seed, "budget": budget, "phase": phase, "settings": settings.run_fields(),
-                     "measure": getattr(measure, "__qualname__", str(measure))})
+        key = {"task": key_of(seed), "label": label, "recipe": recipe, "args": args, "lr": lr, "seed": seed,
+               "budget": budget, "phase": phase, "settings": settings.run_fields(),
+               "measure": getattr(measure, "__qualname__", str(measure))}
+        if phase == "reported" and getattr(measure, "version", None) is not None:
+            key["measure_version"] = measure.version  # new measures rerun the reported runs, not the validation
+        return _key(key)
 
     specs = {}
 

@@ -19,6 +19,9 @@ TITLES = {"steps": ("steps to matched", "{:.0f}"), "forget": ("forget", "{:.3f}"
           "forget_rougeL": ("forget ROUGE-L", "{:.3f}"), "retain_rougeL": ("retain ROUGE-L", "{:.3f}"),
           "mia_auc": ("MIA AUC", "{:.2f}"), "relearn_harmful_0.1": ("relearned p=0.1", "{:.3f}"),
           "relearn_harmful_0.3": ("relearned p=0.3", "{:.3f}"), "relearn_benign": ("relearned benign", "{:.3f}"),
+          "forget_8bit": ("forget at 8-bit", "{:.3f}"), "forget_4bit": ("forget at 4-bit", "{:.3f}"),
+          "forget_exact_mem": ("forget exact mem.", "{:.3f}"), "forget_extraction": ("forget extraction str.", "{:.3f}"),
+          "world": ("world facts", "{:.3f}"), "filler_ppl": ("filler ppl", "{:.2f}"),
           "win_rate_matched": ("Sophia win rate", "{:.2f}"), "setup_s": ("setup s", "{:.1f}"),
           "steps_s": ("steps s", "{:.1f}")}
 # the retain that no loss trained on comes first (docs/DESIGN.md, "Evaluating unlearning fairly")

@@ -140,7 +140,7 @@ def test_bad_attack_arguments(random_model, tokenizer, mia_people):
     with pytest.raises(ValueError, match="needs ref_model"):
         mia_scores(random_model, tokenizer, examples, attacks=["loss", "reference"])
     with pytest.raises(ValueError, match="unknown attack"):
-        mia_scores(random_model, tokenizer, examples, attacks=["gradnorm"])
+        mia_scores(random_model, tokenizer, examples, attacks=["no_such_attack"])
     with pytest.raises(ValueError, match="attacks is empty"):
         mia_scores(random_model, tokenizer, examples, attacks=[])
     for k in (0, 1.5, -0.2, True):

@@ -90,7 +90,8 @@ def test_every_method_raises_forget_nll(name):
 
 def test_registry_and_defaults():
     """Each recipe's defaults are its paper's (or its official code's) settings."""
-    assert set(METHODS) == {"ga", "graddiff", "npo", "so-graddiff", "fo-graddiff", "imu", "ssiuu", "simu"}
+    assert set(METHODS) == {"ga", "graddiff", "npo", "so-graddiff", "fo-graddiff", "imu", "ssiuu", "simu", "simnpo",
+                            "rmu"}
     assert GA().lr == 1e-5 and GradDiff().gamma == 1.0 and NPO().beta == 0.1
     imu = IMU()
     assert (imu.layers, imu.damping, imu.clip_quantile, imu.alpha) == (3, 0.01, 0.93, 0.0)

@@ -203,3 +203,16 @@ def test_the_report_renders_the_lr_table_the_matched_table_and_the_intervals(eng
     assert "## The lr choice" in text and "**0.799 ± 0.001 (3/3)**" in text  # a's chosen lr, its retain at target in bold
     assert "| a | b | retain at target | 3 |" in text and "MIA AUC" in text
     assert (tmp_path / "out" / "lr_curves.png").stat().st_size > 1000
+
+
+def test_a_new_measure_version_reruns_the_reported_runs_only(engine, tmp_path):
+    calls = engine({"a": 3e-4, "b": 3e-4})
+
+    def measure(*args):
+        return {"x": 1.0}
+    C.compare(task, settings(), str(tmp_path), measure=measure, log=lambda line: None)
+    calls.clear()
+    measure.version = 2
+    report = C.compare(task, settings(), str(tmp_path), measure=measure, log=lambda line: None)
+    assert sorted({c[2] for c in calls}) == [0, 1, 2] and len(calls) == 6  # the reported runs, no validation run
+    assert report["summary"]["matched"]["a"]["x"]["n"] == 3
