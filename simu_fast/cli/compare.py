@@ -90,7 +90,16 @@ def compare(args) -> int:
         check_vocabulary(model, tokenize(split[role], tokenizer, settings.max_length, path, role), path, role,
                          args.model)  # a clear message now, not one failed run per method, lr and seed later
     from ..workloads.compare import Task, run_device
-    task = Task(model.to(run_device()).eval(), tokenizer, split, key=fingerprint(args.model, [args.forget, args.retain, args.holdout],
+    import torch
+    device = run_device()
+    try:
+        model = model.to(device)
+    except torch.OutOfMemoryError:
+        size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        raise UsageError(f"the model ({size:.1f} GiB of weights) does not fit on {device}: a compare keeps the "
+                         "original and one run's copy (weights, gradients, optimizer state); use a larger device "
+                         "or load a smaller dtype")
+    task = Task(model.eval(), tokenizer, split, key=fingerprint(args.model, [args.forget, args.retain, args.holdout],
                                                                settings.max_length))
     if rank == 0:
         resume = _holds_earlier_compare(args.out) and not args.overwrite

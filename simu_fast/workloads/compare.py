@@ -199,10 +199,22 @@ def paired_interval(a: list, b: list, confidence: float = 0.95) -> dict:
 
 
 def mean_std(values) -> dict:
+    """{"mean", "std" (sample; 0 for one value), "n", "values"} over the finite values (nan when none)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        return {"mean": float("nan"), "std": float("nan"), "n": 0, "values": []}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "values": vals}
+
+
+def mean_win_rate(step_metrics: list, until_step=None):
+    """Mean SophiaG win rate (the fraction of coordinates not clipped by rho: methods/soul.py) over the steps
+    1..until_step of a run's step_metrics (until_step None, a run that never reached matched forget: every
+    step); None for a run that logs none (a first-order method). Sophia's authors keep it in 0.1-0.5; near 0
+    a "second-order" run is sign descent."""
+    rates = [m["win_rate"] for m in step_metrics if m.get("win_rate") is not None
+             and (until_step is None or m["step"] <= until_step)]
+    return statistics.fmean(rates) if rates else None
 
 
 def schedule_factor(step: int, settings: CompareSettings) -> float:
@@ -217,7 +229,8 @@ def schedule_factor(step: int, settings: CompareSettings) -> float:
 
 
 # ---- one run ----------------------------------------------------------------------------------------------------
-def answer_prob(model, tokenizer, examples, max_length: int):
+def answer_prob(model, tokenizer, examples, max_length: int = 64):
+    """Mean length-normalized answer probability, teacher forced (None for no examples)."""
     from ..eval import answer_metrics
     if not examples:
         return None
@@ -242,7 +255,6 @@ def unlearning_run(label: str, lr: float, task: Task, start: dict, settings: Com
     from .. import Unlearner
     from ..data import make_loader, tokenize_examples
     from ..methods import make_method
-    from .protocol import mean_win_rate
 
     recipe, args = recipe_of(label, settings)
     model = copy.deepcopy(task.model)

@@ -1,4 +1,7 @@
-"""The unlearning protocol's model builders and its pieces (docs/DESIGN.md, "Evaluating unlearning fairly").
+"""The unlearning protocol's model builders and its version-1 pieces (docs/DESIGN.md, "Evaluating unlearning
+fairly"). Version 2, the rules every comparison now runs by, is compare.py (`simu-fast compare`,
+bench/unlearn_protocol.py); 3. and 4. below remain for `simu-fast demo` and bench/sophia_health.py, which
+measure single runs the way version 1 ran them.
 
 1. A base model that knows things: a small Llama pretrained on a background corpus (workloads/corpora.py:
    synthetic people, each fact in 3 question phrasings, made-up countries' facts and filler sentences; or
@@ -21,10 +24,8 @@
    matched forget on the validation split near the end of the budget, and at those lrs GradDiff and Ssiuu
    reached it on 1 of 3 reported seeds, GA on 2 and IMU on none, so their rows compared nothing. The
    margin is the same for every method and was set before the rerun, without regard to which method wins.
-5. Pure pieces the report needs: matched_index, tradeoff_auc, mean_std, paired_difference, mean_win_rate,
-   win_rate_summary.
-
-bench/unlearn_protocol.py runs the protocol and writes the report; `simu-fast demo` runs it in miniature.
+5. Pure pieces: matched_index, tradeoff_auc, paired_difference, win_rate_summary (mean_std, mean_win_rate and
+   answer_prob are compare.py's).
 """
 from __future__ import annotations
 
@@ -32,14 +33,12 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
-import statistics
 import time
 from dataclasses import dataclass, field
 
 from . import corpora
+from .compare import answer_prob, mean_std, mean_win_rate  # noqa: F401 (the protocol's pieces)
 from .small_models import cached_model
 
 DEFAULT_METHODS = ("simu", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "ga", "imu", "npo")
@@ -198,15 +197,6 @@ def finetuned_model(settings: ProtocolSettings, seed: int, cache_dir: str | None
 
 
 # ---- one unlearning run -----------------------------------------------------------------------------------
-def answer_prob(model, tokenizer, examples, max_length: int = 64):
-    """Mean length-normalized answer probability, teacher forced (None for no examples)."""
-    from ..eval import answer_metrics
-    if not examples:
-        return None
-    return answer_metrics(model, tokenizer, examples, batch_size=64, max_length=max_length,
-                          generate=False)["answer_prob"]
-
-
 def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: float, settings: ProtocolSettings,
                    seed: int, keep_models: bool = True) -> dict:
     """Unlearn a copy of `model` with method `name` at `lr` (module docstring, 3.), stopping at the strict
@@ -270,16 +260,6 @@ def matched_index(curve: list, target: float):
     return None
 
 
-def mean_win_rate(step_metrics: list, until_step=None):
-    """Mean SophiaG win rate (the fraction of coordinates not clipped by rho: methods/soul.py) over the steps
-    1..until_step of a run's step_metrics (until_step None, a run that never reached matched forget: every
-    step); None for a run that logs none (a first-order method). Sophia's authors keep it in 0.1-0.5; near 0
-    a "second-order" run is sign descent."""
-    rates = [m["win_rate"] for m in step_metrics if m.get("win_rate") is not None
-             and (until_step is None or m["step"] <= until_step)]
-    return statistics.fmean(rates) if rates else None
-
-
 def win_rate_summary(runs: dict) -> dict:
     """{method: mean_std of its runs' win_rate_matched} for the methods whose runs report one (the Sophia
     recipes); runs: {method: [unlearning_run results]}."""
@@ -323,15 +303,6 @@ def choose_lr(runs: list, max_steps: int):
         return best["lr"], "none within half the budget: the soonest to matched forget"
     best = min(runs, key=lambda r: (r["final_forget"], r["lr"]))
     return best["lr"], "none reached matched forget: lowest final forget"
-
-
-def mean_std(values) -> dict:
-    """{"mean", "std" (sample; 0 for one value), "n", "values"} over the finite values (nan when none)."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0, "values": []}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "n": len(vals), "values": vals}
 
 
 def paired_difference(a: list, b: list) -> dict:
