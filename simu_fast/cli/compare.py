@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .errors import PROG, UsageError, one_line
+from .errors import PROG, Interrupted, UsageError, one_line
 from .inputs import (check_answers, check_forget_vs_retain, check_vocabulary, fit_max_length, load_model, read_examples,
                      resolve_model, tokenize)
 from .output_dir import MANIFEST, OutputDir, check_not_an_input
@@ -121,8 +121,13 @@ def _run(args, settings, task) -> int:
                 f"({len(task.split['retain'])}), holdout {os.path.basename(args.holdout)} ({len(task.split['holdout'])})"
                 + "".join(f", {k} ({len(v)})" for k, v in task.split.items() if k.endswith("_paraphrase")) + ".")
     start = time.time()
-    report = run_compare(lambda seed: task, settings, args.out, log=lambda line: print(line, file=sys.stderr,
-                                                                                        flush=True))
+    try:
+        report = run_compare(lambda seed: task, settings, args.out, log=lambda line: print(line, file=sys.stderr,
+                                                                                            flush=True))
+    except KeyboardInterrupt:
+        done = len([n for n in os.listdir(os.path.join(args.out, "runs")) if n.endswith(".json")])
+        raise Interrupted(f"interrupted; the {done} finished runs are kept in {os.path.join(args.out, 'runs')}: run "
+                          "the same command again to continue where it stopped")
     if report is None:  # not rank 0
         return 0
     report["data"] = describe

@@ -382,7 +382,7 @@ class Progress:
 
     def __init__(self, log, rank: int, world: int):
         self.log, self.rank, self.world = log, rank, world
-        self.done = self.total = 0
+        self.done = self.total = self.cached = 0
         self.seconds: list = []
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
@@ -426,6 +426,7 @@ def run_jobs(jobs: list, work: Callable, cache: RunCache, progress: Progress, ra
         cached = cache.get(key)
         if cached is not None:
             out[key] = cached
+            progress.cached += 1
             progress.finished(f"{text}: cached, {describe(cached)}", None)
         elif i % world == rank:
             t = time.time()
@@ -595,6 +596,10 @@ def compare(tasks: Callable[[int], Task], settings: CompareSettings, out_dir: st
         report["runs"].setdefault(label, []).append(r)
     report["summary"] = summarize(report, settings)
     report["wall_seconds"] = round(time.time() - t_start, 1)
+    report["cached_runs"] = progress.cached
+    report["run_seconds"] = round(sum(r["seconds"] or 0 for rows_ in rows.values() for runs in rows_.values()
+                                      for r in runs) + sum(r.get("setup_s", 0) + r.get("steps_s", 0)
+                                                           for runs in report["runs"].values() for r in runs), 1)
     return report
 
 

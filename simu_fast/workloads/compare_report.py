@@ -115,7 +115,10 @@ def markdown(report: dict, describe_data: str = "") -> str:
                    else f"{p['b']} higher" if p["high"] < 0 else "no difference shown")
         lines.append(f"| {p['a']} | {p['b']} | {_title(p['metric'])[0]} | {p['n']} | {p['mean']:+.3f} | {interval} | "
                      f"{verdict} |")
-    lines += ["", f"Wall time: {report.get('wall_seconds', 0):.0f} s."]
+    lines += ["", f"Wall time: {report.get('wall_seconds', 0):.0f} s for this call"
+              + (f" ({report['cached_runs']} runs read from the run cache)" if report.get("cached_runs") else "")
+              + (f"; the runs' own training time (setup and steps, evaluations included, measures not): "
+                 f"{report['run_seconds']:.0f} s." if report.get("run_seconds") else ".")]
     return "\n".join(lines) + "\n"
 
 
