@@ -41,17 +41,12 @@ def memorized():
 # ---- a tiny local model directory and data files for the command line (tests/test_cli.py, test_bad_inputs.py)
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from tiny_models import CLI_SPECIALS, CLI_WORDS
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import CLI_SPECIALS, CLI_WORDS, word_level_tokenizer
 
     path = tmp_path_factory.mktemp("cli") / "model"
     vocab = {w: i for i, w in enumerate(CLI_SPECIALS + CLI_WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
+    tok = word_level_tokenizer(vocab)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,

@@ -58,3 +58,15 @@ def random_features(n: int, seed: int, length: int, prompt: int, vocab: int, low
         labels[:prompt] = -100
         out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
     return out
+
+
+def word_level_tokenizer(vocab: dict):
+    """A transformers fast tokenizer over whitespace-split words with ids `vocab` (which holds [UNK], <s>, </s> and
+    <pad>), a <s> before every text: token ids the tests can write by hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")

@@ -29,6 +29,7 @@ import numbers
 import os
 
 from .example import Example
+from .json_rows import json_array_rows, json_lines_rows
 
 MUSE_PARTS = {  # name -> (subset, candidate split names, kind); the first split name found is used
     "verbmem_forget": ("verbmem", ("forget",), "verbmem"),
@@ -201,59 +202,12 @@ def _rows(path: str) -> list[tuple[str, object]]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         if file_type == "json" and text.lstrip().startswith("["):
-            located = _json_array_rows(path, text)
+            located = json_array_rows(path, text)
         else:
-            located = _json_lines_rows(path, text)
+            located = json_lines_rows(path, text)
     if not located:
         raise ValueError(f"{path} has no rows: nothing to load")
     return located
-
-
-def _json_lines_rows(path: str, text: str) -> list:
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from None
-    return rows
-
-
-def _json_array_rows(path: str, text: str) -> list:
-    """The elements of a JSON array, each located by its index and the line it starts on."""
-    decoder, rows = json.JSONDecoder(), []
-    i = _skip_space(text, text.index("[") + 1)
-    if i < len(text) and text[i] == "]":
-        i += 1
-    else:
-        while True:
-            start = i
-            try:
-                row, i = decoder.raw_decode(text, i)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {len(rows) + 1} (line {e.lineno}) is not valid JSON: {e.msg} "
-                                 f"(column {e.colno})") from None
-            rows.append((f"row {len(rows) + 1} (line {text.count(chr(10), 0, start) + 1})", row))
-            i = _skip_space(text, i)
-            if i < len(text) and text[i] == ",":
-                i = _skip_space(text, i + 1)
-                continue
-            if i < len(text) and text[i] == "]":
-                i += 1
-                break
-            raise ValueError(f"{path}: invalid JSON at line {text.count(chr(10), 0, i) + 1}: expected ',' or ']' "
-                             f"after row {len(rows)} of the array")
-    if text[i:].strip():
-        raise ValueError(f"{path}: unexpected text after the JSON array at line {text.count(chr(10), 0, i) + 1}")
-    return rows
-
-
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
 
 
 # ------------------------------------------------------------------------------------------------ fields

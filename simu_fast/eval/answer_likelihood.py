@@ -16,28 +16,39 @@ from ..lm import answer_logprobs, answer_positions, logits_of, model_device
 from .batching import in_eval_mode, progress_bar
 
 
-@torch.no_grad()
-def answer_token_logprobs(model, tokenizer, examples, batch_size: int = 16, max_length: int = 512,
-                          chat_template: bool = False, progress: bool = False, desc: str = "scoring") -> list:
-    """One float32 CPU tensor per example: log p(answer token | everything before it), for each answer token.
-    An example that tokenize_examples drops (no answer token fits in max_length) gets None."""
+def _scored_batches(model, tokenizer, examples, batch_size, max_length, chat_template, progress, desc):
+    """(the number of examples, a generator of (features, batch, logits) per batch of the kept examples): the one
+    forward pass every answer-likelihood measure makes, in eval mode, batched and padded."""
     examples = list(examples)
     if not examples:
         raise ValueError("no examples to score")
     pad = ensure_pad_token(tokenizer)
     features = tokenize_examples(examples, tokenizer, max_length=max_length, chat_template=chat_template)
-    out: list = [None] * len(examples)
     device = model_device(model)
-    with in_eval_mode(model), progress_bar(len(features), progress, desc) as bar:
-        for start in range(0, len(features), batch_size):
-            chunk = features[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-            logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-            picked = answer_logprobs(logits, batch["labels"])
-            answer = answer_positions(batch["labels"])
-            for row, feature in enumerate(chunk):
-                out[feature["example_index"]] = picked[row][answer[row]].cpu()
-            bar.update(len(chunk))
+
+    def batches():
+        with in_eval_mode(model), progress_bar(len(features), progress, desc) as bar:
+            for start in range(0, len(features), batch_size):
+                chunk = features[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+                yield chunk, batch, logits_of(model(input_ids=batch["input_ids"],
+                                                    attention_mask=batch["attention_mask"]))
+                bar.update(len(chunk))
+    return len(examples), batches()
+
+
+@torch.no_grad()
+def answer_token_logprobs(model, tokenizer, examples, batch_size: int = 16, max_length: int = 512,
+                          chat_template: bool = False, progress: bool = False, desc: str = "scoring") -> list:
+    """One float32 CPU tensor per example: log p(answer token | everything before it), for each answer token.
+    An example that tokenize_examples drops (no answer token fits in max_length) gets None."""
+    n, batches = _scored_batches(model, tokenizer, examples, batch_size, max_length, chat_template, progress, desc)
+    out: list = [None] * n
+    for chunk, batch, logits in batches:
+        picked = answer_logprobs(logits, batch["labels"])
+        answer = answer_positions(batch["labels"])
+        for row, feature in enumerate(chunk):
+            out[feature["example_index"]] = picked[row][answer[row]].cpu()
     return out
 
 
@@ -49,23 +60,13 @@ def map_answer_logits(model, tokenizer, examples, fn, batch_size: int = 16, max_
     (exactly the positions answer_token_logprobs scores); targets: [n], the true answer tokens. fn reduces them
     (upcasting what it computes to float32) so that only one example's [n, vocab] rows are in float32 at a time:
     the measures that need the whole distribution (Min-K%++, argmax-based memorization) share this pass."""
-    examples = list(examples)
-    if not examples:
-        raise ValueError("no examples to score")
-    pad = ensure_pad_token(tokenizer)
-    features = tokenize_examples(examples, tokenizer, max_length=max_length, chat_template=chat_template)
-    out: list = [None] * len(examples)
-    device = model_device(model)
-    with in_eval_mode(model), progress_bar(len(features), progress, desc) as bar:
-        for start in range(0, len(features), batch_size):
-            chunk = features[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-            logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-            answer = answer_positions(batch["labels"])
-            for row, feature in enumerate(chunk):  # logits[:, t] predicts labels[:, t + 1], as in answer_logprobs
-                rows = answer[row]
-                out[feature["example_index"]] = fn(logits[row, :-1][rows], batch["labels"][row, 1:][rows])
-            bar.update(len(chunk))
+    n, batches = _scored_batches(model, tokenizer, examples, batch_size, max_length, chat_template, progress, desc)
+    out: list = [None] * n
+    for chunk, batch, logits in batches:
+        answer = answer_positions(batch["labels"])
+        for row, feature in enumerate(chunk):  # logits[:, t] predicts labels[:, t + 1], as in answer_logprobs
+            rows = answer[row]
+            out[feature["example_index"]] = fn(logits[row, :-1][rows], batch["labels"][row, 1:][rows])
     return out
 
 

@@ -2,7 +2,6 @@
 (MMLU-style items scored by likelihood, no generation), to check that unlearning left general ability intact."""
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -11,6 +10,7 @@ import warnings
 import torch
 
 from ..data.example import Example
+from ..data.json_rows import json_array_rows, json_lines_rows
 from ..data.tokenization import ensure_pad_token
 from ..lm import IGNORE_INDEX, answer_logprobs, answer_positions, logits_of, model_device
 from .answer_likelihood import answer_token_logprobs
@@ -117,56 +117,11 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
         raise FileNotFoundError(f"no multiple-choice file at {path}")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    rows = _json_array_rows(path, text) if text.lstrip().startswith("[") else _json_lines_rows(path, text)
+    read = json_array_rows if text.lstrip().startswith("[") else json_lines_rows
+    rows = [(f"{path}: {where}", row) for where, row in read(path, text)]
     if not rows:
         raise ValueError(f"{path} holds no multiple-choice items")
     return rows
-
-
-def _json_lines_rows(path: str, text: str) -> list:
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}: line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from None
-    return rows
-
-
-def _json_array_rows(path: str, text: str) -> list:
-    """The elements of a JSON array, each with the line it starts on (json.loads would lose the lines)."""
-    decoder, rows = json.JSONDecoder(), []
-    i = _skip_space(text, text.index("[") + 1)
-    if i < len(text) and text[i] == "]":
-        i += 1
-    else:
-        while True:
-            start = i
-            try:
-                row, i = decoder.raw_decode(text, i)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-            rows.append((f"{path}: line {text.count(chr(10), 0, start) + 1}", row))
-            i = _skip_space(text, i)
-            if i < len(text) and text[i] == ",":
-                i = _skip_space(text, i + 1)
-                continue
-            if i < len(text) and text[i] == "]":
-                i += 1
-                break
-            raise ValueError(f"{path}: invalid JSON at line {text.count(chr(10), 0, i) + 1}: expected ',' or ']' "
-                             "after an item of the array")
-    if text[i:].strip():
-        raise ValueError(f"{path}: unexpected text after the JSON array at line {text.count(chr(10), 0, i) + 1}")
-    return rows
-
-
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
 
 
 def _check_item(where: str, row) -> dict:

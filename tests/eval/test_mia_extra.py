@@ -13,7 +13,7 @@ from simu_fast.data.corpus_tokenizer import train_tokenizer
 from simu_fast.eval import mia_report, mia_scores
 from simu_fast.eval.membership_inference import gradnorm_scores, min_k_plus_plus_scores
 from simu_fast.training.finetune import finetune
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, word_level_tokenizer
 
 SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
 WORDS = ["q1", "q2", "q3", "q4", "a", "b", "c", "d", "e"]
@@ -36,13 +36,7 @@ class Bigram(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def word_tok():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", VOCAB["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return word_level_tokenizer(VOCAB)
 
 
 def rows(**logits_by_context):

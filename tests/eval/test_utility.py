@@ -141,10 +141,10 @@ def test_malformed_json_array_rows_name_the_line(trained, tokenizer, tmp_path):
     path = tmp_path / "bad.json"
     rows = [json.dumps(ITEM), json.dumps(ITEM), "", json.dumps({**ITEM, "answer": "maybe"})]
     path.write_text("[\n" + ",\n".join(rows[:2]) + ",\n" + "\n" + rows[3] + "\n]\n")
-    with pytest.raises(ValueError, match=r"bad.json: line 5: 'answer' 'maybe' is not one of the choices"):
+    with pytest.raises(ValueError, match=r"bad.json: row 3 \(line 5\): 'answer' 'maybe' is not one of the choices"):
         multiple_choice_accuracy(trained, tokenizer, path)
     path.write_text("[\n" + json.dumps(ITEM) + ",\n" + '{"question": "Q?" "choices": []}\n]')
-    with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 3"):
+    with pytest.raises(ValueError, match=r"bad.json: row 2 \(line 3\) is not valid JSON"):
         multiple_choice_accuracy(trained, tokenizer, path)
     path.write_text("[\n" + json.dumps(ITEM) + "\n" + json.dumps(ITEM) + "\n]")
     with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 3: expected ','"):

@@ -13,40 +13,16 @@ from simu_fast import Unlearner
 from simu_fast.methods import METHODS, answer_nll, make_method
 from simu_fast.methods.rmu import RMU, control_vector, default_layer
 from simu_fast.methods.simnpo import SimNPO, simnpo_loss, simnpo_objective
+from test_recipes import FORGET, RETAIN, VOCAB, make_batch, split  # noqa: F401 (the recipes' tests' batches)
 from tiny_models import tiny_llama as shared_tiny_llama
 
 pytest.importorskip("transformers")
 
-VOCAB = 61
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def tiny_llama(layers=2, seed=0):
     return shared_tiny_llama(VOCAB, seed, num_hidden_layers=layers).eval()
-
-
-def make_batch(seed, rows=4, width=10, start=0):
-    """Right-padded rows of different lengths; the first 3 tokens are the prompt (labels -100), padding -100."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (rows, width), generator=g)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i in range(rows):
-        n = width - (i % 3)
-        mask[i, :n] = 1
-        ids[i, n:] = 0
-        labels[i, 3:n] = ids[i, 3:n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "example_index": torch.arange(start, start + rows)}
-
-
-FORGET = make_batch(1)
-RETAIN = make_batch(2, start=100)
-
-
-def split(batch, parts=2):
-    n = batch["input_ids"].shape[0] // parts
-    return [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(parts)]
 
 
 # ---- SimNPO ------------------------------------------------------------------------------------------------------
