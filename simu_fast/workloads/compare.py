@@ -238,6 +238,19 @@ def answer_prob(model, tokenizer, examples, max_length: int = 64):
                           generate=False)["answer_prob"]
 
 
+def timed_setup(method) -> dict:
+    """Wrap method.setup so that its seconds land in the returned dict's "setup_s" (a run's setup and steps are
+    reported apart: SIMU's attribution is its setup)."""
+    timing, setup = {}, method.setup
+
+    def timed(*args, **kwargs):
+        t = time.time()
+        setup(*args, **kwargs)
+        timing["setup_s"] = time.time() - t
+    method.setup = timed
+    return timing
+
+
 def start_scores(task: Task, settings: CompareSettings) -> dict:
     return {k: answer_prob(task.model, task.tokenizer, task.split[k], settings.max_length) for k in CURVE_SPLITS}
 
@@ -270,14 +283,8 @@ def unlearning_run(label: str, lr: float, task: Task, start: dict, settings: Com
     target = target_of(start, settings)
     strict = settings.strict_fraction * target
     stop_level = target if stop_at == "matched" else strict
-    curve, kept, timing, state = [], {}, {}, {"last": start["forget"], "step": 0}
-    setup = method.setup
-
-    def timed_setup(*a, **k):
-        t = time.time()
-        setup(*a, **k)
-        timing["setup_s"] = time.time() - t
-    method.setup = timed_setup
+    curve, kept, state = [], {}, {"last": start["forget"], "step": 0}
+    timing = timed_setup(method)
 
     def score(m, step):
         point = {k: answer_prob(m, tok, task.split[k], length) for k in CURVE_SPLITS}

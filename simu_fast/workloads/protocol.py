@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import corpora
-from .compare import answer_prob, mean_std, mean_win_rate  # noqa: F401 (the protocol's pieces)
+from .compare import answer_prob, mean_std, mean_win_rate, timed_setup  # noqa: F401 (the protocol's pieces)
 from .small_models import cached_model
 
 DEFAULT_METHODS = ("simu", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "ga", "imu", "npo")
@@ -214,14 +214,7 @@ def unlearning_run(name: str, lr: float, model, tokenizer, split: dict, target: 
                          shuffle=True, seed=seed, pad_token_id=pad)
     retain = (make_loader(tokenize_examples(split["retain"], tokenizer, settings.max_length), settings.batch_size, shuffle=True,
                           seed=seed + 1, pad_token_id=pad) if method.uses_retain else None)
-    timing = {}
-    setup = method.setup
-
-    def timed_setup(*args, **kwargs):
-        t = time.time()
-        setup(*args, **kwargs)
-        timing["setup_s"] = time.time() - t
-    method.setup = timed_setup
+    timing = timed_setup(method)
     kept: dict = {}
     strict_target = settings.strict_fraction * target
 
