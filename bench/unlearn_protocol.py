@@ -49,7 +49,7 @@ CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", 
 def evaluate_point(model, original, tok, split, corpus, seed, settings, extra=None) -> dict:
     """Every measure of one checkpoint beside the curve's forget / retain / holdout (module docstring).
     extra(model, original, tok, split, corpus) -> {name: value}: a workload's own measures (bench/unlearn_lume.py)."""
-    from simu_fast.eval import (answer_metrics, exact_memorization, extraction_strength, mia_report, perplexity,
+    from simu_fast.eval import (answer_metrics, memorization_scores, mia_report, perplexity,
                                 quantization_attack, relearning_attack)
     from simu_fast.eval.erase_or_hide import erase_or_hide
     from simu_fast.data import Example
@@ -64,8 +64,9 @@ def evaluate_point(model, original, tok, split, corpus, seed, settings, extra=No
         out[f"{name}_rougeL"] = answer_metrics(model, tok, rows, batch_size=64, max_length=length)["rougeL_recall"]
     out["mia_auc"] = mia_report(model, tok, split["forget"], split["holdout"], attacks=["loss"],
                                 max_length=length)["loss"]["auc"]
-    out["forget_exact_mem"] = exact_memorization(model, tok, split["forget"], max_length=length)["mean"]
-    out["forget_extraction"] = extraction_strength(model, tok, split["forget"], max_length=length)["mean"]
+    memorized = memorization_scores(model, tok, split["forget"], max_length=length)
+    out["forget_exact_mem"] = memorized["exact_memorization"]["mean"]
+    out["forget_extraction"] = memorized["extraction_strength"]["mean"]
     quantized = quantization_attack(model, tok, split["forget"], bits=(8, 4), max_length=length)["quantized"]
     out["forget_8bit"], out["forget_4bit"] = quantized[8], quantized[4]
     eoh = erase_or_hide(original, model, tok, split["forget"], max_length=length, target="prob")

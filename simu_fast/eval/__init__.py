@@ -7,7 +7,7 @@ from .stopping import rouge_eval_fn, stop_at_forget_rouge
 from .text_scores import exact_match, normalize_answer, rouge_l_recall
 from .truth_ratio import forget_quality, truth_ratio_score, truth_ratios
 from .membership_inference import auc, gradnorm_scores, mia_report, mia_scores, min_k_plus_plus_scores, privacy_score
-from .memorization import exact_memorization, extraction_strength
+from .memorization import exact_memorization, extraction_strength, memorization_scores
 from .quantization import quantization_attack, quantize_rtn, quantized_copy
 from .model_utility import model_utility
 from .utility import multiple_choice_accuracy, perplexity
@@ -21,5 +21,6 @@ __all__ = ["rouge_l_recall", "exact_match", "normalize_answer", "answer_token_lo
            "perplexity", "multiple_choice_accuracy",
            "relearning_attack", "split_forget", "report", "format_markdown", "verbmem", "knowmem", "knowmem_prompt",
            "privleak", "privleak_report", "muse_auc", "MUSE_RETRAINED_AUC", "min_k_plus_plus_scores", "gradnorm_scores",
-           "exact_memorization", "extraction_strength", "quantize_rtn", "quantized_copy", "quantization_attack",
+           "exact_memorization", "extraction_strength", "memorization_scores", "quantize_rtn", "quantized_copy",
+           "quantization_attack",
            "model_utility"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from .answer_metrics import METRICS, answer_metrics, nanmean
 from .erase_or_hide import erase_or_hide
 from .membership_inference import mia_report
-from .memorization import exact_memorization, extraction_strength
+from .memorization import memorization_scores
 from .relearning import relearning_attack
 from .truth_ratio import FIELDS, forget_quality, truth_ratio_score, truth_ratios
 from .utility import multiple_choice_accuracy, perplexity
@@ -59,8 +59,8 @@ def evaluate_model(model, tokenizer, forget, retain=None, holdout=None, *, refer
             continue
         result[name] = _split_metrics(model, tokenizer, examples, common, progress)
         if name != "holdout":
-            result[name]["exact_memorization"] = exact_memorization(model, tokenizer, examples, **common)["mean"]
-            result[name]["extraction_strength"] = extraction_strength(model, tokenizer, examples, **common)["mean"]
+            for key, value in memorization_scores(model, tokenizer, examples, **common).items():
+                result[name][key] = value["mean"]
         if all(all(ex.extra.get(f) for f in FIELDS) for ex in examples):
             ratios[name] = truth_ratios(model, tokenizer, examples, progress=progress, **common)
             result[name]["truth_ratio"] = truth_ratio_score(ratios[name], "forget" if name == "forget" else "retain")

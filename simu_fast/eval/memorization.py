@@ -47,12 +47,29 @@ def extraction_strength(model, tokenizer, examples, batch_size: int = 16, max_le
                    progress)
 
 
+def memorization_scores(model, tokenizer, examples, batch_size: int = 16, max_length: int = 512,
+                        chat_template: bool = False, progress: bool = False) -> dict:
+    """{"exact_memorization": ..., "extraction_strength": ...} (each as the functions above return it) from one
+    forward pass: both read the same argmax hits."""
+    hits = _hit_rows(model, tokenizer, examples, "memorization_scores", batch_size, max_length, chat_template,
+                     progress)
+    return {"exact_memorization": _summary(hits, _em), "extraction_strength": _summary(hits, _es)}
+
+
 def _scored(model, tokenizer, examples, name, score, batch_size, max_length, chat_template, progress) -> dict:
+    return _summary(_hit_rows(model, tokenizer, examples, name, batch_size, max_length, chat_template, progress),
+                    score)
+
+
+def _hit_rows(model, tokenizer, examples, name, batch_size, max_length, chat_template, progress) -> list:
     examples = checked_examples(examples, name, f"{name}: no examples to score")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{name}: batch_size must be a positive int, got {batch_size!r}")
-    hits = map_answer_logits(model, tokenizer, examples, _hits, batch_size, max_length, chat_template, progress,
+    return map_answer_logits(model, tokenizer, examples, _hits, batch_size, max_length, chat_template, progress,
                              desc=name)
+
+
+def _summary(hits: list, score) -> dict:
     values = [math.nan if h is None else score(h) for h in hits]
     kept = [v for v in values if not math.isnan(v)]
     return {"mean": sum(kept) / len(kept) if kept else math.nan, "n": len(kept), "skipped": len(values) - len(kept),

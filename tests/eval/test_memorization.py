@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from simu_fast.data import Example, make_loader, tokenize_examples
-from simu_fast.eval.memorization import exact_memorization, extraction_strength
+from simu_fast.eval.memorization import exact_memorization, extraction_strength, memorization_scores
 from simu_fast.training.finetune import finetune
 from tiny_models import tiny_llama, word_level_tokenizer
 
@@ -185,3 +185,11 @@ def test_bad_input(word_tok, fn):
             fn(model, word_tok, [CASES[0][0]], batch_size=bad)
     with pytest.raises(ValueError, match="max_length"):
         fn(model, word_tok, [CASES[0][0]], max_length=0)
+
+
+def test_one_pass_gives_both_scores_as_the_functions_do(memorized):
+    model, tok, data = memorized
+    both = memorization_scores(model, tok, data["forget"] + data["holdout"])
+    assert both["exact_memorization"] == exact_memorization(model, tok, data["forget"] + data["holdout"])
+    assert both["extraction_strength"] == extraction_strength(model, tok, data["forget"] + data["holdout"])
+    assert both["exact_memorization"]["mean"] > both["extraction_strength"]["mean"] > 0  # ES needs the tail right
