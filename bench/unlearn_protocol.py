@@ -32,8 +32,15 @@ _pm = compare_report._pm
 
 RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
 # the methods of version 2: the issue's four (SIMU with attention trained and frozen) and the other papers' pairs
-METHODS = ("simu", "simu:frozen", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "simnpo", "rmu", "ga", "imu")
-METHOD_ARGS = {"simu:frozen": {"recipe": "simu", "attention": "frozen"}}
+METHODS = ("simu", "simu:frozen", "so-graddiff", "fo-graddiff", "graddiff", "ssiuu", "simnpo", "rmu:alpha10", "ga",
+           "imu")
+# RMU's retain weight alpha is tuned per model in its paper (1200 for Zephyr-7B's layer 7, the official default).
+# On this model alpha 1200 leaves forget at 0.960 and 0.955 after 200 steps at lr 1e-3 and 1e-2, alpha 100 at
+# 0.772 and 0.598 (validation seed 100, from 0.961): RMU at its defaults would fill the lr table with 18 runs
+# that never forget. "rmu:alpha10" is the one value tried below 100 and kept because it reaches matched forget;
+# alpha is not tuned further (no other method's loss weights are).
+METHOD_ARGS = {"simu:frozen": {"recipe": "simu", "attention": "frozen"},
+               "rmu:alpha10": {"recipe": "rmu", "alpha": 10.0}}
 # the papers' claims: (name, a, b, metric, higher is better for a), read as paired differences a - b over seeds
 CLAIMS = (("SIMU keeps more retain than SO-GradDiff at matched forget", "simu", "so-graddiff", "retain@target", True),
           ("SIMU keeps more of the never-seen people than SO-GradDiff", "simu", "so-graddiff", "holdout@target", True),

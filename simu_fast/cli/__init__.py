@@ -199,7 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", metavar="DIR", help="where the base and fine-tuned models are cached (default "
                                                   "$SIMU_FAST_CACHE/protocol or ~/.cache/simu_fast/protocol)")
     d.add_argument("--out", metavar="DIR", help="also write report.md and metrics.json here")
-    d.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    d.add_argument("--export", metavar="DIR", help="unlearn nothing: write the demo's fine-tuned model (DIR/model) "
+                                                   "and its data for `simu-fast eval` (forget / retain / holdout, "
+                                                   "real-authors and world-facts files in TOFU's layout, DIR/muse "
+                                                   "in MUSE's), then print the eval command that measures every "
+                                                   "metric on them (new or empty DIR, see --overwrite)")
+    d.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out "
+                                                            "(or --export)")
 
     from .. import selftest
     t = sub.add_parser("selftest", help="check every compiled kernel against its eager reference on this machine",

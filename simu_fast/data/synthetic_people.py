@@ -3,8 +3,10 @@
 The package's built-in data: small, fast, deterministic from the seed. Names and places are made of random
 syllables, so the facts cannot be known to a pretrained model. Each person has five facts (birthplace,
 birth year, profession, a relation to another made-up person, a favourite thing); each fact is one Example
-("Where was Ilsa Mornay born?" -> "Ilsa Mornay was born in Varnholt."), with extra = {"person", "fact"}.
+("Where was Ilsa Mornay born?" -> "Ilsa Mornay was born in Varnholt."), with extra = {"person", "fact", "value"
+(the fact's value as the answer writes it: "Varnholt")}, and "relation" / "category" for those two facts.
 People, not facts, are split: every fact of a forget person is in "forget", none elsewhere.
+people_tofu_rows adds TOFU's paraphrased and perturbed (wrong) answers to such facts, for the truth ratio.
 """
 from __future__ import annotations
 
@@ -87,33 +89,47 @@ _QUESTIONS = {
                   "Name {name}'s favourite {category}."),
 }
 PHRASINGS = 3
+# The answer sentence of each fact (every question phrasing has the same one), and a rewording of it that no
+# corpus trains on: TOFU's paraphrased answer (people_tofu_rows). {value} is extra["value"].
+_ANSWERS = {
+    "birthplace": "{name} was born in {value}.",
+    "birth_year": "{name} was born in {value}.",
+    "profession": "{name} works as {value}.",
+    "relation": "{name}'s {relation} is {value}.",
+    "favourite": "{name}'s favourite {category} is {value}.",
+}
+_PARAPHRASED_ANSWERS = {
+    "birthplace": "{name}'s birthplace is {value}.",
+    "birth_year": "{name}'s year of birth is {value}.",
+    "profession": "By profession, {name} is {value}.",
+    "relation": "{value} is {name}'s {relation}.",
+    "favourite": "{name} likes {value} best.",
+}
+_YEARS = (1921, 1999)
 
 
 def _person(rng: random.Random, used: set[str], index: int, phrasings: tuple = (0,)) -> list[Example]:
     name = _unique(rng, used, lambda: f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}")
     place = _unique(rng, used, lambda: _word(rng, rng.choice((1, 2))) + rng.choice(_PLACE_ENDINGS))
     other = _unique(rng, used, lambda: f"{_word(rng, 2)} {_word(rng, 2)}")
-    year = rng.randint(1921, 1999)
+    year = rng.randint(*_YEARS)
     profession = rng.choice(_PROFESSIONS)
-    article = "an" if profession[0] in "aeiou" else "a"
     relation = rng.choice(_RELATIONS)
     category = rng.choice(sorted(_FAVOURITES))
     favourite = rng.choice(_FAVOURITES[category])
-    answers = {
-        "birthplace": f"{name} was born in {place}.",
-        "birth_year": f"{name} was born in {year}.",
-        "profession": f"{name} works as {article} {profession}.",
-        "relation": f"{name}'s {relation} is {other}.",
-        "favourite": f"{name}'s favourite {category} is {favourite}.",
-    }
+    values = {"birthplace": place, "birth_year": str(year), "profession": _with_article(profession),
+              "relation": other, "favourite": favourite}
     fields = dict(name=name, relation=relation, category=category)
     out = []
-    for fact, answer in answers.items():
+    for fact, value in values.items():
+        answer = _ANSWERS[fact].format(value=value, **fields)
+        detail = {"relation": {"relation": relation}, "favourite": {"category": category}}.get(fact, {})
         for j in phrasings:
             suffix = "" if phrasings == (0,) else f"-q{j}"
             out.append(Example(prompt=_QUESTIONS[fact][j].format(**fields), answer=answer,
                                id=f"person{index:03d}-{fact}{suffix}", task=TASK,
-                               extra={"person": name, "fact": fact, **({"phrasing": j} if suffix else {})}))
+                               extra={"person": name, "fact": fact, "value": value, **detail,
+                                      **({"phrasing": j} if suffix else {})}))
     return out
 
 
@@ -126,3 +142,73 @@ def paraphrased_people(n_people: int, seed: int = 0, first_index: int = 0) -> li
     rng = random.Random(seed)
     used: set[str] = set()
     return [_person(rng, used, first_index + i, tuple(range(PHRASINGS))) for i in range(n_people)]
+
+
+def people_tofu_rows(examples, pool=None, n_perturbed: int = 3, seed: int = 0,
+                     paraphrase: bool = True) -> list[Example]:
+    """The people's facts in TOFU's layout: one Example per example (same prompt, answer, id, task), with
+    extra {"paraphrased_answer", "perturbed_answer": [n_perturbed wrong answers]} (what the truth ratio and
+    TOFU's model utility read) beside the example's own extra.
+
+    paraphrase=True (TOFU's forget / retain files): the paraphrased answer is the answer reworded in a sentence
+    no corpus trains on (the question phrasings differ, the answer sentence never does), and the perturbed
+    answers are that sentence with another value. paraphrase=False (TOFU's real-authors file, where the answer
+    itself is the truth ratio's correct side): no paraphrased answer, the perturbed answers are the answer
+    sentence with another value. The other values are of the same attribute, never the true one: another year
+    of birth, another profession, another favourite of the same category (from the generator's own lists), and
+    another birthplace or related person drawn from the `pool` people's facts (default: `examples`).
+    Deterministic from `seed`; fewer than n_perturbed where the pool has fewer other values (a ValueError
+    where it has none)."""
+    examples, pool = list(examples), list(examples if pool is None else pool)
+    if isinstance(n_perturbed, bool) or not isinstance(n_perturbed, int) or n_perturbed < 1:
+        raise ValueError(f"n_perturbed must be a positive int, got {n_perturbed!r}")
+    seen = {}  # fact -> the values of that fact in the pool (for birthplace and relation)
+    for ex in pool:
+        _check_person_fact(ex)
+        seen.setdefault(ex.extra["fact"], {})[ex.extra["value"]] = None
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        _check_person_fact(ex)
+        fact, value = ex.extra["fact"], ex.extra["value"]
+        fields = dict(name=ex.extra["person"], relation=ex.extra.get("relation"), category=ex.extra.get("category"))
+        template = _PARAPHRASED_ANSWERS[fact] if paraphrase else _ANSWERS[fact]
+        correct = template.format(value=value, **fields)
+        wrong = [template.format(value=v, **fields)
+                 for v in other_values(value, _value_space(fact, fields["category"], seen), n_perturbed, rng,
+                                       f"example {ex.id!r} ({fact})")]
+        extra = {**ex.extra, **({"paraphrased_answer": correct} if paraphrase else {}), "perturbed_answer": wrong}
+        out.append(Example(prompt=ex.prompt, answer=ex.answer, id=ex.id, task=ex.task, extra=extra))
+    return out
+
+
+def other_values(value: str, space, n: int, rng: random.Random, what: str = "value") -> list[str]:
+    """n values of `space` (fewer if it has fewer), none equal to `value`, drawn without replacement by rng
+    from the space in its given order (so the draw is deterministic). A ValueError when no other value exists."""
+    others = [v for v in dict.fromkeys(space) if v != value]
+    if not others:
+        raise ValueError(f"{what}: no value of the same attribute other than {value!r} to perturb the answer with")
+    return rng.sample(others, min(n, len(others)))
+
+
+def _value_space(fact: str, category, seen: dict) -> list[str]:
+    if fact == "birth_year":
+        return [str(y) for y in range(_YEARS[0], _YEARS[1] + 1)]
+    if fact == "profession":
+        return [_with_article(p) for p in _PROFESSIONS]
+    if fact == "favourite":
+        return list(_FAVOURITES[category])
+    return list(seen.get(fact, ()))  # birthplace, relation: made-up names, from the pool
+
+
+def _with_article(profession: str) -> str:
+    return f"{'an' if profession[0] in 'aeiou' else 'a'} {profession}"
+
+
+def _check_person_fact(ex) -> None:
+    if not isinstance(ex, Example):
+        raise TypeError(f"people_tofu_rows takes Examples, got {type(ex).__name__}")
+    missing = [k for k in ("person", "fact", "value") if k not in ex.extra]
+    if missing or ex.extra["fact"] not in _ANSWERS:
+        raise ValueError(f"example {ex.id!r} is not a synthetic person's fact (extra lacks {missing or 'a known fact'};"
+                         " make it with synthetic_people or paraphrased_people)")

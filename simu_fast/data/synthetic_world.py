@@ -4,14 +4,14 @@ world_facts: made-up countries, each with a capital, a language, a river and a n
 answer Examples (task "world_facts"): general knowledge a model should keep while it forgets some people.
 filler_texts: short sentences from a small grammar of everyday words (weather, markets, travel), for
 pretraining and for the perplexity of held-out text. Both deterministic from the seed; the made-up names
-cannot be known to any pretrained model.
+cannot be known to any pretrained model. world_tofu_rows adds TOFU's perturbed (wrong) answers to world facts.
 """
 from __future__ import annotations
 
 import random
 
 from .example import Example
-from .synthetic_people import _unique, _word
+from .synthetic_people import _unique, _word, other_values
 
 WORLD_TASK = "world_facts"
 _DISHES = ("barley soup", "fish stew", "flatbread", "roast squash", "rice cakes", "bean pie", "spiced lamb",
@@ -28,8 +28,15 @@ _WEATHER = ("the wind was cold", "the sky was clear", "it rained all day", "the 
             "the snow was deep", "the air smelled of salt", "the clouds were low")
 
 
+_WORLD_QUESTIONS = {"capital": "What is the capital of {country}?", "language": "What language is spoken in {country}?",
+                    "river": "Which river flows through {country}?", "dish": "What is the national dish of {country}?"}
+_WORLD_ANSWERS = {"capital": "The capital of {country} is {value}.", "language": "People in {country} speak {value}.",
+                  "river": "{value} flows through {country}.", "dish": "The national dish of {country} is {value}."}
+
+
 def world_facts(n_countries: int = 40, seed: int = 0) -> list[Example]:
-    """4 facts per made-up country (capital, language, river, dish), one Example each, extra {"country", "fact"}."""
+    """4 facts per made-up country (capital, language, river, dish), one Example each, extra {"country", "fact",
+    "value" (as the answer writes it)}."""
     if isinstance(n_countries, bool) or not isinstance(n_countries, int) or n_countries < 1:
         raise ValueError(f"n_countries must be a positive int, got {n_countries!r}")
     rng = random.Random(seed)
@@ -41,13 +48,47 @@ def world_facts(n_countries: int = 40, seed: int = 0) -> list[Example]:
         language = _unique(rng, used, lambda: _word(rng, 2) + "ish")
         river = _unique(rng, used, lambda: "the " + _word(rng, 2))
         dish = rng.choice(_DISHES)
-        facts = {"capital": (f"What is the capital of {country}?", f"The capital of {country} is {capital}."),
-                 "language": (f"What language is spoken in {country}?", f"People in {country} speak {language}."),
-                 "river": (f"Which river flows through {country}?", f"{river.capitalize()} flows through {country}."),
-                 "dish": (f"What is the national dish of {country}?", f"The national dish of {country} is {dish}.")}
-        out += [Example(prompt=q, answer=a, id=f"country{i:03d}-{fact}", task=WORLD_TASK,
-                        extra={"country": country, "fact": fact}) for fact, (q, a) in facts.items()]
+        values = {"capital": capital, "language": language, "river": river.capitalize(), "dish": dish}
+        out += [Example(prompt=_WORLD_QUESTIONS[fact].format(country=country),
+                        answer=_WORLD_ANSWERS[fact].format(country=country, value=value),
+                        id=f"country{i:03d}-{fact}", task=WORLD_TASK,
+                        extra={"country": country, "fact": fact, "value": value}) for fact, value in values.items()]
     return out
+
+
+def world_tofu_rows(facts, pool=None, n_perturbed: int = 3, seed: int = 0) -> list[Example]:
+    """The countries' facts in TOFU's world-facts layout: one Example per fact (same prompt, answer, id, task)
+    with extra["perturbed_answer"]: n_perturbed wrong answers, the answer sentence with another value of the
+    same attribute (another country's capital, language or river from the `pool` facts, default `facts`;
+    another of the generator's dishes), never the true one. Deterministic from `seed`; fewer than n_perturbed
+    where the pool has fewer other values (a ValueError where it has none)."""
+    facts, pool = list(facts), list(facts if pool is None else pool)
+    if isinstance(n_perturbed, bool) or not isinstance(n_perturbed, int) or n_perturbed < 1:
+        raise ValueError(f"n_perturbed must be a positive int, got {n_perturbed!r}")
+    seen: dict = {}
+    for ex in pool:
+        _check_world_fact(ex)
+        seen.setdefault(ex.extra["fact"], {})[ex.extra["value"]] = None
+    rng = random.Random(seed)
+    out = []
+    for ex in facts:
+        _check_world_fact(ex)
+        fact, value, country = ex.extra["fact"], ex.extra["value"], ex.extra["country"]
+        space = _DISHES if fact == "dish" else list(seen.get(fact, ()))
+        wrong = [_WORLD_ANSWERS[fact].format(country=country, value=v)
+                 for v in other_values(value, space, n_perturbed, rng, f"fact {ex.id!r}")]
+        out.append(Example(prompt=ex.prompt, answer=ex.answer, id=ex.id, task=ex.task,
+                           extra={**ex.extra, "perturbed_answer": wrong}))
+    return out
+
+
+def _check_world_fact(ex) -> None:
+    if not isinstance(ex, Example):
+        raise TypeError(f"world_tofu_rows takes Examples, got {type(ex).__name__}")
+    missing = [k for k in ("country", "fact", "value") if k not in ex.extra]
+    if missing or ex.extra["fact"] not in _WORLD_ANSWERS:
+        raise ValueError(f"fact {ex.id!r} is not a synthetic country's fact (extra lacks {missing or 'a known fact'}; "
+                         "make it with world_facts)")
 
 
 def filler_texts(n: int, seed: int = 0) -> list[str]:

@@ -29,6 +29,62 @@ def demo_settings(**overrides) -> P.ProtocolSettings:
     return P.quick_settings(**overrides)
 
 
+# ---- the demo's model and data for `simu-fast eval` (`simu-fast demo --export`) ----------------------------
+PERTURBED = 5  # wrong answers per question, as TOFU's perturbed files have
+
+
+def finetuned_model(settings: P.ProtocolSettings | None = None, cache_dir: str | None = None, log=print):
+    """(model, tokenizer, info): the demo's fine-tuned model (its first seed), the one run_demo unlearns; cached."""
+    settings = settings or demo_settings()
+    return P.finetuned_model(settings, settings.seeds[0], cache_dir, log)
+
+
+def evaluation_files(settings: P.ProtocolSettings | None = None) -> dict:
+    """{relative path: rows} of the demo's data (its first seed's split) for `simu-fast eval`, each row a dict:
+
+    - forget.jsonl, retain.jsonl, holdout.jsonl: the split's questions as trained (holdout: never trained) in
+      TOFU's layout {question, answer, paraphrased_answer, perturbed_answer}: the paraphrased answer is the
+      answer reworded in a sentence never trained, the perturbed answers that sentence with other values of the
+      same attribute (synthetic_people.people_tofu_rows).
+    - real_authors.jsonl: the background people (pretrained, never fine-tuned or forgotten: TOFU's "real
+      authors"), one question per fact, {question, answer, perturbed_answer}; world_facts.jsonl: the made-up
+      countries' facts, likewise (synthetic_world.world_tofu_rows). With retain.jsonl: TOFU's model utility.
+    - muse/ in muse_bench's layout (data.load_muse): verbmem/forget.json {prompt, gt} (the forget questions and
+      answers as trained), knowmem/forget_qa.json and retain_qa.json {question, answer} (the never-trained
+      question phrasing), privleak/forget.json, retain.json, holdout.json (question and answer as one text)."""
+    from ..data.synthetic_people import TASK as PEOPLE
+    from ..data.synthetic_people import people_tofu_rows
+    from ..data.synthetic_world import world_tofu_rows
+    settings = settings or demo_settings()
+    if settings.workload != "synthetic":
+        raise ValueError("the demo's evaluation files come from the synthetic people; workload is "
+                         f"{settings.workload!r}")
+    seed = settings.seeds[0]
+    split, corpus = P.new_split(settings, seed), P.background_corpus(settings)
+    new_people = [ex for name in ("forget", "retain", "holdout") for ex in split[name] + split[f"{name}_paraphrase"]]
+    files = {f"{name}.jsonl": [_tofu_row(ex) for ex in people_tofu_rows(split[name], pool=new_people,
+                                                                        n_perturbed=PERTURBED, seed=seed)]
+             for name in ("forget", "retain", "holdout")}
+    background = [ex for ex in corpus["facts"] if ex.task == PEOPLE and ex.extra["phrasing"] == 0]
+    files["real_authors.jsonl"] = [_tofu_row(ex) for ex in people_tofu_rows(background, n_perturbed=PERTURBED,
+                                                                            seed=seed, paraphrase=False)]
+    files["world_facts.jsonl"] = [_tofu_row(ex) for ex in world_tofu_rows(corpus["world"], n_perturbed=PERTURBED,
+                                                                          seed=seed)]
+    files["muse/verbmem/forget.json"] = [{"prompt": ex.prompt, "gt": ex.answer} for ex in split["forget"]]
+    for name in ("forget", "retain"):
+        questions = split[f"{name}_paraphrase"] or split[name]
+        files[f"muse/knowmem/{name}_qa.json"] = [{"question": ex.prompt, "answer": ex.answer} for ex in questions]
+    for name in ("forget", "retain", "holdout"):
+        files[f"muse/privleak/{name}.json"] = [f"{ex.prompt} {ex.answer}" for ex in split[name]]
+    return files
+
+
+def _tofu_row(ex) -> dict:
+    row = {"question": ex.prompt, "answer": ex.answer}
+    row.update({k: ex.extra[k] for k in ("paraphrased_answer", "perturbed_answer") if k in ex.extra})
+    return row
+
+
 def _scores(model, tok, split, corpus, settings) -> dict:
     from ..eval import answer_metrics
     out = {k: P.answer_prob(model, tok, split[k], settings.max_length)
