@@ -195,7 +195,8 @@ def claims_markdown(report: dict) -> str:
              "| claim | metric | seeds | a - b | 95% interval | verdict |", "|---|---|---|---|---|---|"]
     for c in report["claims"]:
         interval = "-" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]"
-        lines.append(f"| {c['claim']} | {c['metric']} | {c['n']} | {c['mean']:+.3f} | {interval} | {c['verdict']} |")
+        mean = "-" if not c["n"] else f"{c['mean']:+.3f}"  # no seed has the metric (LUME has no paraphrases)
+        lines.append(f"| {c['claim']} | {c['metric']} | {c['n']} | {mean} | {interval} | {c['verdict']} |")
     lines += ["", "A claim holds when its t interval over the seeds where both methods reached matched forget lies on "
               "the claimed side of 0; \"not shown\" when it holds 0."]
     return "\n".join(lines) + "\n"
@@ -302,12 +303,13 @@ def protocol_parser(module: str, doc: str, name: str) -> argparse.ArgumentParser
 
 
 def chosen_settings(settings: P.ProtocolSettings, args, name: str) -> tuple:
-    """(protocol settings, compare settings, output directory) from the options; sets torch's threads (2 cores)."""
+    """(protocol settings, compare settings, output directory) from the options; sets torch's threads (2, or
+    OMP_NUM_THREADS)."""
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ((0, 1, 2) if args.quick else tuple(range(5)))
     validation = tuple(int(x) for x in args.validation_seeds.split(","))
     compare = compare_settings(settings, methods, seeds, validation, args.max_steps or (150 if args.quick else 200))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
     size = "-large" if getattr(args, "size", None) == "large" else ""
     return settings, compare, args.out or os.path.join(RESULTS_DIR, f"{name}-v2{size}{'-quick' if args.quick else ''}")
 
