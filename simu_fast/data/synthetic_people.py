@@ -159,13 +159,8 @@ def people_tofu_rows(examples, pool=None, n_perturbed: int = 3, seed: int = 0,
     another birthplace or related person drawn from the `pool` people's facts (default: `examples`).
     Deterministic from `seed`; fewer than n_perturbed where the pool has fewer other values (a ValueError
     where it has none)."""
-    examples, pool = list(examples), list(examples if pool is None else pool)
-    if isinstance(n_perturbed, bool) or not isinstance(n_perturbed, int) or n_perturbed < 1:
-        raise ValueError(f"n_perturbed must be a positive int, got {n_perturbed!r}")
-    seen = {}  # fact -> the values of that fact in the pool (for birthplace and relation)
-    for ex in pool:
-        _check_person_fact(ex)
-        seen.setdefault(ex.extra["fact"], {})[ex.extra["value"]] = None
+    examples = list(examples)
+    seen = values_by_fact(examples if pool is None else pool, n_perturbed, _check_person_fact)
     rng = random.Random(seed)
     out = []
     for ex in examples:
@@ -180,6 +175,18 @@ def people_tofu_rows(examples, pool=None, n_perturbed: int = 3, seed: int = 0,
         extra = {**ex.extra, **({"paraphrased_answer": correct} if paraphrase else {}), "perturbed_answer": wrong}
         out.append(Example(prompt=ex.prompt, answer=ex.answer, id=ex.id, task=ex.task, extra=extra))
     return out
+
+
+def values_by_fact(pool, n_perturbed: int, check) -> dict:
+    """{fact: the values of that fact in `pool`, in order} (each row passed to `check` first), after checking
+    n_perturbed: what the perturbed answers of people_tofu_rows and world_tofu_rows are drawn from."""
+    if isinstance(n_perturbed, bool) or not isinstance(n_perturbed, int) or n_perturbed < 1:
+        raise ValueError(f"n_perturbed must be a positive int, got {n_perturbed!r}")
+    seen: dict = {}
+    for ex in pool:
+        check(ex)
+        seen.setdefault(ex.extra["fact"], {})[ex.extra["value"]] = None
+    return seen
 
 
 def other_values(value: str, space, n: int, rng: random.Random, what: str = "value") -> list[str]:
@@ -205,10 +212,16 @@ def _with_article(profession: str) -> str:
     return f"{'an' if profession[0] in 'aeiou' else 'a'} {profession}"
 
 
-def _check_person_fact(ex) -> None:
+def check_fact_row(ex, function: str, subject: str, known, what: str, maker: str) -> None:
+    """A TypeError / ValueError unless `ex` is an Example whose extra has `subject`, "fact" (one of `known`)
+    and "value": the rows people_tofu_rows and world_tofu_rows can perturb."""
     if not isinstance(ex, Example):
-        raise TypeError(f"people_tofu_rows takes Examples, got {type(ex).__name__}")
-    missing = [k for k in ("person", "fact", "value") if k not in ex.extra]
-    if missing or ex.extra["fact"] not in _ANSWERS:
-        raise ValueError(f"example {ex.id!r} is not a synthetic person's fact (extra lacks {missing or 'a known fact'};"
-                         " make it with synthetic_people or paraphrased_people)")
+        raise TypeError(f"{function} takes Examples, got {type(ex).__name__}")
+    missing = [k for k in (subject, "fact", "value") if k not in ex.extra]
+    if missing or ex.extra["fact"] not in known:
+        raise ValueError(f"{ex.id!r} is not {what} (extra lacks {missing or 'a known fact'}; make it with {maker})")
+
+
+def _check_person_fact(ex) -> None:
+    check_fact_row(ex, "people_tofu_rows", "person", _ANSWERS, "a synthetic person's fact",
+                   "synthetic_people or paraphrased_people")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from .example import Example
-from .synthetic_people import _unique, _word, other_values
+from .synthetic_people import _unique, _word, check_fact_row, other_values, values_by_fact
 
 WORLD_TASK = "world_facts"
 _DISHES = ("barley soup", "fish stew", "flatbread", "roast squash", "rice cakes", "bean pie", "spiced lamb",
@@ -62,13 +62,8 @@ def world_tofu_rows(facts, pool=None, n_perturbed: int = 3, seed: int = 0) -> li
     same attribute (another country's capital, language or river from the `pool` facts, default `facts`;
     another of the generator's dishes), never the true one. Deterministic from `seed`; fewer than n_perturbed
     where the pool has fewer other values (a ValueError where it has none)."""
-    facts, pool = list(facts), list(facts if pool is None else pool)
-    if isinstance(n_perturbed, bool) or not isinstance(n_perturbed, int) or n_perturbed < 1:
-        raise ValueError(f"n_perturbed must be a positive int, got {n_perturbed!r}")
-    seen: dict = {}
-    for ex in pool:
-        _check_world_fact(ex)
-        seen.setdefault(ex.extra["fact"], {})[ex.extra["value"]] = None
+    facts = list(facts)
+    seen = values_by_fact(facts if pool is None else pool, n_perturbed, _check_world_fact)
     rng = random.Random(seed)
     out = []
     for ex in facts:
@@ -83,12 +78,7 @@ def world_tofu_rows(facts, pool=None, n_perturbed: int = 3, seed: int = 0) -> li
 
 
 def _check_world_fact(ex) -> None:
-    if not isinstance(ex, Example):
-        raise TypeError(f"world_tofu_rows takes Examples, got {type(ex).__name__}")
-    missing = [k for k in ("country", "fact", "value") if k not in ex.extra]
-    if missing or ex.extra["fact"] not in _WORLD_ANSWERS:
-        raise ValueError(f"fact {ex.id!r} is not a synthetic country's fact (extra lacks {missing or 'a known fact'}; "
-                         "make it with world_facts)")
+    check_fact_row(ex, "world_tofu_rows", "country", _WORLD_ANSWERS, "a synthetic country's fact", "world_facts")
 
 
 def filler_texts(n: int, seed: int = 0) -> list[str]:
