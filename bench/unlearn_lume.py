@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     base = P.lume_settings(os.path.abspath(args.data), quick=args.quick)
     settings, compare, out = U.chosen_settings(base, args, "lume")
     report = U.run(settings, compare, out, args.cache, extra=lume_measures(settings))
+    if report is None:  # a torchrun rank other than 0: its runs are in the cache, rank 0 writes
+        return 0
     report["protocol_settings"]["data_dir"] = os.path.basename(os.path.normpath(args.data))  # not this machine's path
     U.write(report, out, settings, appendix=lume_table(report))
     print(U.claims_markdown(report) + "\n" + lume_table(report))

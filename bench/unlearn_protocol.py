@@ -11,6 +11,8 @@ extraction strength and the quantization attack (forget after 8- and 4-bit round
 claims as paired differences with their t intervals.
 
 Writes bench/results/<name>/{report.md, metrics.json, lr_curves.png, tradeoff.png} and the run cache runs/.
+Under `OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node N -m bench.unlearn_protocol ...` (or
+bench.unlearn_lume) the runs are spread over the ranks through that cache, and rank 0 writes the report.
 """
 from __future__ import annotations
 
@@ -141,9 +143,12 @@ def compare_settings(settings: P.ProtocolSettings, methods, seeds, validation_se
 
 def run(settings: P.ProtocolSettings, compare: C.CompareSettings, out_dir: str, cache_dir=None, log=print,
         extra=None) -> dict:
-    """The protocol (module docstring) -> the report, with the claims' verdicts."""
+    """The protocol (module docstring) -> the report, with the claims' verdicts; None on a torchrun rank other
+    than 0 (rank 0 gathers the runs and reports)."""
     report = C.compare(tasks_for(settings, cache_dir, log), compare, out_dir, measure=measure_for(settings, extra),
                        log=log)
+    if report is None:
+        return None
     report["protocol_settings"] = P.settings_dict(settings)
     report["claims"] = claims(report)
     return report
@@ -349,6 +354,8 @@ def main(argv=None) -> int:
         print(text)
         return 0
     report = run(settings, compare, out, args.cache)
+    if report is None:  # a torchrun rank other than 0: its runs are in the cache, rank 0 writes
+        return 0
     write(report, out, settings)
     print(claims_markdown(report))
     print(f"wrote {out}")
