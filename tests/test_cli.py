@@ -255,3 +255,25 @@ def test_keep_best_writes_the_best_evaluated_model(model_dir, data, tmp_path):
     assert json.loads((out / "best" / "best.json").read_text()) == best
     assert (out / "best" / "config.json").is_file() and (out / "best" / "model.safetensors").is_file()
     assert "best evaluated model" in (out / "report.md").read_text()
+
+
+def test_dtype_loads_the_checkpoint_in_the_dtype_asked_and_auto_keeps_its_own(model_dir, data, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from simu_fast.cli.inputs import load_weights
+    assert load_weights(str(model_dir)).dtype == torch.float32  # the tests' checkpoint is float32
+    assert load_weights(str(model_dir), "bfloat16").dtype == torch.bfloat16
+    out = tmp_path / "bf16"
+    assert main(_args(model_dir, data, out, "graddiff", "--steps", "1", "--lr", "1e-2", "--dtype", "bfloat16")) == 0
+    assert json.loads((out / "metrics.json").read_text())["options"]["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype="auto").dtype == torch.bfloat16
+    assert load_weights(str(out)).dtype == torch.bfloat16  # auto: the saved bf16, not a float32 upcast
+    ev = tmp_path / "eval16"
+    assert main(["eval", "--model", str(model_dir), "--forget", data["forget"], "--format", "lume",
+                 "--max-length", "32", "--dtype", "float16", "--out", str(ev)]) == 0
+    assert 0.0 <= json.loads((ev / "metrics.json").read_text())["model"]["forget"]["rougeL_recall"] <= 1.0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dtype: float8\n")
+    capsys.readouterr()
+    assert "unknown dtype 'float8'" in _error(capsys, _args(model_dir, data, tmp_path / "x", "ga", "--steps", "1",
+                                                             "--config", str(cfg)))

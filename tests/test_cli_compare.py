@@ -113,3 +113,13 @@ def test_a_hub_name_the_hub_cannot_give_is_one_line(tofu_files, tmp_path):
                        cwd=REPO, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "nobody/no-such-model is not a local directory, and the hub did not give" in r.stderr
+
+
+def test_the_run_cache_key_names_dtype_so_bf16_runs_never_stand_in_for_float32_ones(tofu_files):
+    from simu_fast.cli.compare import fingerprint
+    files = [tofu_files["forget"], tofu_files["retain"], tofu_files["holdout"]]
+    auto = fingerprint(tofu_files["model"], files, 64)
+    assert fingerprint(tofu_files["model"], files, 64, "auto") == auto  # keys cached before --dtype still match
+    keys = {auto} | {fingerprint(tofu_files["model"], files, 64, d) for d in ("float32", "bfloat16", "float16")}
+    assert len(keys) == 4
+    assert fingerprint(tofu_files["model"], files, 65) != auto

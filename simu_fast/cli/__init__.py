@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..data.load import ANSWER_FIELDS, FORMATS, PROMPT_FIELDS
 from .errors import PROG, Interrupted, UsageError
+from .inputs import add_dtype_argument
 from .options import DEFAULT_EVAL_EVERY, DEFAULT_MAX_LENGTH, DEFAULTS, PARALLEL_CHOICES, resolve_options
 
 __all__ = ["main", "build_parser", "resolve_options", "UsageError", "PARALLEL_CHOICES"]
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--resume", action="store_true", default=None,
                    help="continue from the checkpoint in --out (written with --save-every)")
     _data_arguments(u)
+    add_dtype_argument(u)
     u.add_argument("--parallel", choices=PARALLEL_CHOICES,
                    help="how several processes (torchrun --nproc-per-node N) share the work: ddp (default when "
                         "WORLD_SIZE > 1) replicates the model and averages gradients; fsdp2 shards parameters, "
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16, metavar="N", help="evaluation batch size (default 16)")
     e.add_argument("--max-length", type=int, default=512, metavar="N", help="maximum tokens per example (default 512)")
     _data_arguments(e)
+    add_dtype_argument(e, "auto")
     e.set_defaults(format="auto")
     e.add_argument("--name", default="model", help="the model's row name in the report (default 'model')")
     e.add_argument("--out", metavar="DIR", required=True, help="output directory for metrics.json, report.md, plots "

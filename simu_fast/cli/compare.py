@@ -14,8 +14,8 @@ import sys
 import time
 
 from .errors import PROG, Interrupted, UsageError, one_line
-from .inputs import (check_answers, check_forget_vs_retain, check_vocabulary, fit_max_length, load_model, read_examples,
-                     resolve_model, tokenize)
+from .inputs import (add_dtype_argument, check_answers, check_forget_vs_retain, check_vocabulary, fit_max_length,
+                     load_model, read_examples, resolve_model, tokenize)
 from .output_dir import MANIFEST, OutputDir, check_not_an_input
 
 OUTPUTS = ("runs", "report.md", "metrics.json", "lr_curves.png", "tradeoff.png")
@@ -62,6 +62,7 @@ def add_arguments(c) -> None:
                                                                "model's position limit)")
     c.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's argument, e.g. simu.ratio=0.3 (repeatable)")
+    add_dtype_argument(c, "auto")
     c.add_argument("--out", metavar="DIR", required=True, help="output directory (resumed when it holds an earlier "
                                                                "compare's runs)")
     c.add_argument("--overwrite", action="store_true", help="remove an earlier compare's outputs and runs in --out "
@@ -82,7 +83,7 @@ def compare(args) -> int:
     args.model = resolve_model(args.model)
     check_not_an_input(args.out, "--out", {"model": args.model, "forget file": args.forget,
                                            "retain file": args.retain, "holdout file": args.holdout})
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     from ..data import ensure_pad_token
     ensure_pad_token(tokenizer)
     settings.max_length = fit_max_length(model, args.max_length or 512, args.max_length is not None, args.model)
@@ -98,9 +99,9 @@ def compare(args) -> int:
         size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
         raise UsageError(f"the model ({size:.1f} GiB of weights) does not fit on {device}: a compare keeps the "
                          "original and one run's copy (weights, gradients, optimizer state); use a larger device "
-                         "or load a smaller dtype")
+                         + ("or --dtype bfloat16" if model.dtype == torch.float32 else "or a smaller model"))
     task = Task(model.eval(), tokenizer, split, key=fingerprint(args.model, [args.forget, args.retain, args.holdout],
-                                                               settings.max_length))
+                                                               settings.max_length, args.dtype))
     if rank == 0:
         resume = _holds_earlier_compare(args.out) and not args.overwrite
         with OutputDir(args.out).open(overwrite=args.overwrite, resume=resume) as out:
@@ -200,10 +201,11 @@ def paraphrase_splits(split: dict) -> dict:
     return out
 
 
-def fingerprint(model_dir: str, files: list, max_length: int) -> str:
+def fingerprint(model_dir: str, files: list, max_length: int, dtype: str = "auto") -> str:
     """What the cached runs were computed on: the model directory's files (names, sizes, config.json and the
-    first MiB of each), the data files' contents and max_length."""
-    h = hashlib.sha256(str(max_length).encode())
+    first MiB of each), the data files' contents, max_length and --dtype (unnamed when auto, so the keys of runs
+    cached before --dtype existed still match)."""
+    h = hashlib.sha256((str(max_length) + ("" if dtype == "auto" else f":{dtype}")).encode())
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)
         if os.path.isfile(path):

@@ -48,9 +48,9 @@ def evaluate(args) -> int:
     from ..eval.evaluate import evaluate_model
     from ..eval.report import report
 
-    model, tokenizer = load_model(args.model)
-    reference = load_weights(args.reference) if args.reference else None
-    original = load_weights(args.original) if args.original else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    reference = load_weights(args.reference, args.dtype) if args.reference else None
+    original = load_weights(args.original, args.dtype) if args.original else None
     ensure_pad_token(tokenizer)
     if torch.cuda.is_available():
         model = model.to("cuda")

@@ -14,6 +14,8 @@ from .errors import UsageError, one_line, warn
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "vocab.txt", "merges.txt", "tokenizer.tiktoken")
 POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# --dtype: the weights' dtype after loading; "auto" keeps the checkpoint's own (config.json's dtype)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")  # never pickled weights (*.bin)
@@ -33,7 +35,13 @@ def resolve_model(path: str, flag: str = "--model") -> str:
                          f"({one_line(e)[:200]})")
 
 
-def load_model(path: str, flag: str = "--model"):
+def add_dtype_argument(parser, default=None) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=default,
+                        help="the model's dtype once loaded (default auto: the checkpoint's own, as config.json "
+                             "says); bfloat16 halves a float32 checkpoint's memory")
+
+
+def load_model(path: str, flag: str = "--model", dtype: str = "auto"):
     """(model, tokenizer) from a local transformers directory, or a UsageError saying what is wrong with it."""
     if not os.path.exists(path):
         raise UsageError(f"model directory not found: {path}")
@@ -49,16 +57,23 @@ def load_model(path: str, flag: str = "--model"):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"cannot load a tokenizer from {path}: {one_line(e)}")
-    model = load_weights(path)
+    model = load_weights(path, dtype)
     return model, tokenizer
 
 
-def load_weights(path: str):
-    """The causal LM of a local directory (a UsageError for a non-causal-LM, or weights that do not fit the
-    config: a size mismatch is named, not a traceback)."""
+def load_weights(path: str, dtype: str = "auto"):
+    """The causal LM of a local directory in `dtype` (DTYPES; "auto": the checkpoint's own, also under
+    transformers 4, whose default is float32), or a UsageError for a non-causal-LM, or weights that do not fit
+    the config (a size mismatch is named, not a traceback)."""
+    import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    value = dtype if dtype == "auto" else getattr(torch, dtype)
+    name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{name: value})
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load a causal LM from {path}: {one_line(e)}")
     except RuntimeError as e:  # torch's load_state_dict: "size mismatch for model.layers.0...: copying a param ..."

@@ -9,11 +9,12 @@ import os
 
 from ..data.load import FORMATS
 from .errors import UsageError
+from .inputs import DTYPES
 
 DEFAULTS = {"retain": None, "steps": None, "epochs": None, "batch_size": 8, "lr": None, "max_length": None,
             "grad_accum": 1, "seed": 0, "resume": False, "format": "auto", "save_every": None, "stop_rouge": None,
             "eval_every": None, "eval": False, "holdout": None, "parallel": None, "keep_best": None,
-            "overwrite": False, "prompt_field": None, "answer_field": None}
+            "overwrite": False, "prompt_field": None, "answer_field": None, "dtype": "auto"}
 DEFAULT_MAX_LENGTH = 512  # tokens per example, when neither the user nor the model's position limit says less
 CONFIG_KEYS = set(DEFAULTS) | {"model", "forget", "method", "out", "method_args"}
 KEEP_BEST_METRICS = ("forget_rougeL", "forget_answer_prob", "retain_rougeL", "retain_answer_prob")
@@ -106,6 +107,8 @@ def resolve_options(args) -> dict:
             raise UsageError(f"lr must be a positive finite number, got {opts['lr']}")
     if opts["parallel"] is not None and opts["parallel"] not in PARALLEL_CHOICES:
         raise UsageError(f"unknown parallel {opts['parallel']!r}; choose one of {', '.join(PARALLEL_CHOICES)}")
+    if opts["dtype"] not in DTYPES:
+        raise UsageError(f"unknown dtype {opts['dtype']!r}; choose one of {', '.join(DTYPES)}")
     if opts["format"] not in FORMATS:
         raise UsageError(f"unknown format {opts['format']!r}; choose one of {', '.join(FORMATS)}")
     if opts["steps"] is None and opts["epochs"] is None:

@@ -161,7 +161,7 @@ class _Inputs:
 
         from ..data import ensure_pad_token, make_loader
         from ..data.sharding import make_distributed_loader
-        self.model, self.tokenizer = load_model(opts["model"])
+        self.model, self.tokenizer = load_model(opts["model"], dtype=opts["dtype"])
         try:
             pad = ensure_pad_token(self.tokenizer)
         except ValueError as e:
@@ -282,7 +282,7 @@ def _evaluate_after(inputs: _Inputs, opts, method, main: bool, parallel: str):
     has_mask = getattr(method, "mask", None) is not None
     evaluates = opts["eval"] and (main or parallel == "fsdp2")  # a sharded model evaluates on every rank
     if evaluates or (main and has_mask and inputs.retain_examples):
-        original = load_weights(opts["model"]).to(next(inputs.model.parameters()).device)  # the model before
+        original = load_weights(opts["model"], opts["dtype"]).to(next(inputs.model.parameters()).device)  # the model before
     if evaluates:
         from ..eval.evaluate import evaluate_model
         if main:
