@@ -13,6 +13,7 @@ import os
 import sys
 
 from simu_fast.io import write_atomic
+from simu_fast.workloads.compare_report import interval_text
 
 from .common import RESULTS_DIR
 
@@ -31,7 +32,7 @@ def setting_label(metrics: dict, name: str) -> str:
 def cell(claim: dict) -> str:
     if claim["low"] is None:
         return claim["verdict"]
-    return f"{claim['mean']:+.3f} [{claim['low']:+.3f}, {claim['high']:+.3f}] {claim['verdict']}"
+    return f"{claim['mean']:+.3f} {interval_text(claim)} {claim['verdict']}"
 
 
 def claims_table(runs: list) -> str:

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from simu_fast.io import write_atomic
+from simu_fast.workloads.compare_report import interval_text, pm_text
 
 from .common import RESULTS_DIR, metadata
 
@@ -36,14 +37,6 @@ def run_compare(data: str, out: str, dtype: str, methods: str) -> float:
     if rc != 0:
         raise SystemExit(f"simu-fast compare --dtype {dtype} exited {rc}; see {out}/report.md")
     return time.perf_counter() - start
-
-
-def _mean_std(stats: dict, digits: int = 3) -> str:
-    if not stats or stats.get("mean") is None:
-        return "-"
-    if stats.get("std") is None:
-        return f"{stats['mean']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def side_by_side(results: dict, seconds: dict) -> str:
@@ -71,7 +64,7 @@ def side_by_side(results: dict, seconds: dict) -> str:
                 elif key == "reached":
                     cells.append(f"{matched.get('reached', 0)}/{len(m['settings']['seeds'])}")
                 else:
-                    cells.append(_mean_std(matched.get(key), 0 if key == "steps" else 3))
+                    cells.append(pm_text(matched.get(key), "{:.0f}" if key == "steps" else "{:.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired differences (a - b over the seeds where both reached matched forget, 95% t interval):", "",
               f"| a | b | metric | {a} | {b} |", "|---|---|---|---|---|"]
@@ -83,8 +76,7 @@ def side_by_side(results: dict, seconds: dict) -> str:
         cells = []
         for dtype in DTYPES:
             q = pairs[dtype].get(key)
-            cells.append("-" if q is None or q["low"] is None
-                         else f"{q['mean']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]")
+            cells.append("-" if q is None or q["low"] is None else f"{q['mean']:+.3f} {interval_text(q)}")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 

@@ -39,7 +39,7 @@ from simu_fast.methods.soul import SOGradDiff
 from simu_fast.optim.gnb_hessian import GNBHessianSchedule
 from simu_fast.select.neuron_slices import NeuronSlices
 from simu_fast.workloads import protocol as P
-from simu_fast.workloads.compare_report import _pm
+from simu_fast.workloads.compare_report import pm_text
 
 from .common import RESULTS_DIR, metadata
 
@@ -292,10 +292,10 @@ def markdown(report: dict) -> str:
                   "| variant | reached | win rate median | steps in 0.1-0.5 | mean to matched | steps to matched | "
                   "retain at matched | never-seen at matched | setup s |", "|---|---|---|---|---|---|---|---|---|"]
         for label, st in seed_summary(report).items():
-            lines.append(f"| {label} | {st['reached']}/{st['n']} | {_pm(st['win_rate_median'], '{:.3f}')} | "
-                         f"{_pm(st['win_rate_in_band'], '{:.2f}')} | {_pm(st['win_rate_matched'], '{:.3f}')} | "
-                         f"{_pm(st['matched_step'], '{:.0f}')} | {_pm(st['retain_at_matched'], '{:.3f}')} | "
-                         f"{_pm(st['holdout_at_matched'], '{:.3f}')} | {_pm(st['setup_s'], '{:.2f}')} |")
+            lines.append(f"| {label} | {st['reached']}/{st['n']} | {pm_text(st['win_rate_median'], '{:.3f}')} | "
+                         f"{pm_text(st['win_rate_in_band'], '{:.2f}')} | {pm_text(st['win_rate_matched'], '{:.3f}')} | "
+                         f"{pm_text(st['matched_step'], '{:.0f}')} | {pm_text(st['retain_at_matched'], '{:.3f}')} | "
+                         f"{pm_text(st['holdout_at_matched'], '{:.3f}')} | {pm_text(st['setup_s'], '{:.2f}')} |")
     for seed, part in report["by_seed"].items():
         lines += _seed_table(seed, part)
     if report.get("bf16_matched"):

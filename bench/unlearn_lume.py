@@ -87,7 +87,7 @@ def lume_table(report: dict) -> str:
                 sc = P.mean_std([m[side][task]["sc_rougeL"] for m in reached])
                 qa = P.mean_std([m[side][task]["qa_em"] for m in reached])
                 cells.append(f"{sc['mean']:.2f} / {qa['mean']:.2f}")
-        cells += [U._pm(P.mean_std([m[key] for m in reached]), "{:.3f}") for key, _ in LUME_COLUMNS]
+        cells += [U.pm_text(P.mean_std([m[key] for m in reached]), "{:.3f}") for key, _ in LUME_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Per-task cells are means over the seeds that reached matched forget (sentence-completion ROUGE-L "
               "recall / QA exact match)."]

@@ -30,7 +30,7 @@ from simu_fast.workloads import protocol as P
 
 from .common import RESULTS_DIR, metadata
 
-_pm = compare_report._pm
+pm_text, interval_text = compare_report.pm_text, compare_report.interval_text
 
 RELEARN = dict(lr=3e-4, steps=30, eval_every=10, metric="answer_prob", batch_size=4)
 # the methods of version 2: the issue's four (SIMU with attention trained and frozen) and the other papers' pairs
@@ -199,9 +199,8 @@ def claims_markdown(report: dict) -> str:
     lines = ["## The papers' claims (paired over seeds: a - b)", "",
              "| claim | metric | seeds | a - b | 95% interval | verdict |", "|---|---|---|---|---|---|"]
     for c in report["claims"]:
-        interval = "-" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]"
         mean = "-" if not c["n"] else f"{c['mean']:+.3f}"  # no seed has the metric (LUME has no paraphrases)
-        lines.append(f"| {c['claim']} | {c['metric']} | {c['n']} | {mean} | {interval} | {c['verdict']} |")
+        lines.append(f"| {c['claim']} | {c['metric']} | {c['n']} | {mean} | {interval_text(c)} | {c['verdict']} |")
     lines += ["", "A claim holds when its t interval over the seeds where both methods reached matched forget lies on "
               "the claimed side of 0; \"not shown\" when it holds 0."]
     return "\n".join(lines) + "\n"
@@ -288,8 +287,8 @@ def ablation_markdown(rows: list, method: str, budget: int | None = None) -> str
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['lr']:.1e} | {r['reached']}/{len(r['seeds'])} | "
-                     f"{_pm(r['matched_step'], '{:.0f}')} | {_pm(r['retain'], '{:.3f}')} | {_pm(r['holdout'], '{:.3f}')} | "
-                     f"{_pm(r['tradeoff_auc'], '{:.3f}')} | {_pm(r['relearn_harmful_0.1'], '{:.3f}')} |")
+                     f"{pm_text(r['matched_step'], '{:.0f}')} | {pm_text(r['retain'], '{:.3f}')} | {pm_text(r['holdout'], '{:.3f}')} | "
+                     f"{pm_text(r['tradeoff_auc'], '{:.3f}')} | {pm_text(r['relearn_harmful_0.1'], '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
 

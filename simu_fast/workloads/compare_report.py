@@ -28,10 +28,16 @@ TITLES = {"steps": ("steps to matched", "{:.0f}"), "forget": ("forget", "{:.3f}"
 HEADLINE = ("holdout@target", "retain_paraphrase", "retain@target")
 
 
-def _pm(stat: dict, fmt: str) -> str:
-    if not stat or not stat["n"]:
+def pm_text(stat: dict, fmt: str = "{:.3f}") -> str:
+    """"0.849 ± 0.020" for a summary statistic ({mean, std, n}); "-" when no seed has it."""
+    if not stat or not stat.get("n"):
         return "-"
     return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["n"] > 1 else "")
+
+
+def interval_text(p: dict) -> str:
+    """"[-0.041, -0.032]" for a paired difference's t interval; "-" when too few seeds gave one."""
+    return "-" if p.get("low") is None else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
 
 
 def _title(key: str) -> tuple:
@@ -85,7 +91,7 @@ def markdown(report: dict, describe_data: str = "") -> str:
                 cells.append("")
                 continue
             reached = [r for r in row["runs"] if r["reached"]]
-            text = _pm(mean_std([r["retain_at_target"] for r in reached]), "{:.3f}") + f" ({len(reached)}/{len(row['runs'])})"
+            text = pm_text(mean_std([r["retain_at_target"] for r in reached]), "{:.3f}") + f" ({len(reached)}/{len(row['runs'])})"
             cells.append(f"**{text}**" if lr == chosen["lr"] else text)
         edge = " (at the grid's edge: the extension limit was reached)" if chosen.get("at_edge") else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {chosen['lr']:.0e} | {chosen['reason']}{edge} |")
@@ -99,7 +105,7 @@ def markdown(report: dict, describe_data: str = "") -> str:
     for label, stats in summary["matched"].items():
         lr = report["chosen_lr"][label]["lr"]
         lines.append(f"| {label} | {lr:.0e} | {stats['reached']}/{n} | " +
-                     " | ".join(_pm(stats[k], _title(k)[1]) for k in keys) + " |")
+                     " | ".join(pm_text(stats[k], _title(k)[1]) for k in keys) + " |")
     failed = {label: st["failed"] for label, st in summary["matched"].items() if st["failed"]}
     for label, errors in failed.items():
         lines.append(f"\n{label}: {len(errors)} run(s) failed: {errors[0]}")
@@ -110,10 +116,9 @@ def markdown(report: dict, describe_data: str = "") -> str:
     for p in summary["pairs"]:
         if p["n"] == 0:
             continue
-        interval = "-" if p["low"] is None else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
         verdict = ("too few seeds" if p["low"] is None else f"{p['a']} higher" if p["low"] > 0
                    else f"{p['b']} higher" if p["high"] < 0 else "no difference shown")
-        lines.append(f"| {p['a']} | {p['b']} | {_title(p['metric'])[0]} | {p['n']} | {p['mean']:+.3f} | {interval} | "
+        lines.append(f"| {p['a']} | {p['b']} | {_title(p['metric'])[0]} | {p['n']} | {p['mean']:+.3f} | {interval_text(p)} | "
                      f"{verdict} |")
     lines += ["", f"Wall time: {report.get('wall_seconds', 0):.0f} s for this call"
               + (f" ({report['cached_runs']} runs read from the run cache)" if report.get("cached_runs") else "")
