@@ -282,7 +282,8 @@ def _evaluate_after(inputs: _Inputs, opts, method, main: bool, parallel: str):
     has_mask = getattr(method, "mask", None) is not None
     evaluates = opts["eval"] and (main or parallel == "fsdp2")  # a sharded model evaluates on every rank
     if evaluates or (main and has_mask and inputs.retain_examples):
-        original = load_weights(opts["model"], opts["dtype"]).to(next(inputs.model.parameters()).device)  # the model before
+        device = next(inputs.model.parameters()).device
+        original = load_weights(opts["model"], opts["dtype"]).to(device)  # the model before unlearning
     if evaluates:
         from ..eval.evaluate import evaluate_model
         if main:
