@@ -123,3 +123,7 @@ def test_the_run_cache_key_names_dtype_so_bf16_runs_never_stand_in_for_float32_o
     keys = {auto} | {fingerprint(tofu_files["model"], files, 64, d) for d in ("float32", "bfloat16", "float16")}
     assert len(keys) == 4
     assert fingerprint(tofu_files["model"], files, 65) != auto
+    from simu_fast.cli.compare import cache_dtype
+    assert cache_dtype("float32", tofu_files["model"]) == "auto"  # the checkpoint's own dtype: the same runs
+    assert cache_dtype("bfloat16", tofu_files["model"]) == "bfloat16"
+    assert cache_dtype("auto", tofu_files["model"]) == "auto"

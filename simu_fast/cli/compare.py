@@ -100,8 +100,9 @@ def compare(args) -> int:
         raise UsageError(f"the model ({size:.1f} GiB of weights) does not fit on {device}: a compare keeps the "
                          "original and one run's copy (weights, gradients, optimizer state); use a larger device "
                          + ("or --dtype bfloat16" if model.dtype == torch.float32 else "or a smaller model"))
-    task = Task(model.eval(), tokenizer, split, key=fingerprint(args.model, [args.forget, args.retain, args.holdout],
-                                                               settings.max_length, args.dtype))
+    key = fingerprint(args.model, [args.forget, args.retain, args.holdout], settings.max_length,
+                      cache_dtype(args.dtype, args.model))
+    task = Task(model.eval(), tokenizer, split, key=key)
     if rank == 0:
         resume = _holds_earlier_compare(args.out) and not args.overwrite
         with OutputDir(args.out).open(overwrite=args.overwrite, resume=resume) as out:
@@ -199,6 +200,19 @@ def paraphrase_splits(split: dict) -> dict:
         if rows:
             out[f"{role}_paraphrase"] = rows
     return out
+
+
+def cache_dtype(dtype: str, model_dir: str) -> str:
+    """--dtype as the run cache names it: "auto" also when it is the checkpoint's own dtype (config.json's dtype,
+    or torch_dtype before transformers 5; float32 when it names none), so `--dtype bfloat16` on a bf16 checkpoint
+    and no --dtype share their runs."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        own = config.get("dtype") or config.get("torch_dtype") or "float32"
+    except (OSError, ValueError, AttributeError):
+        own = None
+    return "auto" if dtype == own else dtype
 
 
 def fingerprint(model_dir: str, files: list, max_length: int, dtype: str = "auto") -> str:
