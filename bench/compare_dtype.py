@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from simu_fast.cli import main as cli
 from simu_fast.io import write_atomic
 from simu_fast.workloads.compare_report import interval_text, pm_text
 
@@ -28,7 +29,6 @@ DEFAULT_METHODS = "simu,so-graddiff,fo-graddiff,graddiff"
 
 def run_compare(data: str, out: str, dtype: str, methods: str) -> float:
     """One `simu-fast compare` call; its wall seconds."""
-    from simu_fast.cli import main as cli
     args = ["compare", "--model", os.path.join(data, "model"), "--forget", os.path.join(data, "forget.jsonl"),
             "--retain", os.path.join(data, "retain.jsonl"), "--holdout", os.path.join(data, "holdout.jsonl"),
             "--format", "tofu", "--methods", methods, "--dtype", dtype, "--out", out]
@@ -86,7 +86,6 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods (default %(default)s)")
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "compare-dtype"), help="output folder")
     args = ap.parse_args(argv)
-    from simu_fast.cli import main as cli
     results, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "demo")

@@ -62,14 +62,12 @@ def load_model(path: str, flag: str = "--model", dtype: str = "auto"):
 
 
 def load_weights(path: str, dtype: str = "auto"):
-    """The causal LM of a local directory in `dtype` (DTYPES; "auto": the checkpoint's own, also under
-    transformers 4, whose default is float32), or a UsageError for a non-causal-LM, or weights that do not fit
-    the config (a size mismatch is named, not a traceback)."""
+    """The causal LM of a local directory in `dtype` (one of DTYPES, checked by the option parsers; "auto": the
+    checkpoint's own, also under transformers 4, whose default is float32), or a UsageError for a non-causal-LM,
+    or weights that do not fit the config (a size mismatch is named, not a traceback)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     value = dtype if dtype == "auto" else getattr(torch, dtype)
     name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5
     try:

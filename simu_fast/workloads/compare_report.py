@@ -91,7 +91,8 @@ def markdown(report: dict, describe_data: str = "") -> str:
                 cells.append("")
                 continue
             reached = [r for r in row["runs"] if r["reached"]]
-            text = pm_text(mean_std([r["retain_at_target"] for r in reached]), "{:.3f}") + f" ({len(reached)}/{len(row['runs'])})"
+            text = (pm_text(mean_std([r["retain_at_target"] for r in reached]), "{:.3f}")
+                    + f" ({len(reached)}/{len(row['runs'])})")
             cells.append(f"**{text}**" if lr == chosen["lr"] else text)
         edge = " (at the grid's edge: the extension limit was reached)" if chosen.get("at_edge") else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {chosen['lr']:.0e} | {chosen['reason']}{edge} |")
@@ -118,8 +119,8 @@ def markdown(report: dict, describe_data: str = "") -> str:
             continue
         verdict = ("too few seeds" if p["low"] is None else f"{p['a']} higher" if p["low"] > 0
                    else f"{p['b']} higher" if p["high"] < 0 else "no difference shown")
-        lines.append(f"| {p['a']} | {p['b']} | {_title(p['metric'])[0]} | {p['n']} | {p['mean']:+.3f} | {interval_text(p)} | "
-                     f"{verdict} |")
+        lines.append(f"| {p['a']} | {p['b']} | {_title(p['metric'])[0]} | {p['n']} | {p['mean']:+.3f} | "
+                     f"{interval_text(p)} | {verdict} |")
     lines += ["", f"Wall time: {report.get('wall_seconds', 0):.0f} s for this call"
               + (f" ({report['cached_runs']} runs read from the run cache)" if report.get("cached_runs") else "")
               + (f"; the runs' own training time (setup and steps, evaluations included, measures not): "
